@@ -1,0 +1,92 @@
+"""Read prepared splits (memory-mapped, checksum-verified) and serve batches of normalised tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from scpl_kit.data.augment import Augmentation
+from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
+from scpl_kit.data.prepare import SPLITS, sha256
+
+
+class SplitDataset(Dataset):
+    """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], augmentation: Augmentation | None) -> None:
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(self.images[indices]))
+        labels = torch.from_numpy(np.asarray(self.labels[indices]))
+        if self.augmentation is not None:
+            images, labels = self.augmentation(images, labels)
+        return (images.float().div_(255) - self.mean) / self.std, labels
+
+
+@dataclass
+class PreparedData:
+    meta: dict[str, Any]
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def loader(
+        self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False,
+    ) -> DataLoader:
+        images, labels = self.splits[split]
+        dataset = SplitDataset(images, labels, self.meta["mean"], self.meta["std"], augmentation)
+        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(
+            dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
+            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        )
+
+
+def prepare_hint(name: str) -> str:
+    return f"run `dvc repro prepare` or `python -m scpl_kit.prepare data={name}`"
+
+
+def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, expect: dict[str, Any] | None = None) -> PreparedData:
+    """Open `<processed_dir>/<name>`; with `verify`, every file must match its recorded sha256.
+
+    `expect` holds split settings (e.g. val_fraction) the data must have been prepared with.
+    """
+    folder = Path(processed_dir) / name
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise DatasetNotFoundError(f"prepared data for {name!r} not found at {folder}; {prepare_hint(name)}")
+    meta = json.loads(meta_path.read_text())
+    for key, wanted in (expect or {}).items():
+        if meta.get(key) is not None and meta[key] != wanted:
+            raise CorruptDataError(f"{folder} was prepared with {key}={meta[key]} but the config asks for {wanted}; {prepare_hint(name)}")
+    for file, recorded in meta["sha256"].items():
+        path = folder / file
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{path} is missing; {prepare_hint(name)}")
+        if verify and sha256(path) != recorded:
+            raise CorruptDataError(f"{path} does not match its checksum (corrupt or edited); {prepare_hint(name)}")
+    splits = {
+        split: (np.load(folder / f"{split}_images.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy", mmap_mode="r"))
+        for split in SPLITS
+    }
+    return PreparedData(meta, splits)

@@ -1,0 +1,20 @@
+"""Engines: where units run and how batches flow between them. Importing registers them all."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from scpl_kit.engines.base import Engine
+from scpl_kit.registry import Registry
+
+EngineBuilder = Callable[..., Engine]
+ENGINES: Registry[EngineBuilder] = Registry("engine")
+
+
+def build_engine(name: str, **options: Any) -> Engine:
+    return ENGINES.get(name)(**options)
+
+
+from scpl_kit.engines import sequential  # noqa: E402,F401  (registers "sequential")
+
+__all__ = ["ENGINES", "Engine", "build_engine"]

@@ -1,0 +1,59 @@
+"""The interface every engine offers the trainer. Engines know LocalUnit, never a particular method."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterable
+
+import torch
+
+from scpl_kit.methods.units import LocalUnit
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+BatchCallback = Callable[[int], None]  # called with the number of samples just trained on
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine(ABC):
+    units: list[LocalUnit]
+
+    @abstractmethod
+    def setup(self, units: list[LocalUnit]) -> None:
+        """Take ownership of the units (place them on their devices)."""
+
+    @abstractmethod
+    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
+        """Train every unit on every batch; return the mean of each loss, keyed `unit/loss`."""
+
+    @abstractmethod
+    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
+        """Class scores for every sample of `batches`, in order, on the CPU."""
+
+    def training_state(self) -> list[dict[str, Any]]:
+        return [unit.training_state() for unit in self.units]
+
+    def load_training_state(self, states: list[dict[str, Any]]) -> None:
+        for unit, state in zip(self.units, states, strict=True):
+            unit.load_training_state(state)
+
+
+class LossMeter:
+    """Running means of named losses; sums stay tensors so the hot loop never waits on `.item()`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float().cpu()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}

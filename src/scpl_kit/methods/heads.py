@@ -1,0 +1,58 @@
+"""Local heads: small modules that turn a block's output into that block's loss."""
+
+from __future__ import annotations
+
+from torch import nn
+import torch
+import torch.nn.functional as F
+
+from scpl_kit.methods.losses import VARIANTS, Variant, supcon_loss
+
+PROJECTORS: tuple[str, ...] = ("i", "l", "m")
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over every spatial dim; features that are already vectors pass through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).mean(dim=2) if x.dim() > 2 else x
+
+
+def build_projector(kind: str, in_shape: tuple[int, ...], pool: bool, hidden: int = 512, out: int = 1024) -> nn.Module:
+    """SCPL's projector g_k. `m` = Flatten → Linear(in, 512) → ReLU → Linear(512, 1024) as in the paper;
+    `pool` first averages the feature map over space, which makes `m` cost almost nothing (issue #3)."""
+    if kind not in PROJECTORS:
+        raise ValueError(f"unknown projector {kind!r}; valid projectors: {', '.join(PROJECTORS)}")
+    layers: list[nn.Module] = [GlobalAvgPool() if pool else nn.Identity(), nn.Flatten()]
+    in_features = in_shape[0] if pool else int(torch.Size(in_shape).numel())
+    if kind == "l":
+        layers.append(nn.Linear(in_features, out))
+    elif kind == "m":
+        layers += [nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)]
+    return nn.Sequential(*layers)
+
+
+class SupConHead(nn.Module):
+    loss_name = "supcon"
+
+    def __init__(self, projector: nn.Module, temperature: float, variant: Variant) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown SupCon variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        if temperature <= 0:
+            raise ValueError(f"SupCon temperature must be > 0, got {temperature}")
+        self.projector = projector
+        self.temperature = temperature
+        self.variant = variant
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return supcon_loss(self.projector(features), labels, self.temperature, self.variant)
+
+
+class CrossEntropyHead(nn.Module):
+    """Cross-entropy on features that already are class scores (BP's loss at the end of the network)."""
+
+    loss_name = "ce"
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)

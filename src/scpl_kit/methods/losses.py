@@ -1,0 +1,40 @@
+"""Supervised contrastive loss (SupCon), the local loss of SCPL."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Variant = Literal["paper", "standard"]
+VARIANTS: tuple[str, ...] = ("paper", "standard")
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, variant: Variant = "paper") -> torch.Tensor:
+    """SupCon on L2-normalised `features` [N, D] with integer `labels` [N].
+
+    For anchor i: log p_ij = logit_ij - log Σ_{j'≠i} exp(logit_ij'), logits = z zᵀ / τ.
+    The anchor's score is Σ_{positives j≠i} log p_ij divided by
+      - `paper`:    the number of same-label samples *including* the anchor (the SCPL code's count),
+      - `standard`: the number of positives excluding the anchor (Khosla et al.); anchors with
+                    no positive are left out of the mean, since their score is 0/0.
+    Loss = −mean over anchors.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SupCon variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    z = F.normalize(features.flatten(1), dim=1)
+    logits = z @ z.T / temperature
+    n = logits.shape[0]
+    is_self = torch.eye(n, dtype=torch.bool, device=logits.device)
+    same_label = labels[:, None] == labels[None, :]
+    positive = same_label & ~is_self
+    # logsumexp subtracts the row max internally, which is the stability trick the paper applies by hand.
+    log_denominator = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_denominator
+    positive_sum = (log_prob * positive).sum(dim=1)
+    if variant == "paper":
+        return -(positive_sum / same_label.sum(dim=1)).mean()
+    count = positive.sum(dim=1)
+    has_positive = count > 0
+    return -(positive_sum[has_positive] / count[has_positive]).mean()

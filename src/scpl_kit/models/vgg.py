@@ -1,0 +1,54 @@
+"""The SCPL paper's VGG ("VGG8"): 4 blocks of 3×3 conv + BatchNorm + ReLU, a MaxPool ending each block.
+
+Paper widths (methods.md §4): block1 [128, 256, M], block2 [256, 512, M], block3 [512, M],
+block4 [512, M]; predictor Flatten → Linear(2048, 2500) → Sigmoid → Linear(2500, C).
+`width` scales every conv (0.125 gives a model that trains in seconds on a CPU).
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+from torch import nn
+
+from scpl_kit.models.base import MODELS, BlockModel
+
+PAPER_BLOCKS: list[list[int | str]] = [[128, 256, "M"], [256, 512, "M"], [512, "M"], [512, "M"]]
+
+
+def conv_block(in_channels: int, spec: list[int | str]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for item in spec:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            in_channels = int(item)
+    return nn.Sequential(*layers), in_channels
+
+
+@MODELS.register("vgg")
+def vgg(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    width: float = 1.0,
+    predictor_hidden: int = 2500,
+    blocks: list[list[int | str]] | None = None,
+) -> BlockModel:
+    spec = blocks or PAPER_BLOCKS
+    channels = input_shape[0]
+    built = []
+    for block_spec in spec:
+        scaled = [item if item == "M" else max(1, round(int(item) * width)) for item in block_spec]
+        block, channels = conv_block(channels, scaled)
+        built.append(block)
+    with torch.no_grad():  # the flattened size depends on the input's spatial size (28×28 MNIST vs 32×32 CIFAR)
+        features = nn.Sequential(*built).eval()(torch.zeros(1, *input_shape))
+    predictor = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(prod(features.shape[1:]), predictor_hidden),
+        nn.Sigmoid(),
+        nn.Linear(predictor_hidden, num_classes),
+    )
+    return BlockModel(built, predictor, input_shape)

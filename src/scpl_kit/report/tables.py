@@ -1,0 +1,117 @@
+"""The accuracy table and curves from finished runs.
+
+    python -m scpl_kit.report.tables --params params.yaml --runs runs --out reports
+
+Reads `runs/<method>-s<seed>/{metrics.json,history.csv}` for the methods and seeds that
+params.yaml lists (stale folders of removed seeds are ignored) and writes
+reports/tables/accuracy.{md,csv}, reports/figures/accuracy_curves.png and reports/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
+
+GROUP = ["dataset", "model", "method"]
+
+
+def run_dirs(runs: Path, methods: list[str], seeds: list[int]) -> list[Path]:
+    dirs = [runs / f"{method}-s{seed}" for method in methods for seed in seeds]
+    missing = [str(d) for d in dirs if not (d / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"runs without metrics.json: {', '.join(missing)}; run `dvc repro` first")
+    return dirs
+
+
+def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per run, one row per run and epoch)."""
+    finals = pd.DataFrame([json.loads((d / "metrics.json").read_text()) for d in dirs])
+    curves = pd.concat(
+        [pd.read_csv(d / "history.csv").assign(**{k: final[k] for k in [*GROUP, "seed"]}) for d, (_, final) in zip(dirs, finals.iterrows())],
+        ignore_index=True,
+    )
+    return finals, curves
+
+
+def accuracy_table(finals: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy in %: `acc` = test accuracy at the best-validation epoch; `best_test` = the paper's
+    metric (best test accuracy over epochs). std is the sample std over seeds (0 for one run)."""
+    grouped = finals.groupby(GROUP, sort=False)
+    table = grouped.agg(
+        n_runs=("seed", "count"),
+        acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
+        best_test_mean=("best_test_acc", "mean"), best_test_std=("best_test_acc", "std"),
+        samples_per_s=("samples_per_s", "mean"), train_time_s=("train_time_s", "mean"),
+    ).reset_index()
+    for column in ("acc_mean", "acc_std", "best_test_mean", "best_test_std"):
+        table[column] = (100 * table[column].fillna(0.0)).round(2)
+    return table.round({"samples_per_s": 1, "train_time_s": 1})
+
+
+def markdown(table: pd.DataFrame) -> str:
+    shown = table.assign(
+        accuracy=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.acc_mean, table.acc_std)],
+        best_test=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.best_test_mean, table.best_test_std)],
+    )[[*GROUP, "n_runs", "accuracy", "best_test", "samples_per_s", "train_time_s"]]
+    return (
+        "# Test accuracy (%)\n\n"
+        "`accuracy`: test accuracy at the epoch of best validation accuracy (mean ± std over seeds). "
+        "`best_test`: best test accuracy over epochs, the paper's metric (it selects on the test set).\n\n"
+        + shown.to_markdown(index=False) + "\n"
+    )
+
+
+def plot_curves(curves: pd.DataFrame, path: Path) -> None:
+    """Test accuracy per epoch, one line per method (mean over seeds, band = min..max), a panel per dataset/model."""
+    panels = list(curves.groupby(["dataset", "model"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, ((dataset, model), frame) in zip(axes[0], panels):
+        for method, rows in frame.groupby("method", sort=False):
+            per_epoch = rows.groupby("epoch")["test_acc"]
+            mean = 100 * per_epoch.mean()
+            ax.plot(mean.index, mean.values, marker="o", label=f"{method} (n={rows.seed.nunique()})")
+            ax.fill_between(mean.index, 100 * per_epoch.min(), 100 * per_epoch.max(), alpha=0.2)
+        ax.set(title=f"{dataset} / {model}", xlabel="epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_reports(params: dict, runs: Path, out: Path) -> pd.DataFrame:
+    finals, curves = load_runs(run_dirs(runs, params["methods"], params["seeds"]))
+    table = accuracy_table(finals)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "tables" / "accuracy.csv", index=False)
+    (out / "tables" / "accuracy.md").write_text(markdown(table))
+    plot_curves(curves, out / "figures" / "accuracy_curves.png")
+    summary = {f"{r.dataset}/{r.model}/{r.method}": {"acc_mean": r.acc_mean, "acc_std": r.acc_std, "n_runs": r.n_runs} for r in table.itertuples()}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scpl_kit.report.tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    table = build_reports(yaml.safe_load(args.params.read_text()), args.runs, args.out)
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

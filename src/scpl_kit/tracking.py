@@ -1,0 +1,91 @@
+"""MLflow: the one module that knows it. The trainer calls a tracker through three hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from scpl_kit.config import project_root
+
+
+class TrainingListener(Protocol):
+    """What the trainer reports to; MLflow is one listener, a sweep's pruner another."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else an *absolute* sqlite file in the repo (a relative one would fork a
+    new database inside every DVC experiment copy; the plain-folder store is deprecated)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=project_root()).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class MlflowTracker:
+    """One MLflow run: params from the resolved config, per-epoch metrics, final metrics, artifacts."""
+
+    def __init__(self, uri: str | None, experiment: str) -> None:
+        from mlflow import MlflowClient  # imported here: MLflow takes seconds to import
+
+        self.uri = uri or default_tracking_uri()
+        self.client = MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            # With the sqlite default, artifacts go next to the database rather than into whatever
+            # folder the first run happened to start from.
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if self.uri.startswith("sqlite:///") else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str:
+        """Open a new run, or reopen `run_id` (a resumed training continues its run)."""
+        from mlflow.entities import Param
+
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        items = [Param(key, str(value)[:6000]) for key, value in sorted(params.items())]  # MLflow caps a param at 6000 chars
+        for start in range(0, len(items), 100):  # and a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        return self.run_id
+
+    def use_run(self, run_id: str) -> None:
+        """Log into an existing run without changing its status (evaluation after training)."""
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def log_json(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
+
+    def log_file(self, path: str | Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
