@@ -58,7 +58,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def accuracy(scores: torch.Tensor, labels: np.ndarray) -> float:
-    return float((scores.argmax(dim=1) == torch.as_tensor(np.asarray(labels))).float().mean())
+    return float((scores.argmax(dim=1).numpy() == np.asarray(labels)).mean())
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Trainer:
         train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True)
         samples = len(train) * self.batch_size * self.augmentation.views
         start = time.perf_counter()
-        with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, disable=not self.progress) as bar:
+        with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, mininterval=1.0, disable=not self.progress) as bar:
             losses = self.engine.train_epoch(train, on_batch=bar.update)
         train_time = time.perf_counter() - start
         record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}}

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from scpl_kit.config import ConfigError, compose_config, config_dir
+from scpl_kit.engines import build_engine
+from scpl_kit.methods import build_units
+from scpl_kit.models import build_model
+from scpl_kit.train import main as train_main, options
+
+GROUPS = ["data", "model", "method", "engine", "trainer", "profile"]
+SHAPES = {"mnist5k": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def test_required_groups_exist() -> None:
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in group_options(g)])
+def test_every_option_composes_and_builds(override: str) -> None:
+    cfg = compose_config([override])
+    model = build_model(cfg.model.name, SHAPES[cfg.data.name], 10, **options(cfg.model))
+    units = build_units(cfg.method.name, model, **options(cfg.method))
+    assert units and build_engine(cfg.engine.name, **options(cfg.engine)) is not None
+
+
+@pytest.mark.parametrize("profile", group_options("profile"))
+@pytest.mark.parametrize("method", group_options("method"))
+def test_every_profile_runs_every_method(profile: str, method: str) -> None:
+    cfg = compose_config([f"profile={profile}", f"method={method}"])
+    assert cfg.method.name == method and cfg.trainer.epochs > 0
+
+
+def test_command_line_wins_over_profile() -> None:
+    cfg = compose_config(["profile=offline", "data=cifar10", "trainer.epochs=3"])
+    assert cfg.data.name == "cifar10" and cfg.trainer.epochs == 3
+
+
+def test_paper_profile_is_the_paper_setting() -> None:
+    cfg = compose_config(["profile=paper"])
+    assert (cfg.data.name, cfg.model.width, cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.augmentation) == ("cifar10", 1.0, 1024, 200, "strong")
+    assert (cfg.trainer.lr, cfg.trainer.lr_min, cfg.method.temperature) == (1e-3, 1e-5, 0.1)
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("trainer.epoch=2", "valid keys under 'trainer': augmentation, batch_size"),
+    ("method.temp=0.5", "projector, projector_dim, projector_hidden, temperature, variant"),
+    ("sed=1", "valid keys at the top level: data, engine"),
+    ("method=magic", "Available options in 'method'"),
+    ("data=imagenet", "cifar10\n\tcifar100\n\tmnist5k"),
+])
+def test_wrong_key_or_option_names_the_valid_ones(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=None) as error:
+        compose_config([override])
+    assert named in str(error.value)
+
+
+def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixture) -> None:
+    assert train_main(["trainer.epoch=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'trainer.epoch'") and "Traceback" not in err
+
+
+def test_cli_reports_missing_data(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert train_main([f"data.processed_dir={tmp_path}", "tracking.enabled=false"]) == 2
+    assert "python -m scpl_kit.prepare data=mnist5k" in capsys.readouterr().err

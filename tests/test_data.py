@@ -1,0 +1,117 @@
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scpl_kit.data.augment import Augmentation
+from scpl_kit.data.datasets import load_prepared
+from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
+from scpl_kit.data.prepare import prepare_dataset
+from scpl_kit.data.sources import load_cifar
+from scpl_kit.registry import UnknownNameError
+
+
+def test_mnist5k_splits_are_stratified_and_compact(processed_dir: Path) -> None:
+    data = load_prepared("mnist5k", processed_dir)
+    assert data.meta["sizes"] == {"train": 3500, "val": 500, "test": 1000}
+    for split, expected in (("train", 350), ("val", 50), ("test", 100)):
+        images, labels = data.splits[split]
+        assert images.dtype == np.uint8 and images.shape[1:] == (1, 28, 28)
+        assert isinstance(images, np.memmap)  # read from disk on demand, never decoded again
+        assert np.bincount(labels).tolist() == [expected] * 10
+
+
+def test_prepare_is_deterministic(processed_dir: Path, tmp_path: Path) -> None:
+    prepare_dataset("mnist5k", tmp_path, tmp_path / "raw", 0.1, 0.2, split_seed=0, download=False)
+    first = json.loads((processed_dir / "mnist5k" / "meta.json").read_text())["sha256"]
+    assert json.loads((tmp_path / "mnist5k" / "meta.json").read_text())["sha256"] == first
+
+
+def test_loader_batches_are_normalised(processed_dir: Path) -> None:
+    data = load_prepared("mnist5k", processed_dir)
+    x, y = next(iter(data.loader("train", 500)))
+    assert x.shape == (500, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
+
+
+def write_fake_cifar(root: Path, name: str, per_batch: int = 20) -> np.ndarray:
+    """Tiny files in the exact on-disk format of the python versions of CIFAR-10/100."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, files, test, meta, label_key, names_key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names", 10
+    else:
+        folder, files, test, meta, label_key, names_key, classes = root / "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names", 100
+    folder.mkdir(parents=True)
+    first = None
+    for file in [*files, test]:
+        n = per_batch * (50 if name == "cifar100" and file == "train" else 1)  # stratifying 100 classes needs ≥ 10 per class
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [i % classes for i in range(n)]
+        with open(folder / file, "wb") as f:
+            pickle.dump({b"batch_label": file.encode(), b"data": data, label_key: labels}, f)
+        first = data if first is None else first
+    with open(folder / meta, "wb") as f:
+        pickle.dump({names_key: [f"class{i}".encode() for i in range(classes)]}, f)
+    return first
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_from_fake_files(tmp_path: Path, name: str) -> None:
+    first_batch = write_fake_cifar(tmp_path / "raw", name)
+    raw = load_cifar(name, tmp_path / "raw", download=False)
+    n_train = 100 if name == "cifar10" else 1000
+    assert raw.images.shape == (n_train, 3, 32, 32) and raw.test_images.shape == (20, 3, 32, 32)
+    # the row-major 3072 bytes are R plane, then G, then B
+    assert np.array_equal(raw.images[0, 1].ravel(), first_batch[0, 1024:2048])
+    out = prepare_dataset(name, tmp_path / "processed", tmp_path / "raw", val_fraction=0.1, test_fraction=None, download=False)
+    data = load_prepared(name, out.parent)
+    assert data.meta["sizes"] == {"train": n_train * 9 // 10, "val": n_train // 10, "test": 20}
+    assert data.meta["input_shape"] == [3, 32, 32] and len(data.meta["classes"]) == (10 if name == "cifar10" else 100)
+    assert np.array_equal(data.splits["test"][0], raw.test_images)  # the official test split is kept whole
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match=r"(?s)cifar-10-python.tar.gz.*SCPL_DATA_DIR"):
+        load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="python -m scpl_kit.prepare data=mnist5k"):
+        load_prepared("mnist5k", tmp_path)
+
+
+def test_corrupt_data_is_detected(processed_dir: Path, tmp_path: Path) -> None:
+    out = prepare_dataset("mnist5k", tmp_path, tmp_path / "raw", 0.1, 0.2, download=False)
+    path = out / "val_images.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match="checksum.*dvc repro prepare"):
+        load_prepared("mnist5k", tmp_path)
+
+
+def test_data_prepared_with_other_split_settings_is_refused(processed_dir: Path) -> None:
+    with pytest.raises(CorruptDataError, match="val_fraction=0.1 but the config asks for 0.2"):
+        load_prepared("mnist5k", processed_dir, expect={"val_fraction": 0.2})
+
+
+def test_unknown_dataset_lists_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="cifar10, cifar100, mnist5k"):
+        prepare_dataset("imagenet", tmp_path, tmp_path, 0.1, 0.2)
+
+
+@pytest.mark.parametrize(("kind", "views"), [("none", 1), ("weak", 1), ("strong", 2)])
+def test_augmentation_views(kind: str, views: int) -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(8)
+    out, out_labels = Augmentation(kind, 32, hflip=True)(images, labels)
+    assert out.shape == (8 * views, 3, 32, 32) and out.dtype == torch.uint8
+    assert out_labels.tolist() == labels.tolist() * views
+    if kind != "none":
+        assert not torch.equal(out[:8], images)
+        crops = {tuple(torch.nonzero(o.sum(0) == 0)[:1].flatten().tolist()) for o in Augmentation("weak", 32, False)(images, labels)[0]}
+        assert len(crops) > 1  # each image drew its own crop offset

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from scpl_kit.methods import build_units
+from scpl_kit.methods.heads import build_projector
+from scpl_kit.models import build_model
+from scpl_kit.registry import UnknownNameError
+from scpl_kit.trainer import adam_cosine
+
+
+def small_vgg(shape=(1, 28, 28), classes=10):
+    torch.manual_seed(0)
+    return build_model("vgg", shape, classes, width=0.0625, predictor_hidden=32)
+
+
+@pytest.mark.parametrize(("shape", "flat"), [((3, 32, 32), 2048), ((1, 28, 28), 512)])
+def test_paper_vgg_shapes(shape, flat) -> None:
+    model = build_model("vgg", shape, 10)
+    assert len(model.blocks) == 4
+    side = shape[-1]
+    expected = [(256, side // 2, side // 2), (512, side // 4, side // 4), (512, side // 8, side // 8), (512, side // 16, side // 16)]
+    assert model.block_output_shapes() == expected
+    assert model.predictor[1].in_features == flat  # Linear(2048, 2500) at 32×32, as in the paper
+    assert model.predictor[1].out_features == 2500
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_width_scales_channels() -> None:
+    assert [s[0] for s in small_vgg().block_output_shapes()] == [16, 32, 32, 32]
+
+
+@pytest.mark.parametrize(("kind", "pool", "out_dim"), [("i", False, 16 * 14 * 14), ("i", True, 16), ("l", False, 64), ("m", False, 64), ("m", True, 64)])
+def test_projector_shapes(kind, pool, out_dim) -> None:
+    projector = build_projector(kind, (16, 14, 14), pool, hidden=32, out=64)
+    assert projector(torch.randn(3, 16, 14, 14)).shape == (3, out_dim)
+
+
+def test_pooled_mlp_projector_is_much_smaller() -> None:
+    flat, pooled = (sum(p.numel() for p in build_projector("m", (64, 14, 14), pool).parameters()) for pool in (False, True))
+    assert pooled * 10 < flat  # 64·512 + 512·1024 weights against 12544·512 + 512·1024
+
+
+def units_with_optimizers(method, **options):
+    model = small_vgg()
+    units = build_units(method, model, **options)
+    for unit in units:
+        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
+    return model, units
+
+
+def batch(n=16):
+    torch.manual_seed(1)
+    return torch.randn(n, 1, 28, 28), torch.arange(n) % 4
+
+
+def test_scpl_units_partition_the_model() -> None:
+    model, units = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
+    assert [u.name for u in units] == ["block1", "block2", "block3", "block4"]
+    assert [u.body for u in units] == list(model.blocks)
+    assert units[-1].predictor is model.predictor and all(u.predictor is None for u in units[:-1])
+    model_params = {id(p) for p in model.parameters()}
+    owned = [id(p) for u in units for p in u.parameters() if id(p) in model_params]
+    assert sorted(owned) == sorted(model_params)  # every model parameter in exactly one unit
+
+
+def test_no_gradient_crosses_a_block() -> None:
+    """Block k's parameters get nothing from block k+1's loss: their gradients after block k's
+    step are unchanged by block k+1's backward, and block k's output arrives detached."""
+    _, units = units_with_optimizers("scpl", projector="l", projector_dim=16)
+    x, y = batch()
+    h, _ = units[0].train_step(x, y)
+    assert not h.requires_grad
+    before = [p.grad.clone() for p in units[0].body.parameters()]
+    units[1].train_step(h, y)
+    after = [p.grad for p in units[0].body.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_later_blocks_do_not_change_earlier_blocks_updates() -> None:
+    """Training all four units gives block 1 exactly the weights that training block 1 alone gives."""
+    _, alone = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
+    _, full = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
+    for step in range(3):
+        x, y = batch()
+        alone[0].train_step(x, y)
+        h = x
+        for unit in full:
+            h, _ = unit.train_step(h, y)
+    for a, b in zip(alone[0].state_dict().values(), full[0].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_predictor_gradient_never_reaches_the_backbone() -> None:
+    _, units = units_with_optimizers("scpl", projector="i")
+    last = units[-1]
+    last.head = None  # only the predictor's loss remains
+    x, y = batch()
+    h = x
+    for unit in units[:-1]:
+        h, _ = unit.train_step(h, y)
+    last.train_step(h, y)
+    assert all(p.grad is None for p in last.body.parameters())
+    assert all(p.grad is not None for p in last.predictor.parameters())
+
+
+def test_bp_is_one_unit_training_every_parameter() -> None:
+    model, units = units_with_optimizers("bp")
+    assert len(units) == 1
+    x, y = batch()
+    _, losses = units[0].train_step(x, y)
+    assert set(losses) == {"ce"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_inference_runs_blocks_then_predictor() -> None:
+    model, units = units_with_optimizers("scpl")
+    model.eval()
+    x, _ = batch()
+    h = x
+    with torch.no_grad():
+        for unit in units:
+            unit.eval()
+            h = unit.infer(h)
+        assert torch.equal(h, model(x))
+
+
+@pytest.mark.parametrize(("builder", "name", "valid"), [(build_model, "resnet99", "vgg"), (build_units, "magic", "bp, scpl")])
+def test_unknown_names_list_valid_ones(builder, name, valid) -> None:
+    with pytest.raises(UnknownNameError, match=valid):
+        builder(name, small_vgg()) if builder is build_units else builder(name, (1, 28, 28), 10)
+
+
+def test_bad_method_options_are_named() -> None:
+    with pytest.raises(ValueError, match="i, l, m"):
+        build_units("scpl", small_vgg(), projector="x")
+    with pytest.raises(ValueError, match="paper, standard"):
+        build_units("scpl", small_vgg(), variant="khosla")
+    with pytest.raises(TypeError, match="temprature"):
+        build_units("scpl", small_vgg(), temprature=0.5)
