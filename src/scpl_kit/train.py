@@ -22,12 +22,12 @@ from scpl_kit.config import ConfigError, compose_config, flatten, to_container
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData, load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
-from scpl_kit.engines import build_engine
+from scpl_kit.engines import Engine, build_engine
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
 from scpl_kit.registry import UnknownNameError
-from scpl_kit.tracking import MlflowTracker, git_commit
-from scpl_kit.trainer import Checkpoint, Trainer, adam_cosine, configure_torch, seed_everything, summarize
+from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
+from scpl_kit.trainer import Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
 
 log = logging.getLogger("scpl_kit")
 
@@ -66,14 +66,18 @@ def run_key(cfg: DictConfig) -> str:
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
-    return {
+    tags = {
         "method": cfg.method.name, "dataset": cfg.data.name, "model": cfg.model.name, "engine": cfg.engine.name,
         "seed": str(cfg.seed), "git_commit": git_commit(), "dvc_stage": str(cfg.tracking.stage or "none"),
     }
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # nests the run under e.g. its sweep's run
+    return tags
 
 
 def write_outputs(
-    out_dir: Path, cfg: DictConfig, history: list[dict[str, float]], summary: dict[str, float] | None, units: list[LocalUnit], run_id: str | None,
+    out_dir: Path, cfg: DictConfig, history: list[dict[str, float]], summary: dict[str, float] | None,
+    unit_states: list[dict[str, Any]] | None, run_id: str | None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -84,43 +88,61 @@ def write_outputs(
             "seed": cfg.seed, "mlflow_run_id": run_id,
         }
         (out_dir / "metrics.json").write_text(json.dumps({**identity, **summary}, indent=2) + "\n")
-        torch.save({"units": [unit.state_dict() for unit in units]}, out_dir / "model.pt")
+        torch.save({"units": [state["module"] for state in unit_states]}, out_dir / "model.pt")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train one configuration end to end; returns the final metrics (see trainer.summarize)."""
+def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str, float]:
+    """Train one configuration end to end; returns the final metrics (see trainer.summarize).
+
+    `listeners` hear every epoch's metrics (a sweep's pruner is one); one may raise TrainingStopped.
+    Under a multi-process engine every process calls this; only the main one logs and writes."""
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
     _, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
-    engine.setup(units)
-    augmentation = Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip)
+    try:
+        engine.setup(units)
+        return train_with(cfg, data, engine, listeners)
+    finally:
+        engine.close()
+
+
+def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:
         engine.load_training_state(state["units"])
         log.info("resuming from %s after epoch %d", checkpoint.path, state["epoch"])
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None
+    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled and engine.is_main else None
     run_id = None
     if tracker is not None:
-        run_name = f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
+        run_name = cfg.tracking.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
         run_id = tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=state and state["run_id"])
     trainer = Trainer(
-        engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size, augmentation, cfg.seed,
-        progress=cfg.trainer.progress, listeners=[tracker] if tracker else [], checkpoint=checkpoint, run_id=run_id,
+        engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
+        Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip), cfg.seed,
+        progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
+        checkpoint=checkpoint, run_id=run_id, eval_test=cfg.trainer.eval_test,
     )
     out_dir = Path(cfg.out_dir)
     history = state["history"] if state else []
     try:
         history = trainer.fit(start_epoch=len(history) + 1, history=history)
     except BaseException as error:
-        write_outputs(out_dir, cfg, trainer_history(checkpoint, history), None, units, run_id)
+        if engine.is_main:
+            write_outputs(out_dir, cfg, trainer_history(checkpoint, history), None, None, run_id)
         if tracker is not None:
-            tracker.set_tag("error", str(error)[:5000])
-            tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            stopped = isinstance(error, (KeyboardInterrupt, TrainingStopped))
+            tracker.set_tag("stopped" if stopped else "error", str(error)[:5000] or type(error).__name__)
+            tracker.finish("KILLED" if stopped else "FAILED")
+        if isinstance(error, TrainingStopped) and engine.is_main:
+            checkpoint.remove()  # stopped on purpose: there is nothing to resume
         raise
     summary = summarize(history)
-    write_outputs(out_dir, cfg, history, summary, units, run_id)
+    unit_states = engine.training_state()  # collective: every process takes part
+    if not engine.is_main:
+        return summary
+    write_outputs(out_dir, cfg, history, summary, unit_states, run_id)
     if tracker is not None:
         tracker.log_metrics(summary, step=cfg.trainer.epochs)
         for name in ("config.yaml", "metrics.json", "history.csv"):

@@ -26,6 +26,10 @@ from scpl_kit.tracking import TrainingListener
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(Exception):
+    """Raised by a listener to end training on purpose (a sweep's pruner), not because it failed."""
+
+
 def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
     """The paper's optimiser: Adam, learning rate cosine-decayed per step from `lr` to `lr_min`."""
 
@@ -67,10 +71,10 @@ class Checkpoint:
 
     path: Path
 
-    def save(self, epoch: int, engine: Engine, history: list[dict[str, float]], run_id: str | None) -> None:
+    def save(self, epoch: int, units: list[dict[str, Any]], history: list[dict[str, float]], run_id: str | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"epoch": epoch, "units": engine.training_state(), "history": history, "run_id": run_id}, tmp)
+        torch.save({"epoch": epoch, "units": units, "history": history, "run_id": run_id}, tmp)
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:
@@ -93,6 +97,7 @@ class Trainer:
     listeners: list[TrainingListener] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
     run_id: str | None = None
+    eval_test: bool = True  # off in sweeps: model selection must never see the test split
 
     def fit(self, start_epoch: int = 1, history: list[dict[str, float]] | None = None) -> list[dict[str, float]]:
         history = list(history or [])
@@ -103,7 +108,9 @@ class Trainer:
             for listener in self.listeners:
                 listener.on_epoch_end(epoch, record)
             if self.checkpoint is not None:
-                self.checkpoint.save(epoch, self.engine, history, self.run_id)
+                units = self.engine.training_state()  # collective: every process takes part
+                if self.engine.is_main:
+                    self.checkpoint.save(epoch, units, history, self.run_id)
         return history
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -112,11 +119,11 @@ class Trainer:
         train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True)
         samples = len(train) * self.batch_size * self.augmentation.views
         start = time.perf_counter()
-        with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, mininterval=1.0, disable=not self.progress) as bar:
+        with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, mininterval=1.0, disable=not (self.progress and self.engine.is_main)) as bar:
             losses = self.engine.train_epoch(train, on_batch=bar.update)
         train_time = time.perf_counter() - start
         record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}}
-        for split in ("val", "test"):
+        for split in ("val", "test") if self.eval_test else ("val",):
             scores = self.engine.predict(self.data.loader(split, self.eval_batch_size))
             record[f"{split}_acc"] = accuracy(scores, self.data.splits[split][1])
         record.update(train_time_s=train_time, epoch_time_s=time.perf_counter() - start, samples_per_s=samples / train_time)
@@ -127,12 +134,15 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
     """Final metrics. `test_acc` is taken at the epoch of best *validation* accuracy (honest model
     selection); `best_test_acc` is the paper's metric (best test accuracy over epochs)."""
     best = max(history, key=lambda r: r["val_acc"])  # the first epoch reaching the best, on ties
-    return {
-        "test_acc": best["test_acc"],
+    summary = {
         "best_val_acc": best["val_acc"],
         "best_val_epoch": best["epoch"],
-        "best_test_acc": max(r["test_acc"] for r in history),
-        "final_test_acc": history[-1]["test_acc"],
+        "final_val_acc": history[-1]["val_acc"],
         "train_time_s": sum(r["train_time_s"] for r in history),
         "samples_per_s": float(np.mean([r["samples_per_s"] for r in history])),
     }
+    if "test_acc" in best:
+        summary.update(
+            test_acc=best["test_acc"], best_test_acc=max(r["test_acc"] for r in history), final_test_acc=history[-1]["test_acc"]
+        )
+    return summary

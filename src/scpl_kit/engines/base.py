@@ -21,7 +21,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Engine(ABC):
-    units: list[LocalUnit]
+    """Multi-process engines run the trainer on every process; only the main one logs and writes."""
+
+    units: list[LocalUnit]  # the units this process trains
 
     @abstractmethod
     def setup(self, units: list[LocalUnit]) -> None:
@@ -35,12 +37,20 @@ class Engine(ABC):
     def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
         """Class scores for every sample of `batches`, in order, on the CPU."""
 
+    @property
+    def is_main(self) -> bool:
+        return True
+
     def training_state(self) -> list[dict[str, Any]]:
+        """Every unit's state, in unit order (collective in multi-process engines)."""
         return [unit.training_state() for unit in self.units]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
         for unit, state in zip(self.units, states, strict=True):
             unit.load_training_state(state)
+
+    def close(self) -> None:
+        """Release processes or devices the engine started."""
 
 
 class LossMeter:

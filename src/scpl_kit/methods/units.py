@@ -48,7 +48,16 @@ class LocalUnit(nn.Module):
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward, local loss, backward and one optimizer step. Returns (detached output, losses)."""
-        out = self.body(inputs)
+        out = self.forward_train(inputs)
+        return out.detach(), self.learn(out, labels)
+
+    def forward_train(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The body's forward, keeping the graph for `learn`. Engines that overlap one unit's
+        backward with the next unit's forward call the two halves separately."""
+        return self.body(inputs)
+
+    def learn(self, out: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Local loss on `out` (from forward_train), backward and one optimizer step."""
         losses: dict[str, torch.Tensor] = {}
         if self.head is not None:
             losses[self.head.loss_name] = self.head(out, labels)
@@ -64,7 +73,7 @@ class LocalUnit(nn.Module):
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return out.detach(), {name: loss.detach() for name, loss in losses.items()}
+        return {name: loss.detach() for name, loss in losses.items()}
 
     def training_state(self) -> dict[str, Any]:
         """Everything needed to resume this unit: weights, optimizer, schedule and step count."""

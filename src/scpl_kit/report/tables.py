@@ -25,17 +25,19 @@ import yaml
 GROUP = ["dataset", "model", "method"]
 
 
-def run_dirs(runs: Path, methods: list[str], seeds: list[int]) -> list[Path]:
-    dirs = [runs / f"{method}-s{seed}" for method in methods for seed in seeds]
+def run_dirs(runs: Path, methods: list[str], seeds: list[int]) -> dict[Path, str]:
+    """Run folder → the method config it was trained with (e.g. `scpl` or a sweep's `scpl_tau_lr_best`)."""
+    dirs = {runs / f"{method}-s{seed}": method for method in methods for seed in seeds}
     missing = [str(d) for d in dirs if not (d / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"runs without metrics.json: {', '.join(missing)}; run `dvc repro` first")
     return dirs
 
 
-def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per run, one row per run and epoch)."""
-    finals = pd.DataFrame([json.loads((d / "metrics.json").read_text()) for d in dirs])
+def load_runs(dirs: dict[Path, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per run, one row per run and epoch). Rows are labelled by method config, so a tuned
+    SCPL config shows beside the default one."""
+    finals = pd.DataFrame([{**json.loads((d / "metrics.json").read_text()), "method": method} for d, method in dirs.items()])
     curves = pd.concat(
         [pd.read_csv(d / "history.csv").assign(**{k: final[k] for k in [*GROUP, "seed"]}) for d, (_, final) in zip(dirs, finals.iterrows())],
         ignore_index=True,

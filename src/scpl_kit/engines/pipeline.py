@@ -1,0 +1,194 @@
+"""Cross-batch pipeline for decoupled methods (methods.md §3, "going beyond"): one process per stage.
+
+A unit needs only the *forward* output of the unit before it, so stage s can train on batch t+1
+while stage s+1 trains on batch t. Each stage sees the same inputs in the same order as in the
+sequential engine, so the weights come out the same. Processes come from torchrun (one machine or
+several) and talk through torch.distributed point-to-point ops: gloo on CPU, NCCL on CUDA.
+
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=pipeline method=scpl
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from datetime import timedelta
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from scpl_kit.engines import ENGINES
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter
+from scpl_kit.methods.units import LocalUnit
+
+HEADER = 8  # int64 slots: ndim, shape (≤ 6 dims), number of labels
+MAX_IN_FLIGHT = 4  # sends not yet confirmed before a stage waits: bounds the memory of queued activations
+
+
+def even_stages(n_units: int, n_stages: int) -> list[list[int]]:
+    """Consecutive units, as evenly as possible (the first stages take one more when it does not divide)."""
+    size, extra = divmod(n_units, n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + size + (s < extra))
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(n_stages)]
+
+
+def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
+    """Consecutive groups of units minimising the slowest stage's total time (exact, by dynamic
+    programming over split points; K is small). `times` are measured per-unit step times."""
+    n = len(times)
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]  # best[s][i]: first i units in s stages
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                cost = max(best[s - 1][j], prefix[i] - prefix[j])
+                if cost < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    groups, i = [], n
+    for s in range(n_stages, 0, -1):
+        groups.append(list(range(cut[s][i], i)))
+        i = cut[s][i]
+    return groups[::-1]
+
+
+class PipelineEngine(Engine):
+    def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                raise RuntimeError("engine=pipeline runs one process per stage: launch with torchrun --nproc-per-node <stages> -m scpl_kit.train ...")
+            if backend == "auto":
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            # The timeout turns a crashed or stuck peer into an error here instead of a hang.
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.stages = [list(s) for s in stages] if stages else None
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        self.units = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def setup(self, units: list[LocalUnit]) -> None:
+        if len(units) < self.world:
+            raise ValueError(
+                f"this method gives {len(units)} unit(s), fewer than the {self.world} pipeline stages: the pipeline "
+                "engine is for decoupled methods. For end-to-end BP across devices use engine=gpipe."
+            )
+        self.stages = self.stages or even_stages(len(units), self.world)
+        flat = [i for stage in self.stages for i in stage]
+        if len(self.stages) != self.world or flat != list(range(len(units))):
+            raise ValueError(f"engine.stages {self.stages} must split units 0..{len(units) - 1} into {self.world} consecutive groups")
+        self.n_units = len(units)
+        self.units = [units[i].to(self.device) for i in self.stages[self.rank]]
+
+    # -- point-to-point: a header with the shape, then the tensor, then the labels --------------------
+
+    def _send(self, h: torch.Tensor, labels: torch.Tensor, pending: deque) -> None:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0] = h.dim()
+        header[1 : 1 + h.dim()] = torch.tensor(h.shape)
+        header[HEADER - 1] = labels.numel()
+        for tensor in (header.to(self.device), h.contiguous(), labels.to(self.device)):
+            pending.append((dist.isend(tensor, self.rank + 1), tensor))  # the tensor must live until sent
+        while len(pending) > 3 * MAX_IN_FLIGHT:
+            work, _ = pending.popleft()
+            work.wait()
+
+    def _recv(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(header, self.rank - 1)
+        header = header.cpu()
+        shape = header[1 : 1 + int(header[0])].tolist()
+        h = torch.empty(shape, dtype=dtype, device=self.device)
+        labels = torch.empty(int(header[HEADER - 1]), dtype=torch.int64, device=self.device)
+        dist.recv(h, self.rank - 1)
+        dist.recv(labels, self.rank - 1)
+        return h, labels
+
+    def _inputs(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        """The first stage reads the data; the others receive what the stage before produced."""
+        if self.is_first:
+            for inputs, labels in batches:
+                yield inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        else:
+            for _ in range(len(batches)):  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
+                yield self._recv()
+
+    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
+        meter, pending = LossMeter(), deque()
+        for unit in self.units:
+            unit.train()
+        for h, labels in self._inputs(batches):
+            losses = {}
+            for unit in self.units:
+                h, unit_losses = unit.train_step(h, labels)
+                losses.update({f"{unit.name}/{name}": value for name, value in unit_losses.items()})
+            meter.add(losses)
+            if not self.is_last:
+                self._send(h, labels, pending)
+            if on_batch is not None:
+                on_batch(len(labels))
+        for work, _ in pending:
+            work.wait()
+        merged: dict[str, float] = {}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, meter.means())
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    @torch.no_grad()
+    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
+        pending, scores = deque(), []
+        for unit in self.units:
+            unit.eval()
+        for h, labels in self._inputs(batches):
+            for unit in self.units:
+                h = unit.infer(h)
+            if self.is_last:
+                scores.append(h.float().cpu())
+            else:
+                self._send(h, labels, pending)
+        for work, _ in pending:
+            work.wait()
+        result = [torch.cat(scores) if self.is_last else None]
+        dist.broadcast_object_list(result, src=self.world - 1)  # every rank computes the same accuracy
+        return result[0]
+
+    def training_state(self) -> list[dict[str, Any]]:
+        """All units' states, in order, on every rank (collective)."""
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, [unit.training_state() for unit in self.units])
+        return [state for part in gathered for state in part]
+
+    def load_training_state(self, states: list[dict[str, Any]]) -> None:
+        for index, unit in zip(self.stages[self.rank], self.units):
+            unit.load_training_state(states[index])
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@ENGINES.register("pipeline")
+def pipeline(stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> PipelineEngine:
+    return PipelineEngine(stages, backend, device, timeout_s)

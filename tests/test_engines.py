@@ -1,0 +1,116 @@
+"""Every engine trains to the same weights and metrics as the sequential engine, same seed, on the CPU."""
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import DictConfig
+
+from scpl_kit.engines.pipeline import balanced_stages, even_stages
+from scpl_kit.train import run
+
+from test_training import TIMES, history, same_weights, weights
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: str, crash_rank: int) -> None:
+    """One torchrun-like process: the env vars torchrun would set, then the normal training entry."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        if rank == crash_rank:
+            from scpl_kit.engines.pipeline import PipelineEngine
+
+            PipelineEngine(timeout_s=cfg.engine.timeout_s)  # joins the group, then dies without a word
+            os._exit(3)
+        run(cfg)
+        Path(result_dir, f"rank{rank}.ok").write_text("ok")
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+def run_ranks(cfg: DictConfig, world: int, tmp: Path, crash_rank: int = -1) -> dict[str, str]:
+    """Start `world` processes as torchrun would, wait for all (never more than 3 minutes), and
+    return what each rank reported: `rank<k>.ok`, or `rank<k>.err` with its error."""
+    results = tmp / "ranks"
+    results.mkdir(exist_ok=True)
+    context = mp.start_processes(_rank_main, args=(world, free_port(), cfg, str(results), crash_rank), nprocs=world, join=False, start_method="spawn")
+    deadline = time.time() + 180
+    while any(p.is_alive() for p in context.processes) and time.time() < deadline:
+        time.sleep(0.5)
+    hung = [p for p in context.processes if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung"
+    return {p.name: p.read_text() for p in results.iterdir()}
+
+
+def reference(smoke_config, tmp_path: Path, method: str = "scpl") -> Path:
+    run(smoke_config(f"method={method}", "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
+    return tmp_path / "sequential"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert history(a) == history(b)
+    assert same_weights(weights(a), weights(b))
+
+
+def test_stage_splits() -> None:
+    assert even_stages(4, 2) == [[0, 1], [2, 3]] and even_stages(5, 2) == [[0, 1, 2], [3, 4]] and even_stages(4, 4) == [[0], [1], [2], [3]]
+    assert balanced_stages([4.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
+    assert balanced_stages([1.0, 1.0, 1.0, 3.0], 2) == [[0, 1, 2], [3]]
+    assert balanced_stages([2.0, 2.0, 2.0, 2.0], 4) == [[0], [1], [2], [3]]
+
+
+def test_threads_engine_matches_sequential(smoke_config, tmp_path: Path) -> None:
+    expected = reference(smoke_config, tmp_path)
+    run(smoke_config("method=scpl", "trainer.threads=1", "engine=threads", "engine.devices=[cpu,cpu]", f"out_dir={tmp_path / 'threads'}"))
+    assert_same_run(expected, tmp_path / "threads")
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, stages: int) -> None:
+    expected = reference(smoke_config, tmp_path)
+    cfg = smoke_config("method=scpl", "trainer.threads=1", "engine=pipeline", "engine.timeout_s=120", f"out_dir={tmp_path / 'pipeline'}")
+    reports = run_ranks(cfg, stages, tmp_path)
+    assert sorted(reports) == [f"rank{r}.ok" for r in range(stages)], reports
+    assert_same_run(expected, tmp_path / "pipeline")
+
+
+def test_pipeline_with_uneven_stages_and_tracking(smoke_config, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    expected = reference(smoke_config, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = smoke_config(
+        "method=scpl", "trainer.threads=1", "engine=pipeline", "engine.stages=[[0,1,2],[3]]", "engine.timeout_s=120",
+        f"out_dir={tmp_path / 'pipeline'}", "tracking.enabled=true", f"tracking.uri={uri}",
+    )
+    reports = run_ranks(cfg, 2, tmp_path)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    assert_same_run(expected, tmp_path / "pipeline")
+    client = MlflowClient(uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # one rank logs
+    assert only.data.tags["engine"] == "pipeline" and len(client.get_metric_history(only.info.run_id, "loss/block4/supcon")) == 2
+
+
+def test_bp_under_pipeline_points_to_gpipe(smoke_config, tmp_path: Path) -> None:
+    reports = run_ranks(smoke_config("method=bp", "engine=pipeline", "engine.timeout_s=30"), 2, tmp_path)
+    assert sorted(reports) == ["rank0.err", "rank1.err"]
+    assert all("engine=gpipe" in text for text in reports.values())
+
+
+def test_crashed_rank_stops_the_job_instead_of_hanging(smoke_config, tmp_path: Path) -> None:
+    cfg = smoke_config("method=scpl", "engine=pipeline", "engine.timeout_s=20")
+    reports = run_ranks(cfg, 2, tmp_path, crash_rank=1)
+    assert "rank0.err" in reports and "rank0.ok" not in reports
