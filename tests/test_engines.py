@@ -114,3 +114,46 @@ def test_crashed_rank_stops_the_job_instead_of_hanging(smoke_config, tmp_path: P
     cfg = smoke_config("method=scpl", "engine=pipeline", "engine.timeout_s=20")
     reports = run_ranks(cfg, 2, tmp_path, crash_rank=1)
     assert "rank0.err" in reports and "rank0.ok" not in reports
+
+
+def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[dict]:
+    """The reference GPipe must match, computed independently: plain BP on one process, each batch's
+    gradient accumulated over `microbatches` chunks of mean loss / microbatches."""
+    from scpl_kit.data.augment import Augmentation
+    from scpl_kit.train import build, load_data
+    from scpl_kit.trainer import configure_torch, epoch_seed
+
+    configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
+    data = load_data(cfg)
+    model, (unit,) = build(cfg, data)
+    for epoch in range(1, cfg.trainer.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        shuffle = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        model.train()
+        for x, y in data.loader("train", cfg.trainer.batch_size, True, Augmentation("none", 28, False), shuffle, drop_last=True):
+            unit.optimizer.zero_grad()
+            for xs, ys in zip(x.tensor_split(microbatches), y.tensor_split(microbatches)):
+                (torch.nn.functional.cross_entropy(model(xs), ys) / microbatches).backward()
+            unit.optimizer.step()
+            unit.scheduler.step()
+    return [unit.state_dict()]
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_gpipe_matches_bp_with_gradient_accumulation(smoke_config, tmp_path: Path, microbatches: int) -> None:
+    cfg = smoke_config(
+        "method=bp", "model.batchnorm=false", "trainer.threads=1", "trainer.epochs=1", "engine=gpipe",
+        f"engine.microbatches={microbatches}", "engine.timeout_s=120", f"out_dir={tmp_path / 'gpipe'}",
+    )
+    reports = run_ranks(cfg, 2, tmp_path)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    expected = bp_with_gradient_accumulation(cfg, microbatches)
+    got = weights(tmp_path / "gpipe")
+    for key, value in expected[0].items():
+        torch.testing.assert_close(got[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_decoupled_method_under_gpipe_points_to_pipeline(smoke_config, tmp_path: Path) -> None:
+    reports = run_ranks(smoke_config("method=scpl", "engine=gpipe", "engine.timeout_s=30"), 2, tmp_path)
+    assert sorted(reports) == ["rank0.err", "rank1.err"]
+    assert all("engine=pipeline" in text for text in reports.values())

@@ -59,20 +59,30 @@ def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def init_distributed(backend: str, timeout_s: float) -> None:
+    """Join the process group torchrun described in the environment (once per process)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise RuntimeError("this engine runs one process per stage: launch with torchrun --nproc-per-node <stages> -m scpl_kit.train ...")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # The timeout turns a crashed or stuck peer into an error here instead of a hang.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def stage_device(device: str) -> torch.device:
+    """auto: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+
+
 class PipelineEngine(Engine):
     def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
-        if not dist.is_initialized():
-            if "RANK" not in os.environ:
-                raise RuntimeError("engine=pipeline runs one process per stage: launch with torchrun --nproc-per-node <stages> -m scpl_kit.train ...")
-            if backend == "auto":
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-            # The timeout turns a crashed or stuck peer into an error here instead of a hang.
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        init_distributed(backend, timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.stages = [list(s) for s in stages] if stages else None
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        self.device = stage_device(device)
         self.units = []
 
     @property
@@ -162,8 +172,7 @@ class PipelineEngine(Engine):
         for unit in self.units:
             unit.eval()
         for h, labels in self._inputs(batches):
-            for unit in self.units:
-                h = unit.infer(h)
+            h = self._infer_local(h)
             if self.is_last:
                 scores.append(h.float().cpu())
             else:
@@ -173,6 +182,11 @@ class PipelineEngine(Engine):
         result = [torch.cat(scores) if self.is_last else None]
         dist.broadcast_object_list(result, src=self.world - 1)  # every rank computes the same accuracy
         return result[0]
+
+    def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            h = unit.infer(h)
+        return h
 
     def training_state(self) -> list[dict[str, Any]]:
         """All units' states, in order, on every rank (collective)."""

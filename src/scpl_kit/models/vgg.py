@@ -17,13 +17,14 @@ from scpl_kit.models.base import MODELS, BlockModel
 PAPER_BLOCKS: list[list[int | str]] = [[128, 256, "M"], [256, 512, "M"], [512, "M"], [512, "M"]]
 
 
-def conv_block(in_channels: int, spec: list[int | str]) -> tuple[nn.Sequential, int]:
+def conv_block(in_channels: int, spec: list[int | str], batchnorm: bool = True) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for item in spec:
         if item == "M":
             layers.append(nn.MaxPool2d(2))
         else:
-            layers += [nn.Conv2d(in_channels, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            norm = nn.BatchNorm2d(int(item)) if batchnorm else nn.Identity()
+            layers += [nn.Conv2d(in_channels, int(item), 3, padding=1, bias=not batchnorm), norm, nn.ReLU(inplace=True)]
             in_channels = int(item)
     return nn.Sequential(*layers), in_channels
 
@@ -35,13 +36,16 @@ def vgg(
     width: float = 1.0,
     predictor_hidden: int = 2500,
     blocks: list[list[int | str]] | None = None,
+    batchnorm: bool = True,
 ) -> BlockModel:
+    """`batchnorm: false` gives a model whose gradient does not depend on how a batch is split
+    (GPipe's micro-batches see their own BatchNorm statistics), for equivalence checks."""
     spec = blocks or PAPER_BLOCKS
     channels = input_shape[0]
     built = []
     for block_spec in spec:
         scaled = [item if item == "M" else max(1, round(int(item) * width)) for item in block_spec]
-        block, channels = conv_block(channels, scaled)
+        block, channels = conv_block(channels, scaled, batchnorm)
         built.append(block)
     with torch.no_grad():  # the flattened size depends on the input's spatial size (28×28 MNIST vs 32×32 CIFAR)
         features = nn.Sequential(*built).eval()(torch.zeros(1, *input_shape))

@@ -1,0 +1,129 @@
+"""GPipe for end-to-end methods: the one unit's blocks split into stages, one process per stage,
+each mini-batch cut into M micro-batches that flow through PyTorch's own pipeline schedules
+(torch.distributed.pipelining: ScheduleGPipe, or Schedule1F1B). Gradients of the micro-batches are
+accumulated (and averaged by the schedule) and every stage steps once per mini-batch.
+M = 1 is naive model parallelism: the "BP on K devices" baseline.
+
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=gpipe method=bp engine.microbatches=4
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from scpl_kit.engines import ENGINES
+from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
+from scpl_kit.engines.pipeline import PipelineEngine, even_stages
+from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class GPipeEngine(PipelineEngine):
+    """Reuses the pipeline engine's processes and point-to-point inference; training goes through
+    PyTorch's schedule. `stages` group the model's *blocks* (the predictor joins the last stage)."""
+
+    def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
+                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        super().__init__(stages, backend, device, timeout_s)
+        self.microbatches, self.schedule_name = microbatches, schedule
+
+    def setup(self, units: list[LocalUnit]) -> None:
+        body = units[0].body if len(units) == 1 else None
+        if body is None or not hasattr(body, "blocks"):
+            raise ValueError(
+                f"engine=gpipe pipelines one end-to-end network (method=bp); this method gives {len(units)} units. "
+                "Decoupled methods run across processes with engine=pipeline."
+            )
+        (self.unit,) = units
+        self.units = [self.unit.to(self.device)]
+        n_blocks = len(body.blocks)
+        self.stages = self.stages or even_stages(n_blocks, self.world)
+        if len(self.stages) != self.world or [i for s in self.stages for i in s] != list(range(n_blocks)):
+            raise ValueError(f"engine.stages {self.stages} must split blocks 0..{n_blocks - 1} into {self.world} consecutive groups")
+        own = [body.blocks[i] for i in self.stages[self.rank]] + ([body.predictor] if self.is_last else [])
+        self.stage_module = nn.Sequential(*own)
+        prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])
+        self.own_keys = {k for k in self.unit.state_dict() if k.startswith(tuple(prefixes))}
+        stage = PipelineStage(self.stage_module, self.rank, self.world, self.device)
+        self.schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=self.unit.head)  # averages gradients over micro-batches
+
+    def _labels(self, labels: torch.Tensor | None, pending: deque) -> torch.Tensor | None:
+        """The last stage computes the loss, so the first one sends it each batch's labels."""
+        if self.world == 1:
+            return labels
+        if self.is_first:
+            for tensor in (torch.tensor([labels.numel()], device=self.device), labels.to(self.device)):
+                pending.append((dist.isend(tensor, self.world - 1), tensor))
+            return None
+        if self.is_last:
+            size = torch.empty(1, dtype=torch.int64, device=self.device)
+            dist.recv(size, 0)
+            received = torch.empty(int(size), dtype=torch.int64, device=self.device)
+            dist.recv(received, 0)
+            return received
+        return None
+
+    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
+        meter, pending = LossMeter(), deque()
+        self.stage_module.train()
+        source = iter(batches) if self.is_first else ((None, None) for _ in range(len(batches)))  # type: ignore[arg-type]
+        for inputs, labels in source:
+            target = self._labels(labels, pending)
+            self.unit.optimizer.zero_grad(set_to_none=True)
+            losses: list[torch.Tensor] = []
+            args = (inputs.to(self.device),) if self.is_first else ()
+            self.schedule.step(*args, target=target, losses=losses)
+            # Adam skips parameters without gradients, so each process updates exactly its stage.
+            self.unit.optimizer.step()
+            self.unit.scheduler.step()
+            self.unit.steps += 1
+            if self.is_last:
+                loss = torch.stack(losses).mean().detach()  # equal micro-batches: the mini-batch's mean loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(self.unit.name, "ce", self.unit.steps, loss.item())
+                meter.add({f"{self.unit.name}/ce": loss})
+            if on_batch is not None and labels is not None:
+                on_batch(len(labels))
+        for work, _ in pending:
+            work.wait()
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, meter.means())
+        return gathered[-1]
+
+    def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
+        return self.stage_module(h)
+
+    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
+        self.stage_module.eval()
+        return super().predict(batches)
+
+    def training_state(self) -> list[dict[str, Any]]:
+        """The one unit's state, merged from the parts each stage owns (collective)."""
+        state = self.unit.training_state()
+        mine = {
+            "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
+            "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
+        }
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        state["module"] = {k: v for part in gathered for k, v in part["module"].items()}
+        state["optimizer"]["state"] = {k: v for part in gathered for k, v in part["optimizer_state"].items()}
+        return [state]
+
+    def load_training_state(self, states: list[dict[str, Any]]) -> None:
+        self.unit.load_training_state(states[0])
+
+
+@ENGINES.register("gpipe")
+def gpipe(microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
+          backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> GPipeEngine:
+    return GPipeEngine(microbatches, schedule, stages, backend, device, timeout_s)
