@@ -36,7 +36,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params.update(profile="smoke", methods=["bp", "scpl"], seeds=[0])
+    params.update(profile="smoke", methods=["bp", "scpl"], seeds=[0], throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.lock").unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -50,12 +50,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_repro_builds_tables_and_plots(repo) -> None:
     root, env = repo
     ran = stages_run(sh(["dvc", "repro"], root, env))
-    assert ran == {"prepare", "train@bp-0", "train@scpl-0", "evaluate@bp-0", "evaluate@scpl-0", "tables"}
+    assert ran == {"prepare", "train@bp-0", "train@scpl-0", "evaluate@bp-0", "evaluate@scpl-0", "tables", "throughput"}
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
     assert sorted(table.method) == ["bp", "scpl"] and set(table.dataset) == {"mnist5k"} and set(table.n_runs) == {1}
     assert "| mnist5k" in (root / "reports/tables/accuracy.md").read_text()
     assert (root / "reports/figures/accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
+    speed = pd.read_csv(root / "reports/tables/throughput.csv")
+    wanted = {"method", "engine", "workers", "microbatches", "projector", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"}
+    assert wanted <= set(speed.columns) and set(speed.engine) == {"sequential", "threads", "pipeline", "gpipe"}
+    assert (speed.samples_per_s > 0).all() and (speed.peak_act_mem_mb > 0).all()
+    assert (root / "reports/figures/throughput.png").is_file()
     assert (root / "runs/scpl-s0/model.pt").is_file() and (root / "data/processed/mnist5k/meta.json").is_file()
     assert "train@scpl-0" in sh([sys.executable, "-c", (
         "import sqlite3,sys; db=sqlite3.connect(sys.argv[1]);"

@@ -183,13 +183,15 @@ class Sweep:
         params = {"metric": self.spec.metric, "direction": self.spec.direction, "n_trials": self.spec.n_trials, "space": json.dumps(to_container(self.spec.space))}
         study.set_user_attr(PARENT_RUN_ATTR, tracker.start(f"sweep-{study.study_name}", params, tags))
 
+    def budget_spent(self, study: optuna.Study) -> bool:
+        return len(counted(study.get_trials(deepcopy=False))) >= self.spec.n_trials
+
     def run(self) -> optuna.Study:
         study = self.open_study()
-        stop_when_done = lambda s, _t: len(counted(s.get_trials(deepcopy=False))) >= self.spec.n_trials and s.stop()  # noqa: E731
-        if len(counted(study.get_trials(deepcopy=False))) < self.spec.n_trials:
+        if not self.budget_spent(study):
             study.optimize(
                 lambda trial: self.objective(study, trial), timeout=self.spec.timeout_s,
-                catch=(Exception,), callbacks=[stop_when_done],
+                catch=(Exception,), callbacks=[lambda s, _trial: self.budget_spent(s) and s.stop()],
             )
         self.finish(study)
         return study

@@ -16,8 +16,12 @@ class SequentialEngine(Engine):
         self.device = resolve_device(device)
         self.units = []
 
+    def device_of(self, index: int) -> torch.device:
+        """Where unit `index` runs (one device here; subclasses spread units over several)."""
+        return self.device
+
     def setup(self, units: list[LocalUnit]) -> None:
-        self.units = [unit.to(self.device) for unit in units]
+        self.units = [unit.to(self.device_of(i)) for i, unit in enumerate(units)]
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter = LossMeter()
@@ -40,9 +44,9 @@ class SequentialEngine(Engine):
             unit.eval()
         scores = []
         for inputs, _ in batches:
-            h = inputs.to(self.device, non_blocking=True)
-            for unit in self.units:
-                h = unit.infer(h)
+            h = inputs
+            for i, unit in enumerate(self.units):
+                h = unit.infer(h.to(self.device_of(i), non_blocking=True))
             scores.append(h.float().cpu())
         return torch.cat(scores)
 

@@ -11,11 +11,14 @@ from typing import Iterable
 import torch
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, resolve_device
+from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, resolve_device
+from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods.units import LocalUnit
 
 
-class ThreadsEngine(Engine):
+class ThreadsEngine(SequentialEngine):
+    """The sequential engine's placement and inference, with the paper's threaded training step."""
+
     def __init__(self, devices: list[str]) -> None:
         if not devices:
             raise ValueError("the threads engine needs at least one device, e.g. devices: [cpu, cpu] or [cuda:0, cuda:1]")
@@ -24,9 +27,6 @@ class ThreadsEngine(Engine):
 
     def device_of(self, index: int) -> torch.device:
         return self.devices[index % len(self.devices)]
-
-    def setup(self, units: list[LocalUnit]) -> None:
-        self.units = [unit.to(self.device_of(i)) for i, unit in enumerate(units)]
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter = LossMeter()
@@ -49,18 +49,6 @@ class ThreadsEngine(Engine):
                 if on_batch is not None:
                     on_batch(len(labels))
         return meter.means()
-
-    @torch.no_grad()
-    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
-        for unit in self.units:
-            unit.eval()
-        scores = []
-        for inputs, _ in batches:
-            h = inputs
-            for i, unit in enumerate(self.units):
-                h = unit.infer(h.to(self.device_of(i), non_blocking=True))
-            scores.append(h.float().cpu())
-        return torch.cat(scores)
 
 
 @ENGINES.register("threads")

@@ -1,0 +1,231 @@
+"""Throughput and activation memory of every method × engine, measured in one run.
+
+    python bench/throughput.py --out reports            # also the DVC stage `throughput`
+
+Each configuration runs in fresh processes (one per worker, as torchrun would start them), each
+limited to one thread so ratios measure parallelism, not BLAS threading. Inputs are synthetic
+CIFAR-shaped batches: throughput does not depend on pixel values. Writes
+reports/tables/throughput.{csv,md} and reports/figures/throughput.png.
+
+Columns: samples_per_s (training samples per second of wall time, after warm-up),
+speedup_vs_bp1 (÷ BP on one worker, same run), ideal_speedup (for the pipeline: sum of the
+per-stage step times measured on one worker ÷ the largest, i.e. the best a K-stage pipeline can do),
+peak_act_mem_mb (the largest worker's high-water mark of tensor memory allocated during a training
+step above what it held before, from the profiler's memory accounting: activations, gradients and
+optimizer temporaries, not the process's RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    engine: str
+    workers: int
+    microbatches: int = 0
+    projector: str = "-"  # "flat" (the paper's MLP on the flattened map) or "pooled"
+    stages: tuple[tuple[int, ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    width: float
+    batch: int
+    steps: int
+    warmup: int
+
+
+def cases(projector: str, k: int, stages: tuple[tuple[int, ...], ...]) -> list[Case]:
+    return [
+        Case("bp", "sequential", 1),
+        Case("scpl", "sequential", 1, projector=projector),
+        Case("bp", "gpipe", k, microbatches=1, stages=stages),  # naive model parallelism: BP on K workers
+        Case("bp", "gpipe", k, microbatches=4, stages=stages),
+        Case("scpl", "threads", k, projector=projector),
+        Case("scpl", "pipeline", k, projector=projector, stages=stages),
+    ]
+
+
+def build_units(case: Case, setup: Setup):
+    from scpl_kit.methods import build_units as from_method
+    from scpl_kit.models import build_model
+    from scpl_kit.trainer import adam_cosine
+
+    torch.manual_seed(0)
+    model = build_model("vgg", (3, 32, 32), 10, width=setup.width)
+    options = {"projector": "m", "pool": case.projector == "pooled"} if case.method == "scpl" else {}
+    units = from_method(case.method, model, **options)
+    for unit in units:
+        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10_000))
+    return units
+
+
+def build_engine(case: Case):
+    from scpl_kit.engines import build_engine as from_registry
+
+    stages = [list(s) for s in case.stages] if case.stages else None
+    if case.engine == "sequential":
+        return from_registry("sequential", device="cpu")
+    if case.engine == "threads":
+        return from_registry("threads", devices=["cpu"] * case.workers)
+    if case.engine == "gpipe":
+        return from_registry("gpipe", microbatches=case.microbatches, stages=stages, backend="gloo", device="cpu", timeout_s=120)
+    return from_registry("pipeline", stages=stages, backend="gloo", device="cpu", timeout_s=120)
+
+
+def peak_memory_mb(engine, batches) -> float:
+    """High-water mark of tensor memory allocated while training on `batches`, above the start.
+
+    The profiler attributes each allocation and free to the op that made it (`self` memory, so
+    nested ops are not counted twice) or, outside any op, to a `[memory]` event; their running sum
+    in time order is the memory held, and its maximum the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine.train_epoch(batches)
+    changes = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()
+    )
+    level = peak = 0
+    for _, change in changes:
+        level += change
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    units = build_units(case, setup)
+    engine = build_engine(case)
+    engine.setup(units)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(setup.batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (setup.batch,), generator=generator)) for _ in range(setup.steps)]
+    barrier = (lambda: torch.distributed.barrier()) if case.workers > 1 and case.engine != "threads" else (lambda: None)
+    engine.train_epoch(batches[: setup.warmup])
+    barrier()
+    start = time.perf_counter()
+    engine.train_epoch(batches[setup.warmup :])
+    barrier()
+    elapsed = time.perf_counter() - start
+    memory = peak_memory_mb(engine, batches[:2])
+    unit_times = time_units(units, batches[:3]) if case.engine == "sequential" and case.method == "scpl" else None
+    results.put((rank, (setup.steps - setup.warmup) * setup.batch / elapsed, memory, unit_times))
+    engine.close()
+
+
+def time_units(units, batches) -> list[float]:
+    """Seconds per training step of each unit alone (forward, loss, backward, step), one thread."""
+    times = [0.0] * len(units)
+    for inputs, labels in batches:
+        h = inputs
+        for i, unit in enumerate(units):
+            start = time.perf_counter()
+            h, _ = unit.train_step(h, labels)
+            times[i] += time.perf_counter() - start
+    return [t / len(batches) for t in times]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(case: Case, setup: Setup) -> dict:
+    processes = 1 if case.engine in ("sequential", "threads") else case.workers
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(processes, free_port(), case, setup, results), nprocs=processes, join=True, start_method="spawn")
+    reports = sorted(results.get() for _ in range(processes))
+    return {
+        **asdict(case),
+        "stages": str([list(s) for s in case.stages]) if case.stages else "-",
+        "samples_per_s": min(r[1] for r in reports),  # the slowest rank sets the pace (they agree closely)
+        "peak_act_mem_mb": max(r[2] for r in reports),
+        "unit_times": reports[0][3],
+    }
+
+
+def run_all(setup: Setup, k: int) -> pd.DataFrame:
+    from scpl_kit.engines.pipeline import balanced_stages
+
+    rows = []
+    for projector in ("flat", "pooled"):
+        # Stage split balanced from per-block times measured on one worker, as the engine docs advise.
+        scpl1 = measure(Case("scpl", "sequential", 1, projector=projector), setup)
+        times = scpl1["unit_times"]
+        stages = tuple(tuple(s) for s in balanced_stages(times, k))
+        ideal = sum(times) / max(sum(times[i] for i in s) for s in stages)
+        print(f"[{projector}] unit step times {[round(t * 1000, 1) for t in times]} ms → stages {stages}, ideal speed-up {ideal:.2f}", flush=True)
+        for case in cases(projector, k, stages):
+            if projector == "pooled" and case.method == "bp":
+                continue  # BP has no projector: measured once
+            row = scpl1 if case == Case("scpl", "sequential", 1, projector=projector) else measure(case, setup)
+            row["ideal_speedup"] = ideal if case.engine == "pipeline" else float("nan")
+            rows.append(row)
+            print(f"  {case.method:5s} {case.engine:10s} workers={case.workers} M={case.microbatches} {case.projector:6s} "
+                  f"{row['samples_per_s']:8.1f} samples/s  peak {row['peak_act_mem_mb']:7.1f} MB", flush=True)
+    table = pd.DataFrame(rows).drop(columns=["unit_times"])
+    bp1 = table.query("method == 'bp' and engine == 'sequential'").samples_per_s.iloc[0]
+    table["speedup_vs_bp1"] = table.samples_per_s / bp1
+    return table[["method", "engine", "workers", "microbatches", "projector", "stages", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"]]
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    labels = [f"{r.method} {r.engine}\nK={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f"\n{r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(14, 4.8))
+    colors = ["tab:blue" if m == "bp" else "tab:orange" for m in table.method]
+    speed.bar(range(len(table)), table.speedup_vs_bp1, color=colors)
+    speed.axhline(1.0, color="gray", lw=0.8)
+    speed.set(ylabel="speed-up over BP on 1 worker", title="training throughput (1 thread per worker)")
+    memory.bar(range(len(table)), table.peak_act_mem_mb, color=colors)
+    memory.set(ylabel="peak activation memory of the largest worker (MB)", title="memory")
+    for ax in (speed, memory):
+        ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--width", type=float, default=0.25, help="VGG8 width multiplier")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=14, help="batches per measurement, warm-up included")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="K")
+    args = parser.parse_args()
+    table = run_all(Setup(args.width, args.batch, args.steps, args.warmup), args.workers)
+    (args.out / "tables").mkdir(parents=True, exist_ok=True)
+    table.round(3).to_csv(args.out / "tables" / "throughput.csv", index=False)
+    header = (f"# Training throughput, VGG8 width {args.width}, batch {args.batch}, CIFAR-shaped inputs, "
+              f"{args.workers} workers of one thread each\n\n")
+    (args.out / "tables" / "throughput.md").write_text(header + table.round(3).to_markdown(index=False) + "\n")
+    plot(table, args.out / "figures" / "throughput.png")
+    print(table.round(3).to_markdown(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
