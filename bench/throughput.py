@@ -12,7 +12,8 @@ speedup_vs_bp1 (÷ BP on one worker, same run), ideal_speedup (for the pipeline:
 per-stage step times measured on one worker ÷ the largest, i.e. the best a K-stage pipeline can do),
 peak_act_mem_mb (the largest worker's high-water mark of tensor memory allocated during a training
 step above what it held before, from the profiler's memory accounting: activations, gradients and
-optimizer temporaries, not the process's RSS).
+optimizer temporaries, not the process's RSS; not given for the threads engine, whose workers
+share one process).
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) 
     engine.train_epoch(batches[setup.warmup :])
     barrier()
     elapsed = time.perf_counter() - start
-    memory = peak_memory_mb(engine, batches[:2])
+    # The threads engine holds both workers in one process, and the profiler's accounting of memory
+    # freed on other threads is unreliable: no per-worker figure for it.
+    memory = float("nan") if case.engine == "threads" else peak_memory_mb(engine, batches[:2])
     unit_times = time_units(units, batches[:3]) if case.engine == "sequential" and case.method == "scpl" else None
     results.put((rank, (setup.steps - setup.warmup) * setup.batch / elapsed, memory, unit_times))
     engine.close()
