@@ -141,3 +141,9 @@ def test_two_workers_share_one_study(sweep_env: dict) -> None:
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     params = [tuple(sorted(t.params.items())) for t in counted(trials)]
     assert len(set(params)) == 4  # the workers' samplers did not draw the same trials
+
+
+def test_a_sweep_cannot_select_on_test_accuracy(sweep_env: dict, capsys) -> None:
+    assert sweep_main([*sweep_env["overrides"], "sweep.metric=test_acc"]) == 2
+    assert "selects on validation only" in capsys.readouterr().err
+    assert not (sweep_env["tmp"] / "optuna.db").exists()

@@ -36,6 +36,7 @@ log = logging.getLogger("scpl_kit.sweep")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
 
 
 class Pruned(TrainingStopped):
@@ -106,14 +107,16 @@ class Sweep:
         self.spec = cfg.sweep
         self.train_overrides = train_overrides  # from the command line; they apply to every trial
         self.storage_url = self.spec.storage or default_storage()
+        if self.spec.metric not in VALIDATION_METRICS:
+            raise ConfigError(f"sweep.metric {self.spec.metric!r}: a search selects on validation only; valid metrics: {', '.join(VALIDATION_METRICS)}")
 
     def trial_overrides(self, trial: optuna.Trial) -> list[str]:
         params = [f"{name}={suggest(trial, name, dict(spec))}" for name, spec in self.spec.space.items()]
         return [*self.train_overrides, *self.spec.fixed, *self.spec.search_only, *params]
 
     def objective(self, study: optuna.Study, trial: optuna.Trial) -> float:
-        mine = sorted(t.number for t in counted(study.get_trials(deepcopy=False)))
-        if trial.number not in mine[: self.spec.n_trials]:
+        in_budget = sorted(t.number for t in counted(study.get_trials(deepcopy=False)))[: self.spec.n_trials]
+        if trial.number not in in_budget:
             study.stop()
             raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.spec.n_trials} trials")
         overrides = self.trial_overrides(trial)
