@@ -78,6 +78,7 @@ def test_threads_engine_matches_sequential(smoke_config, tmp_path: Path) -> None
     assert_same_run(expected, tmp_path / "threads")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, stages: int) -> None:
     expected = reference(smoke_config, tmp_path)
@@ -87,6 +88,7 @@ def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, stages
     assert_same_run(expected, tmp_path / "pipeline")
 
 
+@pytest.mark.slow
 def test_pipeline_with_uneven_stages_and_tracking(smoke_config, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -139,6 +141,7 @@ def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[di
     return [unit.state_dict()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [1, 4])
 def test_gpipe_matches_bp_with_gradient_accumulation(smoke_config, tmp_path: Path, microbatches: int) -> None:
     cfg = smoke_config(

@@ -59,7 +59,9 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     speed = pd.read_csv(root / "reports/tables/throughput.csv")
     wanted = {"method", "engine", "workers", "microbatches", "projector", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"}
     assert wanted <= set(speed.columns) and set(speed.engine) == {"sequential", "threads", "pipeline", "gpipe"}
-    assert (speed.samples_per_s > 0).all() and (speed.peak_act_mem_mb > 0).all()
+    assert (speed.samples_per_s > 0).all()
+    per_process = speed.engine != "threads"  # the threads engine's workers share one process: no per-worker memory
+    assert (speed.peak_act_mem_mb[per_process] > 0).all() and speed.peak_act_mem_mb[~per_process].isna().all()
     assert (root / "reports/figures/throughput.png").is_file()
     assert (root / "runs/scpl-s0/model.pt").is_file() and (root / "data/processed/mnist5k/meta.json").is_file()
     assert "train@scpl-0" in sh([sys.executable, "-c", (

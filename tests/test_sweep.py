@@ -102,6 +102,7 @@ def sweep_process(env: dict, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_where_it_stopped(sweep_env: dict) -> None:
     worker = sweep_process(sweep_env, "tracking.enabled=false")
     deadline = time.time() + 240
@@ -129,6 +130,7 @@ def test_killed_sweep_resumes_where_it_stopped(sweep_env: dict) -> None:
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(sweep_env: dict) -> None:
     workers = [sweep_process(sweep_env, "tracking.enabled=false", f"sweep.worker={k}") for k in (0, 1)]
     for worker in workers:
