@@ -54,7 +54,8 @@ class Engine(ABC):
 
 
 class LossMeter:
-    """Running means of named losses; sums stay tensors so the hot loop never waits on `.item()`."""
+    """Running means of named losses. Sums stay on the losses' device, so the hot loop never waits
+    for a GPU: the one device-to-host copy happens in `means()`, at the end of the epoch."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -62,7 +63,7 @@ class LossMeter:
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.float().cpu()
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
         self.count += 1
 
     def means(self) -> dict[str, float]:

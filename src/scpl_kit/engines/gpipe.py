@@ -19,7 +19,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
-from scpl_kit.engines.pipeline import PipelineEngine, even_stages
+from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -47,8 +47,7 @@ class GPipeEngine(PipelineEngine):
         self.units = [self.unit.to(self.device)]
         n_blocks = len(body.blocks)
         self.stages = self.stages or even_stages(n_blocks, self.world)
-        if len(self.stages) != self.world or [i for s in self.stages for i in s] != list(range(n_blocks)):
-            raise ValueError(f"engine.stages {self.stages} must split blocks 0..{n_blocks - 1} into {self.world} consecutive groups")
+        check_stages(self.stages, n_blocks, self.world, "blocks")
         own = [body.blocks[i] for i in self.stages[self.rank]] + ([body.predictor] if self.is_last else [])
         self.stage_module = nn.Sequential(*own)
         prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])

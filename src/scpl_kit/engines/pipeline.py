@@ -59,6 +59,11 @@ def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def check_stages(stages: list[list[int]], n: int, world: int, what: str) -> None:
+    if len(stages) != world or [i for stage in stages for i in stage] != list(range(n)):
+        raise ValueError(f"engine.stages {stages} must split {what} 0..{n - 1} into {world} consecutive groups")
+
+
 def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the process group torchrun described in the environment (once per process)."""
     if dist.is_initialized():
@@ -104,10 +109,7 @@ class PipelineEngine(Engine):
                 "engine is for decoupled methods. For end-to-end BP across devices use engine=gpipe."
             )
         self.stages = self.stages or even_stages(len(units), self.world)
-        flat = [i for stage in self.stages for i in stage]
-        if len(self.stages) != self.world or flat != list(range(len(units))):
-            raise ValueError(f"engine.stages {self.stages} must split units 0..{len(units) - 1} into {self.world} consecutive groups")
-        self.n_units = len(units)
+        check_stages(self.stages, len(units), self.world, "units")
         self.units = [units[i].to(self.device) for i in self.stages[self.rank]]
 
     # -- point-to-point: a header with the shape, then the tensor, then the labels --------------------
