@@ -19,8 +19,6 @@ share one process).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +31,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.multiprocessing as mp
+
+from scpl_kit.engines.launch import free_port, set_rank_env
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def peak_memory_mb(engine, batches) -> float:
 
 
 def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     units = build_units(case, setup)
     engine = build_engine(case)
@@ -145,12 +145,6 @@ def time_units(units, batches) -> list[float]:
             h, _ = unit.train_step(h, labels)
             times[i] += time.perf_counter() - start
     return [t / len(batches) for t in times]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(case: Case, setup: Setup) -> dict:

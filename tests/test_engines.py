@@ -1,7 +1,6 @@
 """Every engine trains to the same weights and metrics as the sequential engine, same seed, on the CPU."""
 
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -11,21 +10,16 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
+from scpl_kit.engines.launch import free_port, set_rank_env
 from scpl_kit.engines.pipeline import balanced_stages, even_stages
 from scpl_kit.train import run
 
 from test_training import TIMES, history, same_weights, weights
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: str, crash_rank: int) -> None:
     """One torchrun-like process: the env vars torchrun would set, then the normal training entry."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     try:
         if rank == crash_rank:
             from scpl_kit.engines.pipeline import PipelineEngine

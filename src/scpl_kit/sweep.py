@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
+from scpl_kit.tracking import MlflowTracker
 from scpl_kit.train import USER_ERRORS, run
 from scpl_kit.trainer import TrainingStopped
 
@@ -179,8 +180,6 @@ class Sweep:
             if PARENT_RUN_ATTR in study.user_attrs:
                 return
             time.sleep(0.25)
-        from scpl_kit.tracking import MlflowTracker
-
         tracker = MlflowTracker(self.cfg.tracking.uri, self.cfg.tracking.experiment)
         tags = {"optuna_study": study.study_name, "optuna_storage": self.storage_url, "sweep": "true"}
         params = {"metric": self.spec.metric, "direction": self.spec.direction, "n_trials": self.spec.n_trials, "space": json.dumps(to_container(self.spec.space))}
@@ -247,8 +246,6 @@ def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
-
-    from scpl_kit.tracking import MlflowTracker
 
     tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.use_run(study.user_attrs[PARENT_RUN_ATTR])

@@ -42,7 +42,8 @@ class Engine(ABC):
         return True
 
     def training_state(self) -> list[dict[str, Any]]:
-        """Every unit's state, in unit order (collective in multi-process engines)."""
+        """Every unit's state, in unit order. Multi-process engines: collective, and the states
+        arrive on the main process only (the one that writes checkpoints and outputs)."""
         return [unit.training_state() for unit in self.units]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:

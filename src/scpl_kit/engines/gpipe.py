@@ -106,14 +106,15 @@ class GPipeEngine(PipelineEngine):
         return super().predict(batches)
 
     def training_state(self) -> list[dict[str, Any]]:
-        """The one unit's state, merged from the parts each stage owns (collective)."""
+        """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
         state = self.unit.training_state()
         mine = {
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
             "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
         }
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
+        gathered = self.gather_to_main(mine)
+        if not gathered:
+            return []
         state["module"] = {k: v for part in gathered for k, v in part["module"].items()}
         state["optimizer"]["state"] = {k: v for part in gathered for k, v in part["optimizer_state"].items()}
         return [state]

@@ -190,11 +190,15 @@ class PipelineEngine(Engine):
             h = unit.infer(h)
         return h
 
+    def gather_to_main(self, obj: Any) -> list[Any]:
+        """Each rank's `obj`, in rank order, on the main rank; [] on the others (collective)."""
+        gathered: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered or []
+
     def training_state(self) -> list[dict[str, Any]]:
-        """All units' states, in order, on every rank (collective)."""
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, [unit.training_state() for unit in self.units])
-        return [state for part in gathered for state in part]
+        """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere."""
+        return [state for part in self.gather_to_main([unit.training_state() for unit in self.units]) for state in part]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
         for index, unit in zip(self.stages[self.rank], self.units):
