@@ -6,6 +6,10 @@ sequential engine, so the weights come out the same. Processes come from torchru
 several) and talk through torch.distributed point-to-point ops: gloo on CPU, NCCL on CUDA.
 
     torchrun --nproc-per-node 2 -m scpl_kit.train engine=pipeline method=scpl
+
+Why not torch.distributed.pipelining (used by the gpipe engine): its schedules split one
+mini-batch and send gradients back between stages; here no gradient crosses a stage and every
+stage steps on every batch, so the schedule is just forward sends, which a few isend/recv calls express.
 """
 
 from __future__ import annotations
