@@ -7,13 +7,15 @@ limited to one thread so ratios measure parallelism, not BLAS threading. Inputs 
 CIFAR-shaped batches: throughput does not depend on pixel values. Writes
 reports/tables/throughput.{csv,md} and reports/figures/throughput.png.
 
-Columns: samples_per_s (training samples per second of wall time, after warm-up),
+Columns: samples_per_s (training samples per second of wall time in steady state: the batches
+after the warm-up ones, timed between completions within one epoch, so a pipeline's once-an-epoch
+fill and drain are left out; the slowest rank's rate),
 speedup_vs_bp1 (÷ BP on one worker, same run), ideal_speedup (for the pipeline: sum of the
 per-stage step times measured on one worker ÷ the largest, i.e. the best a K-stage pipeline can do),
-peak_act_mem_mb (the largest worker's high-water mark of tensor memory allocated during a training
-step above what it held before, from the profiler's memory accounting: activations, gradients and
-optimizer temporaries, not the process's RSS; not given for the threads engine, whose workers
-share one process).
+peak_act_mem_mb (the largest worker's high-water mark of tensor memory allocated during training
+above what it held before, from the profiler's memory accounting: activations, gradient and
+optimizer temporaries, batches queued for or received from other stages; not the process's RSS;
+not given for the threads engine, whose workers share one process).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
+from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.engines.launch import free_port, set_rank_env
 
 
@@ -96,7 +99,11 @@ def peak_memory_mb(engine, batches) -> float:
 
     The profiler attributes each allocation and free to the op that made it (`self` memory, so
     nested ops are not counted twice) or, outside any op, to a `[memory]` event; their running sum
-    in time order is the memory held, and its maximum the peak.
+    in time order is the memory held, and its maximum the peak. It sees the threads that run the
+    training (engines allocate the buffers they receive into there), not oneDNN's internal scratch
+    buffers. The resident-set high-water mark (VmHWM) was tried instead: repeating the same
+    4-batch window in one BP process gave 270 to 346 MB, a spread as large as the differences
+    this table is about.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -114,24 +121,26 @@ def peak_memory_mb(engine, batches) -> float:
 
 def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) -> None:
     set_rank_env(rank, world, port)
+    retain_freed_memory()  # as training does (scpl_kit.trainer.configure_torch)
     torch.set_num_threads(1)
     units = build_units(case, setup)
     engine = build_engine(case)
     engine.setup(units)
     generator = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(setup.batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (setup.batch,), generator=generator)) for _ in range(setup.steps)]
-    barrier = (lambda: torch.distributed.barrier()) if case.workers > 1 and case.engine != "threads" else (lambda: None)
-    engine.train_epoch(batches[: setup.warmup])
-    barrier()
-    start = time.perf_counter()
-    engine.train_epoch(batches[setup.warmup :])
-    barrier()
-    elapsed = time.perf_counter() - start
-    # The threads engine holds both workers in one process, and the profiler's accounting of memory
-    # freed on other threads is unreliable: no per-worker figure for it.
-    memory = float("nan") if case.engine == "threads" else peak_memory_mb(engine, batches[:2])
+    done: list[float] = []  # when each batch finished on this rank
+    engine.train_epoch(batches, on_batch=lambda n: done.append(time.perf_counter()))
+    # Steady state: batches after the warm-up, timed between completions on this rank. A pipeline's
+    # fill and drain (K-1 stage steps, once an epoch) stay out: a real epoch (390 batches of CIFAR-10
+    # at batch 128) amortises them, a window of a few batches would not. GPipe's bubble is inside
+    # every step, so it is in. Ranks that see no labels (later GPipe stages) report no rate.
+    rate = (len(done) - setup.warmup) * setup.batch / (done[-1] - done[setup.warmup - 1]) if done else float("nan")
     unit_times = time_units(units, batches[:3]) if case.engine == "sequential" and case.method == "scpl" else None
-    results.put((rank, (setup.steps - setup.warmup) * setup.batch / elapsed, memory, unit_times))
+    # The threads engine holds both workers in one process, and the profiler's accounting of memory
+    # freed on other threads is unreliable: no per-worker figure for it. Four batches, so a stage
+    # holds what it would hold in steady state (a batch queued for, or received from, a neighbour).
+    memory = float("nan") if case.engine == "threads" else peak_memory_mb(engine, batches[:4])
+    results.put((rank, rate, memory, unit_times))
     engine.close()
 
 
@@ -155,8 +164,9 @@ def measure(case: Case, setup: Setup) -> dict:
     return {
         **asdict(case),
         "stages": str([list(s) for s in case.stages]) if case.stages else "-",
-        "samples_per_s": min(r[1] for r in reports),  # the slowest rank sets the pace (they agree closely)
+        "samples_per_s": min(r[1] for r in reports if r[1] == r[1]),  # the slowest rank sets the pace (NaN: no rate)
         "peak_act_mem_mb": max(r[2] for r in reports),
+        "rank_mem_mb": [round(r[2], 1) for r in reports],
         "unit_times": reports[0][3],
     }
 
@@ -179,8 +189,8 @@ def run_all(setup: Setup, k: int) -> pd.DataFrame:
             row["ideal_speedup"] = ideal if case.engine == "pipeline" else float("nan")
             rows.append(row)
             print(f"  {case.method:5s} {case.engine:10s} workers={case.workers} M={case.microbatches} {case.projector:6s} "
-                  f"{row['samples_per_s']:8.1f} samples/s  peak {row['peak_act_mem_mb']:7.1f} MB", flush=True)
-    table = pd.DataFrame(rows).drop(columns=["unit_times"])
+                  f"{row['samples_per_s']:8.1f} samples/s  peak {row['peak_act_mem_mb']:7.1f} MB (per rank {row['rank_mem_mb']})", flush=True)
+    table = pd.DataFrame(rows).drop(columns=["unit_times", "rank_mem_mb"])
     bp1 = table.query("method == 'bp' and engine == 'sequential'").samples_per_s.iloc[0]
     table["speedup_vs_bp1"] = table.samples_per_s / bp1
     return table[["method", "engine", "workers", "microbatches", "projector", "stages", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"]]
@@ -209,10 +219,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--width", type=float, default=0.25, help="VGG8 width multiplier")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=14, help="batches per measurement, warm-up included")
+    parser.add_argument("--steps", type=int, default=24, help="batches per measurement, warm-up included")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="K")
     args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"need 1 <= --warmup < --steps (got warmup {args.warmup}, steps {args.steps})")
     table = run_all(Setup(args.width, args.batch, args.steps, args.warmup), args.workers)
     (args.out / "tables").mkdir(parents=True, exist_ok=True)
     table.round(3).to_csv(args.out / "tables" / "throughput.csv", index=False)

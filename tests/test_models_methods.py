@@ -25,6 +25,15 @@ def test_paper_vgg_shapes(shape, flat) -> None:
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
 
 
+def test_built_model_is_in_training_mode() -> None:
+    """Sizing the predictor runs the blocks once in eval mode (so BatchNorm's running statistics
+    stay untouched); the model must still come back training, BatchNorm on batch statistics."""
+    model = build_model("vgg", (3, 32, 32), 10, width=0.125)
+    assert all(module.training for module in model.modules())
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.running_mean.abs().sum() == 0 and int(bn.num_batches_tracked) == 0
+
+
 def test_width_scales_channels() -> None:
     assert [s[0] for s in small_vgg().block_output_shapes()] == [16, 32, 32, 32]
 

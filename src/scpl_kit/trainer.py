@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData
 from scpl_kit.engines.base import Engine
@@ -41,6 +42,7 @@ def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
 
 
 def configure_torch(threads: int | None, deterministic: bool) -> None:
+    retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     if deterministic:

@@ -15,7 +15,7 @@ stage steps on every batch, so the schedule is just forward sends, which a few i
 from __future__ import annotations
 
 import os
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Iterable, Sequence
 
@@ -27,7 +27,6 @@ from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter
 from scpl_kit.methods.units import LocalUnit
 
 HEADER = 8  # int64 slots: ndim, shape (≤ 6 dims), number of labels
-MAX_IN_FLIGHT = 4  # sends not yet confirmed before a stage waits: bounds the memory of queued activations
 
 
 def even_stages(n_units: int, n_stages: int) -> list[list[int]]:
@@ -61,6 +60,18 @@ def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
         groups.append(list(range(cut[s][i], i)))
         i = cut[s][i]
     return groups[::-1]
+
+
+def wait_sent(pending: list) -> None:
+    """Wait for the sends of the batch before, so its activations are freed before this batch's step.
+
+    The next stage receives one batch ahead (see `_inputs`), so the transfer has usually finished;
+    when the next stage is slower this is the backpressure that keeps this stage one batch ahead.
+    (gloo's send works report completion only once waited on, so polling them would not free anything.)
+    """
+    for work in pending:
+        work.wait()
+    pending.clear()
 
 
 def check_stages(stages: list[list[int]], n: int, world: int, what: str) -> None:
@@ -118,42 +129,54 @@ class PipelineEngine(Engine):
 
     # -- point-to-point: a header with the shape, then the tensor, then the labels --------------------
 
-    def _send(self, h: torch.Tensor, labels: torch.Tensor, pending: deque) -> None:
+    def _send(self, h: torch.Tensor, labels: torch.Tensor, pending: list) -> None:
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[0] = h.dim()
         header[1 : 1 + h.dim()] = torch.tensor(h.shape)
         header[HEADER - 1] = labels.numel()
         for tensor in (header.to(self.device), h.contiguous(), labels.to(self.device)):
-            pending.append((dist.isend(tensor, self.rank + 1), tensor))  # the tensor must live until sent
-        while len(pending) > 3 * MAX_IN_FLIGHT:
-            work, _ = pending.popleft()
-            work.wait()
+            pending.append(dist.isend(tensor, self.rank + 1))  # the work keeps the tensor until sent
 
-    def _recv(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def _recv(self, into: Batch | None = None) -> Batch:
+        """The next batch from the stage before, received into `into` when it has the right shapes."""
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, self.rank - 1)
         header = header.cpu()
-        shape = header[1 : 1 + int(header[0])].tolist()
-        h = torch.empty(shape, dtype=dtype, device=self.device)
-        labels = torch.empty(int(header[HEADER - 1]), dtype=torch.int64, device=self.device)
+        shape, n_labels = header[1 : 1 + int(header[0])].tolist(), int(header[HEADER - 1])
+        if into is not None and list(into[0].shape) == shape and into[1].numel() == n_labels:
+            h, labels = into
+        else:
+            h = torch.empty(shape, device=self.device)
+            labels = torch.empty(n_labels, dtype=torch.int64, device=self.device)
         dist.recv(h, self.rank - 1)
         dist.recv(labels, self.rank - 1)
         return h, labels
 
     def _inputs(self, batches: Iterable[Batch]) -> Iterable[Batch]:
-        """The first stage reads the data; the others receive what the stage before produced."""
+        """The first stage reads the data; the others receive what the stage before produced,
+        one batch ahead in a helper thread, so the transfer of batch t+1 overlaps the training on
+        batch t instead of adding to it (the receiving stage is often the slowest one)."""
         if self.is_first:
             for inputs, labels in batches:
                 yield inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        else:
-            for _ in range(len(batches)):  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
-                yield self._recv()
+            return
+        n = len(batches)  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
+        with ThreadPoolExecutor(max_workers=1) as receiver:
+            ahead = receiver.submit(self._recv) if n else None
+            for i in range(n):
+                h, labels = ahead.result()  # re-raises a failed receive (a crashed peer, a timeout) here
+                # The next batch's buffers are allocated on this thread, where memory accounting
+                # (the profiler, bench/throughput.py) sees them; only a differently shaped last
+                # batch gets fresh ones on the receiving thread.
+                ahead = receiver.submit(self._recv, (torch.empty_like(h), torch.empty_like(labels))) if i + 1 < n else None
+                yield h, labels
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        meter, pending = LossMeter(), deque()
+        meter, pending = LossMeter(), []
         for unit in self.units:
             unit.train()
         for h, labels in self._inputs(batches):
+            wait_sent(pending)
             losses = {}
             for unit in self.units:
                 h, unit_losses = unit.train_step(h, labels)
@@ -163,8 +186,7 @@ class PipelineEngine(Engine):
                 self._send(h, labels, pending)
             if on_batch is not None:
                 on_batch(len(labels))
-        for work, _ in pending:
-            work.wait()
+        wait_sent(pending)
         merged: dict[str, float] = {}
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, meter.means())
@@ -174,17 +196,17 @@ class PipelineEngine(Engine):
 
     @torch.no_grad()
     def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
-        pending, scores = deque(), []
+        pending, scores = [], []
         for unit in self.units:
             unit.eval()
         for h, labels in self._inputs(batches):
+            wait_sent(pending)
             h = self._infer_local(h)
             if self.is_last:
                 scores.append(h.float().cpu())
             else:
                 self._send(h, labels, pending)
-        for work, _ in pending:
-            work.wait()
+        wait_sent(pending)
         result = [torch.cat(scores) if self.is_last else None]
         dist.broadcast_object_list(result, src=self.world - 1)  # every rank computes the same accuracy
         return result[0]

@@ -47,8 +47,13 @@ def vgg(
         scaled = [item if item == "M" else max(1, round(int(item) * width)) for item in block_spec]
         block, channels = conv_block(channels, scaled, batchnorm)
         built.append(block)
-    with torch.no_grad():  # the flattened size depends on the input's spatial size (28×28 MNIST vs 32×32 CIFAR)
-        features = nn.Sequential(*built).eval()(torch.zeros(1, *input_shape))
+    # The flattened size depends on the input's spatial size (28×28 MNIST vs 32×32 CIFAR). Probe in
+    # eval mode so BatchNorm's running statistics stay untouched, then hand the blocks back in
+    # training mode like any freshly built module.
+    probe = nn.Sequential(*built).eval()
+    with torch.no_grad():
+        features = probe(torch.zeros(1, *input_shape))
+    probe.train()
     predictor = nn.Sequential(
         nn.Flatten(),
         nn.Linear(prod(features.shape[1:]), predictor_hidden),
