@@ -3,7 +3,7 @@
 PyTorch allocates CPU tensors with the C library's malloc. glibc serves blocks over 32 MB (e.g. a
 batch of 128 × 64 × 32 × 32 float activations, 33.5 MB) with a fresh mmap and returns them to the
 kernel on free, so every training step zero-fills and faults those pages in again: on VGG8 at
-width 0.25 that is ~15% of a single-threaded step (bench/throughput.py). PyTorch's own advice is
+width 0.25 that is ~13% of a single-threaded step (bench/throughput.py). PyTorch's own advice is
 to preload jemalloc or tcmalloc; where neither is installed, glibc's `mallopt` gets the same
 effect with no install: serve large blocks from the heap (M_MMAP_MAX = 0) and never trim it
 (M_TRIM_THRESHOLD), so a training process keeps its peak working set, as a caching allocator does.
