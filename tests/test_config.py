@@ -35,7 +35,7 @@ def test_every_option_composes_and_builds(override: str) -> None:
 
 @pytest.mark.parametrize("profile", group_options("profile"))
 @pytest.mark.parametrize("method", group_options("method"))
-def test_every_profile_runs_every_method(profile: str, method: str) -> None:
+def test_every_profile_composes_with_every_method(profile: str, method: str) -> None:
     cfg = compose_config([f"profile={profile}", f"method={method}"])
     assert cfg.method.name in METHODS.names() and cfg.trainer.epochs > 0  # tuned configs reuse a method's name
 

@@ -9,7 +9,6 @@ M = 1 is naive model parallelism: the "BP on K devices" baseline.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Iterable
 
 import torch
@@ -19,7 +18,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
-from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages
+from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, wait_sent
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -55,13 +54,14 @@ class GPipeEngine(PipelineEngine):
         stage = PipelineStage(self.stage_module, self.rank, self.world, self.device)
         self.schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=self.unit.head)  # averages gradients over micro-batches
 
-    def _labels(self, labels: torch.Tensor | None, pending: deque) -> torch.Tensor | None:
+    def _labels(self, labels: torch.Tensor | None, pending: list) -> torch.Tensor | None:
         """The last stage computes the loss, so the first one sends it each batch's labels."""
         if self.world == 1:
             return labels
         if self.is_first:
+            wait_sent(pending)  # the previous batch's labels
             for tensor in (torch.tensor([labels.numel()], device=self.device), labels.to(self.device)):
-                pending.append((dist.isend(tensor, self.world - 1), tensor))
+                pending.append(dist.isend(tensor, self.world - 1))  # the work keeps the tensor until sent
             return None
         if self.is_last:
             size = torch.empty(1, dtype=torch.int64, device=self.device)
@@ -72,7 +72,7 @@ class GPipeEngine(PipelineEngine):
         return None
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        meter, pending = LossMeter(), deque()
+        meter, pending = LossMeter(), []
         self.stage_module.train()
         source = iter(batches) if self.is_first else ((None, None) for _ in range(len(batches)))  # type: ignore[arg-type]
         for inputs, labels in source:
@@ -92,11 +92,8 @@ class GPipeEngine(PipelineEngine):
                 meter.add({f"{self.unit.name}/ce": loss})
             if on_batch is not None and labels is not None:
                 on_batch(len(labels))
-        for work, _ in pending:
-            work.wait()
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, meter.means())
-        return gathered[-1]
+        wait_sent(pending)
+        return self._epoch_losses(meter)  # only the last stage has a loss
 
     def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
         return self.stage_module(h)

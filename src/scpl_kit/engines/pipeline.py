@@ -63,11 +63,12 @@ def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
 
 
 def wait_sent(pending: list) -> None:
-    """Wait for the sends of the batch before, so its activations are freed before this batch's step.
+    """Wait for the sends of the batch before, so what they carried is freed before this batch's step.
 
-    The next stage receives one batch ahead (see `_inputs`), so the transfer has usually finished;
-    when the next stage is slower this is the backpressure that keeps this stage one batch ahead.
-    (gloo's send works report completion only once waited on, so polling them would not free anything.)
+    The pipeline's next stage receives one batch ahead (see `_inputs`), so the transfer has usually
+    finished; when the next stage is slower this is the backpressure that keeps this stage one
+    batch ahead. (gloo's send works report completion only once waited on, so polling them would
+    not free anything.)
     """
     for work in pending:
         work.wait()
@@ -187,12 +188,13 @@ class PipelineEngine(Engine):
             if on_batch is not None:
                 on_batch(len(labels))
         wait_sent(pending)
-        merged: dict[str, float] = {}
+        return self._epoch_losses(meter)
+
+    def _epoch_losses(self, meter: LossMeter) -> dict[str, float]:
+        """Every stage's mean losses, merged, on every rank (collective)."""
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, meter.means())
-        for part in gathered:
-            merged.update(part)
-        return merged
+        return {name: value for part in gathered for name, value in part.items()}
 
     @torch.no_grad()
     def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
