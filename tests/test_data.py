@@ -89,7 +89,7 @@ def test_corrupt_data_is_detected(processed_dir: Path, tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptDataError, match="checksum.*dvc repro prepare"):
+    with pytest.raises(CorruptDataError, match="checksum.*python -m scpl_kit.prepare data=mnist5k"):
         load_prepared("mnist5k", tmp_path)
 
 

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from scpl_kit.config import compose_config
-from scpl_kit.sweep import counted, main as sweep_main
+from scpl_kit.sweep import counted, load_sweep, main as sweep_main
 
 from conftest import REPO
 
@@ -43,7 +43,10 @@ def sweep_env(tmp_path: Path, processed_dir: Path, monkeypatch) -> dict:
 
 
 def load(env: dict) -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=env["storage"])
+    """The one study in the test's storage (named `tiny-<profile>-<config hash>`)."""
+    (name,) = optuna.get_all_study_names(env["storage"])
+    assert name.startswith("tiny-smoke-")
+    return optuna.load_study(study_name=name, storage=env["storage"])
 
 
 def test_four_trial_sweep_exports_best_and_nests_mlflow_runs(sweep_env: dict) -> None:
@@ -80,7 +83,8 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(sweep_env: 
     }
     study_cfg["n_trials"] = 3
     conf.write_text(yaml.safe_dump(study_cfg))
-    study = optuna.create_study(study_name="tiny", storage=sweep_env["storage"], direction="maximize")
+    name = load_sweep([*sweep_env["overrides"], "tracking.enabled=true"]).study_name
+    study = optuna.create_study(study_name=name, storage=sweep_env["storage"], direction="maximize")
     study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "paper"})   # learns
     study.enqueue_trial({"trainer.lr": 1.0e-9, "method.variant": "paper"})  # stays at chance: pruned after epoch 1
     study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "bogus"})   # raises while building
@@ -91,8 +95,9 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(sweep_env: 
     assert list(trials[1].intermediate_values) == [1]
     client = MlflowClient(sweep_env["mlflow"])
     runs = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
-    statuses = sorted(r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags)
-    assert statuses == ["FINISHED", "KILLED"]  # the failing trial stopped before its run opened
+    trials_runs = sorted((r.data.tags["optuna_trial"], r.info.status, r.data.tags["outcome"]) for r in runs if "mlflow.parentRunId" in r.data.tags)
+    # A pruned trial ends FINISHED, tagged as pruned: pruning is normal. The failing trial stopped before its run opened.
+    assert trials_runs == [("0", "FINISHED", "completed"), ("1", "FINISHED", "pruned")]
 
 
 def sweep_process(env: dict, *extra: str) -> subprocess.Popen:

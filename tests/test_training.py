@@ -46,7 +46,7 @@ def test_per_epoch_records(smoke_config, tmp_path: Path) -> None:
     rows = history(tmp_path / "out")
     assert [r["epoch"] for r in rows] == [1, 2]
     losses = {k for k in rows[0] if k.startswith("loss/")}
-    assert losses == {f"loss/block{k}/supcon" for k in range(1, 5)} | {"loss/block4/predictor_ce"}
+    assert losses == {f"loss/block{k}/supcon" for k in range(1, 5)} | {"loss/predictor/ce"}
     assert {"val_acc", "test_acc"} <= set(rows[0])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["method"] == "scpl" and metrics["samples_per_s"] > 0
@@ -114,7 +114,7 @@ def test_nan_loss_stops_with_block_and_step_and_keeps_what_was_logged(smoke_conf
 
     monkeypatch.setattr(SupConHead, "forward", nan_in_block2_late)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite supcon loss \(nan\) in block2 at step 30"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite block2/supcon loss \(nan\) in block2 at step 30"):
         run(smoke_config("method=scpl", "tracking.enabled=true", f"tracking.uri={uri}"))
     client = MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # src/scpl_kit/config.py → the checkout
@@ -45,12 +45,18 @@ def project_root(start: Path | None = None) -> Path:
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The composed config, plus `choices`: which option of each group it was built from (the profile
+    and a tuned method's file name appear nowhere else, yet they say what a run measured)."""
     overrides = list(overrides)
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="scpl_kit"):
         try:
-            cfg = compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
             raise ConfigError(_explain(error, overrides, config_name)) from None
+    with open_dict(cfg):
+        choices = {group: option for group, option in cfg.hydra.runtime.choices.items() if not group.startswith("hydra/")}
+        del cfg["hydra"]
+        cfg.choices = choices
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as error:

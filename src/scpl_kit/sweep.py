@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import socket
 import sys
 import tempfile
 import time
@@ -21,14 +22,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import optuna
+import psutil
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
-from scpl_kit.tracking import MlflowTracker
-from scpl_kit.train import USER_ERRORS, run
+from scpl_kit.preflight import check_sqlite_file, check_values
+from scpl_kit.tracking import MlflowTracker, redact
+from scpl_kit.train import USER_ERRORS, run, run_key
 from scpl_kit.trainer import TrainingStopped
 
 log = logging.getLogger("scpl_kit.sweep")
@@ -38,10 +42,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Pruned(TrainingStopped):
-    pass
+    outcome = "pruned"
+    run_status = "FINISHED"  # a normal end for a trial unlikely to beat the others, not a failure
 
 
 class SurplusTrial(Exception):
@@ -63,9 +69,10 @@ def suggest(trial: optuna.Trial, name: str, spec: dict[str, Any]) -> Any:
     raise ConfigError(f"search space entry {name!r} has type {kind!r}; valid types: float, int, categorical")
 
 
-def make_sampler(spec: DictConfig, worker: int) -> optuna.samplers.BaseSampler:
-    # Each worker gets its own seed: equal seeds would make parallel workers draw the same trials.
-    seed = None if spec.seed is None else spec.seed + worker
+def make_sampler(spec: DictConfig, worker: int, restart: int) -> optuna.samplers.BaseSampler:
+    """Each worker, and each restart of it (`restart`: trials the study held when it started), gets its
+    own seed: equal seeds would make parallel workers, or a resumed sweep, draw the same points again."""
+    seed = None if spec.seed is None else int(np.random.SeedSequence([spec.seed, worker, restart]).generate_state(1)[0])
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed), "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
     if spec.name not in samplers:
         raise ConfigError(f"unknown sampler {spec.name!r}; valid samplers: {', '.join(samplers)}")
@@ -90,6 +97,40 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or "error" in t.user_attrs]
 
 
+def same_point(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
+    """A finished trial with exactly this trial's parameters (possible in discrete spaces)."""
+    for other in study.get_trials(deepcopy=False, states=FINISHED):
+        if other.params == trial.params:
+            return other
+    return None
+
+
+def worker_identity() -> dict[str, Any]:
+    """Enough to tell, on this host, whether the process that runs a trial is still alive (the pid
+    alone could have been reused)."""
+    return {"worker_host": socket.gethostname(), "worker_pid": psutil.Process().pid, "worker_started": psutil.Process().create_time()}
+
+
+def worker_is_dead(trial: FrozenTrial) -> bool:
+    """True only when certain: the trial's process ran on this host and is gone."""
+    attrs = trial.user_attrs
+    if attrs.get("worker_host") != socket.gethostname() or "worker_pid" not in attrs:
+        return False
+    try:
+        return psutil.Process(attrs["worker_pid"]).create_time() != attrs["worker_started"]
+    except psutil.NoSuchProcess:
+        return True
+
+
+def study_identity(spec: DictConfig, base: DictConfig) -> str:
+    """`<study>-<profile>-<hash>`: the hash covers everything that changes what a trial measures
+    (the composed training config, the search space and the metric), so a sweep on another profile
+    or with other training overrides is another study rather than a continuation of this one."""
+    defining = {"config": run_key(base), "space": to_container(spec.space), "metric": spec.metric, "direction": spec.direction}
+    digest = run_key(OmegaConf.create(defining))[:8]
+    return f"{spec.study_name}-{base.choices.profile}-{digest}"
+
+
 class PruningListener:
     """Reports validation accuracy to the trial after each epoch and stops the run when told to."""
 
@@ -110,18 +151,36 @@ class Sweep:
         self.storage_url = self.spec.storage or default_storage()
         if self.spec.metric not in VALIDATION_METRICS:
             raise ConfigError(f"sweep.metric {self.spec.metric!r}: a search selects on validation only; valid metrics: {', '.join(VALIDATION_METRICS)}")
+        searched = {key for key in self.spec.space}
+        clash = [o for o in train_overrides if o.split("=", 1)[0].lstrip("+~") in searched]
+        if clash:
+            raise ConfigError(f"{', '.join(clash)}: this key is searched by the study; drop it from the command line or from sweep.space")
+        self.base = compose_config(self.fixed_overrides())  # a trial's config before its searched values
+        check_values(self.base)
+        self.study_name = study_identity(self.spec, self.base)
+
+    def fixed_overrides(self) -> list[str]:
+        """The study's own settings first, so the command line wins (e.g. trainer.epochs over search_only)."""
+        return [*self.spec.fixed, *self.spec.search_only, *self.train_overrides]
 
     def trial_overrides(self, trial: optuna.Trial) -> list[str]:
-        params = [f"{name}={suggest(trial, name, dict(spec))}" for name, spec in self.spec.space.items()]
-        return [*self.train_overrides, *self.spec.fixed, *self.spec.search_only, *params]
+        return [*self.fixed_overrides(), *(f"{name}={suggest(trial, name, dict(spec))}" for name, spec in self.spec.space.items())]
 
     def objective(self, study: optuna.Study, trial: optuna.Trial) -> float:
         in_budget = sorted(t.number for t in counted(study.get_trials(deepcopy=False)))[: self.spec.n_trials]
         if trial.number not in in_budget:
             study.stop()
             raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.spec.n_trials} trials")
+        for key, value in worker_identity().items():
+            trial.set_user_attr(key, value)
         overrides = self.trial_overrides(trial)
         trial.set_user_attr("overrides", overrides)
+        seen = same_point(study, trial)
+        if seen is not None:  # training is deterministic: the same point gives the same result
+            trial.set_user_attr("same_point_as", seen.number)
+            if seen.state == TrialState.PRUNED:
+                raise optuna.TrialPruned(f"the same point as trial {seen.number}, which was pruned")
+            return seen.value
         study_dir = Path(self.spec.output_dir) / study.study_name
         try:
             cfg = compose_config([
@@ -129,6 +188,7 @@ class Sweep:
                 f"out_dir={study_dir / f'trial{trial.number}'}", f"trainer.checkpoint_dir={study_dir / 'checkpoints'}",
                 f"tracking.run_name={study.study_name}-trial{trial.number}",
                 f"tracking.parent_run_id={study.user_attrs.get(PARENT_RUN_ATTR) or 'null'}",
+                f"+tracking.tags.optuna_study={study.study_name}", f"+tracking.tags.optuna_trial={trial.number}",
             ])
             summary = run(cfg, listeners=[PruningListener(trial)])
         except Pruned as stop:
@@ -144,6 +204,8 @@ class Sweep:
 
     def connect(self) -> optuna.storages.RDBStorage:
         """The study's storage, with heartbeats so a killed worker's trial is failed and retried."""
+        if self.storage_url.startswith("sqlite:///"):
+            check_sqlite_file(self.storage_url.removeprefix("sqlite:///"), "Optuna storage")
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(
@@ -160,16 +222,18 @@ class Sweep:
         raise AssertionError("unreachable")
 
     def open_study(self) -> optuna.Study:
-        storage = self.connect()
-        options = dict(
-            study_name=self.spec.study_name, storage=storage, direction=self.spec.direction,
-            sampler=make_sampler(self.spec.sampler, self.spec.worker), pruner=make_pruner(self.spec.pruner, self.cfg.trainer.epochs),
-        )
+        self.storage = self.connect()
+        options = dict(study_name=self.study_name, storage=self.storage, pruner=make_pruner(self.spec.pruner, self.base.trainer.epochs))
         try:
-            study, created = optuna.create_study(**options), True
+            study, created = optuna.create_study(direction=self.spec.direction, **options), True
         except optuna.exceptions.DuplicatedStudyError:
-            study, created = optuna.load_study(**{k: v for k, v in options.items() if k != "direction"}), False
-        if self.cfg.tracking.enabled:
+            study, created = optuna.load_study(**options), False
+        study.sampler = make_sampler(self.spec.sampler, self.spec.worker, restart=len(study.get_trials(deepcopy=False)))
+        if created:
+            study.set_user_attr("profile", str(self.base.choices.profile))
+        log.info("study %s in %s", study.study_name, redact(self.storage_url))
+        self.tracker = MlflowTracker(self.cfg.tracking.uri, self.cfg.tracking.experiment) if self.cfg.tracking.enabled else None
+        if self.tracker is not None:
             self.ensure_parent_run(study, created)
         return study
 
@@ -180,21 +244,53 @@ class Sweep:
             if PARENT_RUN_ATTR in study.user_attrs:
                 return
             time.sleep(0.25)
-        tracker = MlflowTracker(self.cfg.tracking.uri, self.cfg.tracking.experiment)
-        tags = {"optuna_study": study.study_name, "optuna_storage": self.storage_url, "sweep": "true"}
+        tags = {"optuna_study": study.study_name, "optuna_storage": redact(self.storage_url), "sweep": "true", "config.profile": str(self.base.choices.profile)}
         params = {"metric": self.spec.metric, "direction": self.spec.direction, "n_trials": self.spec.n_trials, "space": json.dumps(to_container(self.spec.space))}
-        study.set_user_attr(PARENT_RUN_ATTR, tracker.start(f"sweep-{study.study_name}", params, tags))
+        study.set_user_attr(PARENT_RUN_ATTR, self.tracker.start(f"sweep-{study.study_name}", params, tags))
 
     def budget_spent(self, study: optuna.Study) -> bool:
         return len(counted(study.get_trials(deepcopy=False))) >= self.spec.n_trials
 
+    def reclaim(self, study: optuna.Study) -> None:
+        """Fail the trials whose worker is gone, so they are retried (RetryHeartbeatStaleTrialCallback)
+        and stop counting: at once when the worker ran on this host and its process has ended, else
+        once its heartbeat is stale. Their MLflow runs, left RUNNING by the kill, end as KILLED."""
+        retry = self.storage.get_heartbeat_stale_trial_callback()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if worker_is_dead(trial):
+                try:
+                    failed = self.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker got there first
+                if failed:
+                    log.info("trial %d: its worker (pid %s) is gone; failed and queued again", trial.number, trial.user_attrs["worker_pid"])
+                    retry(study, self.storage.get_trial(trial._trial_id))
+        optuna.storages.fail_stale_trials(study)
+        if self.tracker is not None:
+            running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            for run_id, tags in self.tracker.running_runs(optuna_study=study.study_name):
+                if int(tags.get("optuna_trial", -1)) not in running:
+                    self.tracker.end_run(run_id, "KILLED", "its sweep worker was killed; the trial was failed and queued again")
+
     def run(self) -> optuna.Study:
+        """Trials until the budget is spent and no trial runs anywhere: trials of killed workers are
+        failed and retried here, so the study ends with exactly n_trials finished."""
         study = self.open_study()
-        if not self.budget_spent(study):
-            study.optimize(
-                lambda trial: self.objective(study, trial), timeout=self.spec.timeout_s,
-                catch=(Exception,), callbacks=[lambda s, _trial: self.budget_spent(s) and s.stop()],
-            )
+        deadline = None if self.spec.timeout_s is None else time.monotonic() + self.spec.timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            self.reclaim(study)
+            if not self.budget_spent(study):
+                study.optimize(
+                    lambda trial: self.objective(study, trial), catch=(Exception,),
+                    timeout=None if deadline is None else max(deadline - time.monotonic(), 0),
+                    callbacks=[lambda s, _trial: self.budget_spent(s) and s.stop()],
+                )
+                continue
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            if not running:
+                break
+            log.info("waiting for trial(s) %s of other workers (retried here if their worker died)", running)
+            time.sleep(self.spec.heartbeat_s)
         self.finish(study)
         return study
 
@@ -206,17 +302,40 @@ class Sweep:
             log.warning("no trial completed; nothing to export")
             return
         best = study.best_trial
-        path = export_best(self.cfg, best, study.study_name, Path(self.spec.export_dir))
-        log.info("best trial %d: %s = %.4f %s → %s", best.number, self.spec.metric, best.value, best.params, path)
+        path = Path(self.spec.export_dir) / f"{self.spec.study_name}_best.yaml"
+        provenance = {"study": study.study_name, "profile": str(self.base.choices.profile), "metric": self.spec.metric, "value": best.value, "trial": best.number}
+        refusal = export_refusal(path, provenance, self.spec.direction)
+        if refusal and not self.spec.overwrite:
+            log.warning("not exported: %s; pass sweep.overwrite=true to replace it", refusal)
+            path = None
+        else:
+            export_best(self.cfg, best, provenance, path)
+            log.info("best trial %d: %s = %.4f %s → %s", best.number, self.spec.metric, best.value, best.params, path)
         if self.cfg.tracking.enabled and PARENT_RUN_ATTR in study.user_attrs:
             report_to_parent(self.cfg, study, states, path)
 
 
-def export_best(cfg: DictConfig, best: FrozenTrial, study_name: str, export_dir: Path) -> Path:
+def export_refusal(path: Path, new: dict[str, Any], direction: str) -> str | None:
+    """Why the export must not replace `path` without sweep.overwrite: it came from another profile
+    or metric, or it holds a better value, or its origin is unknown. None when it may."""
+    if not path.is_file():
+        return None
+    old = (yaml.safe_load(path.read_text()) or {}).get("tuned_by")
+    if not old:
+        return f"{path} does not say which study it came from"
+    if old.get("study") == new["study"]:
+        return None  # the same study: its best only improves
+    if (old.get("profile"), old.get("metric")) != (new["profile"], new["metric"]):
+        return f"{path} holds study {old.get('study')} on profile {old.get('profile')} ({old.get('metric')} {old.get('value')}), not this one's {new['profile']}"
+    better = new["value"] >= old["value"] if direction == "maximize" else new["value"] <= old["value"]
+    return None if better else f"{path} holds a better {old['metric']} ({old['value']:.4f} > {new['value']:.4f}, study {old.get('study')})"
+
+
+def export_best(cfg: DictConfig, best: FrozenTrial, provenance: dict[str, Any], path: Path) -> None:
     """Write the best trial as a method config, `conf/method/<study>_best.yaml`: the whole method
-    node plus the other keys the trial set (say, trainer.lr). `train method=<study>_best` and the
-    DVC pipeline (`methods: [..., <study>_best]` in params.yaml) take it as is. Search-only
-    overrides (say, fewer epochs) are left out."""
+    node plus the other keys the trial set (say, trainer.lr), and `tuned_by` (study, profile, metric,
+    value, trial). `train method=<study>_best` and the DVC pipeline (`methods: [..., <study>_best]`
+    in params.yaml) take it as is. Search-only and command-line overrides (say, fewer epochs) are left out."""
     trial_cfg = compose_config(best.user_attrs["overrides"])
     search_only = {o.split("=", 1)[0] for o in cfg.sweep.search_only}
     others = OmegaConf.create()
@@ -229,16 +348,16 @@ def export_best(cfg: DictConfig, best: FrozenTrial, study_name: str, export_dir:
         OmegaConf.update(others, key, OmegaConf.select(trial_cfg, key), force_add=True)
     header = (
         "# @package _global_\n"
-        f"# Best trial #{best.number} of Optuna study {study_name!r}: {cfg.sweep.metric} = {best.value:.4f}.\n"
-        f"# Written by `python -m scpl_kit.sweep`; use it with `method={study_name}_best`.\n"
+        f"# Best trial #{best.number} of Optuna study {provenance['study']!r} (profile {provenance['profile']}): "
+        f"{cfg.sweep.metric} = {best.value:.4f}.\n"
+        f"# Written by `python -m scpl_kit.sweep`; use it with `method={path.stem}`.\n"
     )
-    export_dir.mkdir(parents=True, exist_ok=True)
-    path = export_dir / f"{study_name}_best.yaml"
-    path.write_text(header + yaml.safe_dump({"method": to_container(trial_cfg.method), **to_container(others)}, sort_keys=False))
-    return path
+    body = {"tuned_by": provenance, "method": to_container(trial_cfg.method), **to_container(others)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(body, sort_keys=False))
 
 
-def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int], exported: Path) -> None:
+def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int], exported: Path | None) -> None:
     """Best value and params (as metric, tags and JSON: MLflow params cannot change once logged,
     and a shared study's best moves while workers run), plus Optuna's plots as PNGs."""
     import matplotlib
@@ -254,7 +373,8 @@ def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int
     for key, value in {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}.items():
         tracker.set_tag(key, str(value))
     tracker.log_json({"value": best.value, "trial": best.number, "params": best.params, "states": states}, "best.json")
-    tracker.log_file(exported)
+    if exported is not None:
+        tracker.log_file(exported)
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history, "param_importances.png": optuna_plots.plot_param_importances}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -272,21 +392,26 @@ def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int
     tracker.finish()
 
 
+def load_sweep(overrides: Sequence[str]) -> Sweep:
+    """The sweep that `python -m scpl_kit.sweep <overrides>` runs: `sweep=<name>`, `sweep.*` keys, and
+    training overrides that apply to every trial."""
+    choice = [o for o in overrides if o.startswith("sweep=")]
+    if not choice:
+        raise ConfigError("name the study with sweep=<name>, one of conf/sweep/*.yaml")
+    sweep_keys = [o for o in overrides if o.startswith("sweep.")]
+    train_overrides = [o for o in overrides if not o.startswith("sweep")]
+    cfg = compose_config([*train_overrides, f"+{choice[0]}", *sweep_keys])
+    return Sweep(cfg, train_overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scpl_kit.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="+", help="sweep=<name> (conf/sweep/<name>.yaml), sweep.* keys, and training overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    choice = [o for o in args.overrides if o.startswith("sweep=")]
-    if not choice:
-        print("error: name the study with sweep=<name>, one of conf/sweep/*.yaml", file=sys.stderr)
-        return 2
-    sweep_keys = [o for o in args.overrides if o.startswith("sweep.")]
-    train_overrides = [o for o in args.overrides if not o.startswith("sweep")]
     try:
-        cfg = compose_config([*train_overrides, f"+{choice[0]}", *sweep_keys])
-        Sweep(cfg, train_overrides).run()
+        load_sweep(args.overrides).run()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,10 +6,17 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from scpl_kit.config import project_root
+from scpl_kit.preflight import PreflightError, check_sqlite_file
+
+CONNECT_TIMEOUT_S = 5  # a tracking server that does not answer /health in 5 s is down, not slow
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves a local sqlite store
 
 
 class TrainingListener(Protocol):
@@ -22,6 +29,40 @@ def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else an *absolute* sqlite file in the repo (a relative one would fork a
     new database inside every DVC experiment copy; the plain-folder store is deprecated)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***, for logs, tags and messages."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
+
+
+def check_tracking_store(uri: str) -> None:
+    """Fail in seconds, naming the store, where MLflow itself would retry for minutes and then print
+    tracebacks: a server must answer /health, an sqlite file must be writable where it lies."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S) as answer:
+                answer.read()
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise PreflightError(
+                f"MLflow tracking server {redact(uri)} does not answer ({reason}); start it, or unset "
+                "MLFLOW_TRACKING_URI (and tracking.uri) to record into the local sqlite file"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        check_sqlite_file(uri.removeprefix("sqlite:///"), "MLflow store")
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A run, or the experiment's runs, in MLflow's classic runs view: 3.17 opens an experiment in
+    its GenAI traces view, where training runs do not show. A server URI is its own UI."""
+    base = redact(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    page = f"runs/{run_id}" if run_id else "runs?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/{page}"
 
 
 def git_commit() -> str:
@@ -38,6 +79,7 @@ class MlflowTracker:
         from mlflow import MlflowClient  # imported here: MLflow takes seconds to import
 
         self.uri = uri or default_tracking_uri()
+        check_tracking_store(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
@@ -58,10 +100,15 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-        items = [Param(key, str(value)[:6000]) for key, value in sorted(params.items())]  # MLflow caps a param at 6000 chars
+        # Redacted: a URL in the config (tracking.uri, a sweep's storage) may carry a password.
+        items = [Param(key, redact(str(value))[:6000]) for key, value in sorted(params.items())]  # MLflow caps a param at 6000 chars
         for start in range(0, len(items), 100):  # and a batch at 100 params
             self.client.log_batch(self.run_id, params=items[start : start + 100])
         return self.run_id
+
+    @property
+    def link(self) -> str:
+        return ui_link(self.uri, self.experiment_id, self.run_id)
 
     def use_run(self, run_id: str) -> None:
         """Log into an existing run without changing its status (evaluation after training)."""
@@ -89,3 +136,13 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def running_runs(self, **tags: str) -> list[tuple[str, dict[str, str]]]:
+        """(run id, tags) of this experiment's RUNNING runs that carry all of `tags`."""
+        query = " and ".join([*(f"tags.{key} = '{value}'" for key, value in tags.items()), "attributes.status = 'RUNNING'"])
+        return [(found.info.run_id, found.data.tags) for found in self.client.search_runs([self.experiment_id], query)]
+
+    def end_run(self, run_id: str, status: str, reason: str) -> None:
+        """End another run (one whose process died), saying why."""
+        self.client.set_tag(run_id, "stopped", reason)
+        self.client.set_terminated(run_id, status=status)

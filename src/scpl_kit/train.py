@@ -10,6 +10,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,16 +25,20 @@ from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData, load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.engines import Engine, build_engine
+from scpl_kit.engines.base import LaunchError, PeerError
+from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
+from scpl_kit.preflight import check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
-from scpl_kit.trainer import Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
+from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
 
 log = logging.getLogger("scpl_kit")
 
-# Errors caused by what the user asked for: reported in one line, without a traceback.
-USER_ERRORS = (ConfigError, UnknownNameError, DatasetNotFoundError, CorruptDataError, NonFiniteLossError, ValueError)
+# Errors caused by what the user asked for (or by a peer process that stopped answering): reported
+# in one line, without a traceback. PreflightError and ConfigError are ValueErrors.
+USER_ERRORS = (ConfigError, UnknownNameError, DatasetNotFoundError, CorruptDataError, NonFiniteLossError, ValueError, LaunchError, PeerError)
 
 # Settings that do not change what a run computes, so they do not change its checkpoint key.
 NOT_IN_RUN_KEY = ("out_dir", "tracking", "trainer.progress", "trainer.resume", "trainer.checkpoint_dir", "data.num_workers")
@@ -69,35 +75,43 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     tags = {
         "method": cfg.method.name, "dataset": cfg.data.name, "model": cfg.model.name, "engine": cfg.engine.name,
         "seed": str(cfg.seed), "git_commit": git_commit(), "dvc_stage": str(cfg.tracking.stage or "none"),
+        **{f"config.{group}": str(option) for group, option in cfg.choices.items()},  # e.g. config.profile=smoke
+        **{f"env.{key}": value for key, value in describe_environment().items()},
+        **{str(key): str(value) for key, value in (cfg.tracking.tags or {}).items()},
     }
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # nests the run under e.g. its sweep's run
     return tags
 
 
-def write_outputs(
-    out_dir: Path, cfg: DictConfig, history: list[dict[str, float]], summary: dict[str, float] | None,
-    unit_states: list[dict[str, Any]] | None, run_id: str | None,
-) -> None:
+def write_outputs(out_dir: Path, cfg: DictConfig, history: list[dict[str, float]]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-    if summary is not None:
-        identity = {
-            "dataset": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name, "engine": cfg.engine.name,
-            "seed": cfg.seed, "mlflow_run_id": run_id,
-        }
-        (out_dir / "metrics.json").write_text(json.dumps({**identity, **summary}, indent=2) + "\n")
-        torch.save({"units": [state["module"] for state in unit_states]}, out_dir / "model.pt")
+
+
+def write_results(out_dir: Path, cfg: DictConfig, summary: dict[str, float], best: BestWeights, run_id: str | None) -> None:
+    """metrics.json, and model.pt with the weights the reported test accuracy comes from."""
+    identity = {
+        "dataset": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name, "engine": cfg.engine.name,
+        "seed": cfg.seed, "profile": cfg.choices.get("profile"), "mlflow_run_id": run_id,
+        "saved_weights": f"epoch {best.epoch}, the best validation accuracy",
+        "environment": describe_environment(),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps({**identity, **summary}, indent=2) + "\n")
+    torch.save({"epoch": best.epoch, "units": best.modules}, out_dir / "model.pt")
 
 
 def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str, float]:
     """Train one configuration end to end; returns the final metrics (see trainer.summarize).
 
     `listeners` hear every epoch's metrics (a sweep's pruner is one); one may raise TrainingStopped.
-    Under a multi-process engine every process calls this; only the main one logs and writes."""
+    Under a multi-process engine every process calls this; only the main one logs and writes.
+    Everything that can be checked without training is checked before the first step."""
+    check_values(cfg)
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
+    check_batch_fits(cfg, data.meta["sizes"]["train"])
     _, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
     try:
@@ -107,55 +121,80 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
         engine.close()
 
 
+def open_tracker(cfg: DictConfig, resumed_run_id: str | None) -> MlflowTracker:
+    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run_name = cfg.tracking.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
+    tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=resumed_run_id)
+    return tracker
+
+
 def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
+    out_dir = Path(cfg.out_dir)
+    if engine.is_main:  # the only process that writes
+        check_writable_dir(out_dir, "out_dir")
+        check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:
         engine.load_training_state(state["units"])
         log.info("resuming from %s after epoch %d", checkpoint.path, state["epoch"])
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled and engine.is_main else None
-    run_id = None
-    if tracker is not None:
-        run_name = cfg.tracking.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
-        run_id = tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=state and state["run_id"])
+    tracker = open_tracker(cfg, state and state["run_id"]) if cfg.tracking.enabled and engine.is_main else None
     trainer = Trainer(
         engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
         Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
-        checkpoint=checkpoint, run_id=run_id, eval_test=cfg.trainer.eval_test,
+        checkpoint=checkpoint, run_id=tracker and tracker.run_id, eval_test=cfg.trainer.eval_test,
+        best=state["best"] if state else BestWeights(),
     )
-    out_dir = Path(cfg.out_dir)
     history = state["history"] if state else []
     try:
         history = trainer.fit(start_epoch=len(history) + 1, history=history)
+        summary = summarize(history)
+        if engine.is_main:
+            write_outputs(out_dir, cfg, history)
+            write_results(out_dir, cfg, summary, trainer.best, tracker and tracker.run_id)
+        if tracker is not None:
+            # Their own names: logged as `test_acc` at step = epochs they would draw a false last point on the per-epoch charts.
+            tracker.log_metrics({f"summary/{name}": value for name, value in summary.items()})
+            for name in ("config.yaml", "metrics.json", "history.csv"):
+                tracker.log_file(out_dir / name)
     except BaseException as error:
         if engine.is_main:
-            write_outputs(out_dir, cfg, trainer_history(checkpoint, history), None, None, run_id)
+            keep_partial_history(out_dir, cfg, checkpoint, history)
         if tracker is not None:
-            stopped = isinstance(error, (KeyboardInterrupt, TrainingStopped))
-            tracker.set_tag("stopped" if stopped else "error", str(error)[:5000] or type(error).__name__)
-            tracker.finish("KILLED" if stopped else "FAILED")
+            end_tracked_run(tracker, error)
         if isinstance(error, TrainingStopped) and engine.is_main:
             checkpoint.remove()  # stopped on purpose: there is nothing to resume
         raise
-    summary = summarize(history)
-    unit_states = engine.training_state()  # collective: every process takes part
-    if not engine.is_main:
-        return summary
-    write_outputs(out_dir, cfg, history, summary, unit_states, run_id)
     if tracker is not None:
-        tracker.log_metrics(summary, step=cfg.trainer.epochs)
-        for name in ("config.yaml", "metrics.json", "history.csv"):
-            tracker.log_file(out_dir / name)
+        tracker.set_tag("outcome", "completed")
         tracker.finish()
-    checkpoint.remove()  # the run is complete; its outputs hold everything the checkpoint did
+        log.info("MLflow run: %s (serve a local store with `make ui`)", tracker.link)
+    if engine.is_main:
+        checkpoint.remove()  # the run is complete; its outputs hold everything the checkpoint did
     return summary
 
 
-def trainer_history(checkpoint: Checkpoint, fallback: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The epochs finished before a failure (the checkpoint has them even when fit() did not return)."""
+def end_tracked_run(tracker: MlflowTracker, error: BaseException) -> None:
+    """Every way a run can end is recorded: stopped on purpose (a pruned trial ends FINISHED, tagged
+    `outcome=pruned`), interrupted (KILLED) or failed (FAILED), with the reason as a tag."""
+    if isinstance(error, TrainingStopped):
+        outcome, status = error.outcome, error.run_status
+    else:
+        outcome, status = ("killed", "KILLED") if isinstance(error, KeyboardInterrupt) else ("failed", "FAILED")
+    tracker.set_tag("outcome", outcome)
+    tracker.set_tag("error" if status == "FAILED" else "stopped", str(error)[:5000] or type(error).__name__)
+    tracker.finish(status)
+
+
+def keep_partial_history(out_dir: Path, cfg: DictConfig, checkpoint: Checkpoint, fallback: list[dict[str, float]]) -> None:
+    """The epochs finished before a failure (the checkpoint has them even when fit() did not return).
+    Best effort: the error being raised is the one to report."""
     state = checkpoint.load()
-    return state["history"] if state else fallback
+    try:
+        write_outputs(out_dir, cfg, state["history"] if state else fallback)
+    except OSError as error:
+        log.warning("could not write the partial history to %s: %s", out_dir, error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,17 +202,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for the job
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = None
     try:
         cfg = compose_config(args.overrides)
         if args.cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
         summary = run(cfg)
+    except LaunchError as error:
+        stages = len(cfg.engine.get("stages") or []) or 2
+        command = " ".join(["torchrun", "--nproc-per-node", str(stages), "-m", "scpl_kit.train", *map(shlex.quote, args.overrides)])
+        print(f"error: {error}; run: {command}", file=sys.stderr)
+        return 2
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if main_process:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

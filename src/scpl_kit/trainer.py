@@ -5,6 +5,7 @@ It knows engines only through the Engine interface and tracking only through lis
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStopped(Exception):
-    """Raised by a listener to end training on purpose (a sweep's pruner), not because it failed."""
+    """Raised by a listener to end training on purpose (a sweep's pruner), not because it failed.
+    `outcome` and `run_status` say how the tracker records it."""
+
+    outcome = "stopped"
+    run_status = "KILLED"
 
 
 def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
@@ -68,15 +73,30 @@ def accuracy(scores: torch.Tensor, labels: np.ndarray) -> float:
 
 
 @dataclass
+class BestWeights:
+    """The weights of the epoch with the best validation accuracy (the first such epoch on ties, as
+    in `summarize`): the model whose test accuracy the run reports, and the one it saves."""
+
+    epoch: int = 0
+    val_acc: float = float("-inf")
+    modules: list[dict[str, Any]] | None = None
+
+    def offer(self, epoch: int, val_acc: float, units: list[dict[str, Any]]) -> None:
+        if val_acc > self.val_acc:
+            # Copied: a unit's state_dict holds its live tensors, which the next step changes.
+            self.epoch, self.val_acc, self.modules = epoch, val_acc, copy.deepcopy([unit["module"] for unit in units])
+
+
+@dataclass
 class Checkpoint:
     """The state after the last finished epoch, written atomically so a kill never leaves half a file."""
 
     path: Path
 
-    def save(self, epoch: int, units: list[dict[str, Any]], history: list[dict[str, float]], run_id: str | None) -> None:
+    def save(self, epoch: int, units: list[dict[str, Any]], history: list[dict[str, float]], run_id: str | None, best: BestWeights) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"epoch": epoch, "units": units, "history": history, "run_id": run_id}, tmp)
+        torch.save({"epoch": epoch, "units": units, "history": history, "run_id": run_id, "best": best}, tmp)
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:
@@ -100,19 +120,22 @@ class Trainer:
     checkpoint: Checkpoint | None = None
     run_id: str | None = None
     eval_test: bool = True  # off in sweeps: model selection must never see the test split
+    best: BestWeights = field(default_factory=BestWeights)  # filled on the main process only
 
     def fit(self, start_epoch: int = 1, history: list[dict[str, float]] | None = None) -> list[dict[str, float]]:
         history = list(history or [])
         for epoch in range(start_epoch, self.epochs + 1):
             record = self.run_epoch(epoch)
             history.append(record)
-            log.info("epoch %d/%d  %s", epoch, self.epochs, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            if self.engine.is_main:
+                log.info("epoch %d/%d  %s", epoch, self.epochs, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             for listener in self.listeners:
                 listener.on_epoch_end(epoch, record)
-            if self.checkpoint is not None:
-                units = self.engine.training_state()  # collective: every process takes part
-                if self.engine.is_main:
-                    self.checkpoint.save(epoch, units, history, self.run_id)
+            units = self.engine.training_state()  # collective: every process takes part
+            if self.engine.is_main:
+                self.best.offer(epoch, record["val_acc"], units)
+                if self.checkpoint is not None:
+                    self.checkpoint.save(epoch, units, history, self.run_id, self.best)
         return history
 
     def run_epoch(self, epoch: int) -> dict[str, float]:

@@ -62,8 +62,11 @@ class PreparedData:
         )
 
 
-def prepare_hint(name: str) -> str:
-    return f"run `dvc repro prepare` or `python -m scpl_kit.prepare data={name}`"
+def prepare_hint(name: str, processed_dir: str | Path) -> str:
+    """The command that prepares exactly this dataset (`dvc repro prepare` prepares the pipeline
+    profile's dataset, which may be another one)."""
+    where = "" if Path(processed_dir) == Path("data/processed") else f" data.processed_dir={processed_dir}"
+    return f"prepare it with `python -m scpl_kit.prepare data={name}{where}`"
 
 
 def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, expect: dict[str, Any] | None = None) -> PreparedData:
@@ -73,18 +76,23 @@ def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, exp
     """
     folder = Path(processed_dir) / name
     meta_path = folder / "meta.json"
+    hint = prepare_hint(name, processed_dir)
     if not meta_path.is_file():
-        raise DatasetNotFoundError(f"prepared data for {name!r} not found at {folder}; {prepare_hint(name)}")
-    meta = json.loads(meta_path.read_text())
+        raise DatasetNotFoundError(f"prepared data for {name!r} not found at {folder}; {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        checksums = dict(meta["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptDataError(f"{meta_path} is unreadable ({type(error).__name__}: {error}); {hint}") from None
     for key, wanted in (expect or {}).items():
         if meta.get(key) is not None and meta[key] != wanted:
-            raise CorruptDataError(f"{folder} was prepared with {key}={meta[key]} but the config asks for {wanted}; {prepare_hint(name)}")
-    for file, recorded in meta["sha256"].items():
+            raise CorruptDataError(f"{folder} was prepared with {key}={meta[key]} but the config asks for {wanted}; {hint}")
+    for file, recorded in checksums.items():
         path = folder / file
         if not path.is_file():
-            raise DatasetNotFoundError(f"{path} is missing; {prepare_hint(name)}")
+            raise DatasetNotFoundError(f"{path} is missing; {hint}")
         if verify and sha256(path) != recorded:
-            raise CorruptDataError(f"{path} does not match its checksum (corrupt or edited); {prepare_hint(name)}")
+            raise CorruptDataError(f"{path} does not match its checksum (corrupt or edited); {hint}")
     splits = {
         split: (np.load(folder / f"{split}_images.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy", mmap_mode="r"))
         for split in SPLITS

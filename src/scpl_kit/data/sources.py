@@ -27,6 +27,9 @@ class RawData:
 
 
 SOURCES: Registry = Registry("dataset")
+# The kit's own download folder (conf/data/*.yaml), created on demand. Any other raw_dir names a
+# user's copy and must exist: a mistyped SCPL_DATA_DIR should be reported, not created.
+DEFAULT_RAW_DIR = Path("data/raw")
 
 
 @SOURCES.register("mnist5k")
@@ -89,7 +92,13 @@ def _download_cifar(layout: CifarLayout, raw_dir: Path) -> None:
 
 def load_cifar(name: str, raw_dir: Path, download: bool) -> RawData:
     layout = CIFAR[name]
-    folder = Path(raw_dir) / layout.folder
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir() and raw_dir != DEFAULT_RAW_DIR:
+        raise DatasetNotFoundError(
+            f"data.raw_dir={raw_dir} (from SCPL_DATA_DIR or the config) is not a folder: point it at the folder that "
+            f"holds {layout.folder}/, or unset it to download into {DEFAULT_RAW_DIR}/"
+        )
+    folder = raw_dir / layout.folder
     if not folder.is_dir() and download:
         try:
             _download_cifar(layout, Path(raw_dir))

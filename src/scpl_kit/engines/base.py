@@ -13,6 +13,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 BatchCallback = Callable[[int], None]  # called with the number of samples just trained on
 
 
+class LaunchError(RuntimeError):
+    """The engine needs processes that were not started (say, no torchrun); the CLI adds the command."""
+
+
+class PeerError(RuntimeError):
+    """Another process of the job stopped answering: stuck, or crashed (its own log says why)."""
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` means the first GPU when there is one, else the CPU."""
     if device == "auto":

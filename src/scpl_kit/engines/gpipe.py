@@ -18,7 +18,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
-from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, wait_sent
+from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, reports_peer_failures, wait_sent
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -71,6 +71,7 @@ class GPipeEngine(PipelineEngine):
             return received
         return None
 
+    @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter, pending = LossMeter(), []
         self.stage_module.train()
@@ -88,8 +89,8 @@ class GPipeEngine(PipelineEngine):
             if self.is_last:
                 loss = torch.stack(losses).mean().detach()  # equal micro-batches: the mini-batch's mean loss
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(self.unit.name, "ce", self.unit.steps, loss.item())
-                meter.add({f"{self.unit.name}/ce": loss})
+                    raise NonFiniteLossError(self.unit.name, self.unit.head_loss_name, self.unit.steps, loss.item())
+                meter.add({self.unit.head_loss_name: loss})
             if on_batch is not None and labels is not None:
                 on_batch(len(labels))
         wait_sent(pending)
@@ -98,10 +99,12 @@ class GPipeEngine(PipelineEngine):
     def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
         return self.stage_module(h)
 
+    @reports_peer_failures
     def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
         self.stage_module.eval()
         return super().predict(batches)
 
+    @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
         state = self.unit.training_state()

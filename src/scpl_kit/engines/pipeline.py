@@ -14,19 +14,42 @@ stage steps on every batch, so the schedule is just forward sends, which a few i
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LaunchError, LossMeter, PeerError
 from scpl_kit.methods.units import LocalUnit
 
 HEADER = 8  # int64 slots: ndim, shape (≤ 6 dims), number of labels
+# How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
+PEER_FAILURES = ("Timed out", "timed out", "timeout", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_peer_failures(method: F) -> F:
+    """Turn the backend's error for a silent or vanished peer (a raw gloo/NCCL message and traceback)
+    into a PeerError that says what happened and where to look."""
+
+    @functools.wraps(method)
+    def guarded(self: "PipelineEngine", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
+                raise
+            raise PeerError(
+                f"rank {self.rank}: another rank stopped answering (stuck for engine.timeout_s={self.timeout_s:g} s, or crashed; "
+                f"its own log says why). Backend: {str(error).splitlines()[0][:200]}"
+            ) from None
+
+    return guarded  # type: ignore[return-value]
 
 
 def even_stages(n_units: int, n_stages: int) -> list[list[int]]:
@@ -85,7 +108,7 @@ def init_distributed(backend: str, timeout_s: float) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        raise RuntimeError("this engine runs one process per stage: launch with torchrun --nproc-per-node <stages> -m scpl_kit.train ...")
+        raise LaunchError("this engine runs one process per stage, started by torchrun")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     # The timeout turns a crashed or stuck peer into an error here instead of a hang.
@@ -101,7 +124,7 @@ def stage_device(device: str) -> torch.device:
 class PipelineEngine(Engine):
     def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
         init_distributed(backend, timeout_s)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         self.stages = [list(s) for s in stages] if stages else None
         self.device = stage_device(device)
         self.units = []
@@ -172,6 +195,7 @@ class PipelineEngine(Engine):
                 ahead = receiver.submit(self._recv, (torch.empty_like(h), torch.empty_like(labels))) if i + 1 < n else None
                 yield h, labels
 
+    @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter, pending = LossMeter(), []
         for unit in self.units:
@@ -181,7 +205,7 @@ class PipelineEngine(Engine):
             losses = {}
             for unit in self.units:
                 h, unit_losses = unit.train_step(h, labels)
-                losses.update({f"{unit.name}/{name}": value for name, value in unit_losses.items()})
+                losses.update(unit_losses)
             meter.add(losses)
             if not self.is_last:
                 self._send(h, labels, pending)
@@ -196,6 +220,7 @@ class PipelineEngine(Engine):
         dist.all_gather_object(gathered, meter.means())
         return {name: value for part in gathered for name, value in part.items()}
 
+    @reports_peer_failures
     @torch.no_grad()
     def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
         pending, scores = [], []
@@ -224,6 +249,7 @@ class PipelineEngine(Engine):
         dist.gather_object(obj, gathered, dst=0)
         return gathered or []
 
+    @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere."""
         return [state for part in self.gather_to_main([unit.training_state() for unit in self.units]) for state in part]

@@ -32,7 +32,7 @@ class SequentialEngine(Engine):
             losses = {}
             for unit in self.units:
                 h, unit_losses = unit.train_step(h, labels)
-                losses.update({f"{unit.name}/{name}": value for name, value in unit_losses.items()})
+                losses.update(unit_losses)
             meter.add(losses)
             if on_batch is not None:
                 on_batch(len(labels))

@@ -13,7 +13,6 @@ import torch
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, resolve_device
 from scpl_kit.engines.sequential import SequentialEngine
-from scpl_kit.methods.units import LocalUnit
 
 
 class ThreadsEngine(SequentialEngine):
@@ -35,16 +34,16 @@ class ThreadsEngine(SequentialEngine):
         # A pool rather than a new thread per unit per batch (the paper's code): same schedule, no start-up cost.
         with ThreadPoolExecutor(max_workers=len(self.units)) as pool:
             for inputs, labels in batches:
-                pending: list[tuple[LocalUnit, Future]] = []
+                pending: list[Future] = []
                 h = inputs
                 for i, unit in enumerate(self.units):
                     device = self.device_of(i)
                     out = unit.forward_train(h.to(device, non_blocking=True))
-                    pending.append((unit, pool.submit(unit.learn, out, labels.to(device, non_blocking=True))))
+                    pending.append(pool.submit(unit.learn, out, labels.to(device, non_blocking=True)))
                     h = out.detach()
                 losses = {}
-                for unit, future in pending:
-                    losses.update({f"{unit.name}/{name}": value for name, value in future.result().items()})
+                for future in pending:
+                    losses.update(future.result())
                 meter.add(losses)
                 if on_batch is not None:
                     on_batch(len(labels))

@@ -10,4 +10,4 @@ from scpl_kit.models.base import BlockModel
 
 @METHODS.register("bp")
 def build_bp(model: BlockModel) -> list[LocalUnit]:
-    return [LocalUnit(f"blocks1-{len(model.blocks)}", model, head=CrossEntropyHead())]
+    return [LocalUnit(f"blocks1-{len(model.blocks)}", model, head=CrossEntropyHead(), head_scope="predictor")]

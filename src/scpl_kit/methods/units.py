@@ -3,6 +3,9 @@
 A unit owns some blocks (its `body`), an optional local head that gives those blocks their loss,
 an optional predictor trained on the unit's detached output, and one optimizer over all of it.
 Its output is handed on *detached*, so no gradient ever crosses from one unit to the one before.
+
+Losses are named `<where>/<loss>`: `block2/supcon` for a block's local loss, `predictor/ce` for the
+classifier's cross-entropy, whichever method trains it, so charts of different methods overlay.
 """
 
 from __future__ import annotations
@@ -28,9 +31,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class LocalUnit(nn.Module):
-    def __init__(self, name: str, body: nn.Module, head: nn.Module | None = None, predictor: nn.Module | None = None) -> None:
+    def __init__(
+        self, name: str, body: nn.Module, head: nn.Module | None = None, predictor: nn.Module | None = None,
+        head_scope: str | None = None,
+    ) -> None:
+        """`head_scope`: where the head's loss is filed (default: the unit's name). BP's head is the
+        end-to-end cross-entropy on the predictor's output, so BP files it under `predictor`."""
         super().__init__()
         self.name = name
+        self.head_scope = head_scope or name
         self.body = body
         self.head = head
         self.predictor = predictor
@@ -56,14 +65,18 @@ class LocalUnit(nn.Module):
         backward with the next unit's forward call the two halves separately."""
         return self.body(inputs)
 
+    @property
+    def head_loss_name(self) -> str:
+        return f"{self.head_scope}/{self.head.loss_name}"
+
     def learn(self, out: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Local loss on `out` (from forward_train), backward and one optimizer step."""
         losses: dict[str, torch.Tensor] = {}
         if self.head is not None:
-            losses[self.head.loss_name] = self.head(out, labels)
+            losses[self.head_loss_name] = self.head(out, labels)
         if self.predictor is not None:
             # The predictor learns from a detached copy, so its gradient never reaches the backbone.
-            losses["predictor_ce"] = F.cross_entropy(self.predictor(out.detach()), labels)
+            losses["predictor/ce"] = F.cross_entropy(self.predictor(out.detach()), labels)
         self.steps += 1
         for loss_name, loss in losses.items():
             if not torch.isfinite(loss):
