@@ -15,7 +15,7 @@ OPTUNA_STORE ?= sqlite:///$(CURDIR)/optuna.db
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test ui dashboard
+.PHONY: setup repro test ui dashboard exps
 
 setup: $(VENV)/.installed
 
@@ -42,3 +42,7 @@ ui: setup
 
 dashboard: setup
 	optuna-dashboard $(OPTUNA_STORE) --host $(HOST) --port $(DASHBOARD_PORT)
+
+# `dvc exp show` lists every dependency's hash too (40 columns); this keeps metrics and parameters.
+exps: setup
+	dvc exp show --md --drop '^(bench|conf|data|reports|runs|src)(/|$$)|^Created$$|.*\.mlflow_run_ids\..*'

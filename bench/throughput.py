@@ -35,6 +35,7 @@ import torch
 import torch.multiprocessing as mp
 
 from scpl_kit.allocator import retain_freed_memory
+from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
 
 
@@ -197,20 +198,24 @@ def run_all(setup: Setup, k: int) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    labels = [f"{r.method} {r.engine}\nK={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f"\n{r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(14, 4.8))
+    """Two horizontal bar charts, one above the other: 880 px wide, so `dvc plots show`, which
+    shows an image at its own size and crops what does not fit, shows all of it."""
+    labels = [f"{r.method} {r.engine} K={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f" {r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
+    fig, (speed, memory) = plt.subplots(2, 1, figsize=(8, 8), sharey=True)
     colors = ["tab:blue" if m == "bp" else "tab:orange" for m in table.method]
-    speed.bar(range(len(table)), table.speedup_vs_bp1, color=colors)
-    speed.axhline(1.0, color="gray", lw=0.8)
-    speed.set(ylabel="speed-up over BP on 1 worker", title="training throughput (1 thread per worker)")
-    memory.bar(range(len(table)), table.peak_act_mem_mb, color=colors)
-    memory.set(ylabel="peak activation memory of the largest worker (MB)", title="memory")
+    rows = range(len(table))
+    speed.barh(rows, table.speedup_vs_bp1, color=colors)
+    speed.axvline(1.0, color="gray", lw=0.8)
+    speed.set(xlabel="speed-up over BP on 1 worker", title="training throughput (1 thread per worker)")
+    memory.barh(rows, table.peak_act_mem_mb, color=colors)
+    memory.set(xlabel="peak activation memory of the largest worker (MB; none for threads: one shared process)", title="memory")
+    memory.set_yticks(rows, labels, fontsize=8)
+    memory.invert_yaxis()  # the table's order, top to bottom
     for ax in (speed, memory):
-        ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -229,7 +234,7 @@ def main() -> int:
     (args.out / "tables").mkdir(parents=True, exist_ok=True)
     table.round(3).to_csv(args.out / "tables" / "throughput.csv", index=False)
     header = (f"# Training throughput, VGG8 width {args.width}, batch {args.batch}, CIFAR-shaped inputs, "
-              f"{args.workers} workers of one thread each\n\n")
+              f"{args.workers} workers of one thread each\n\nMeasured on {one_line({**describe(), 'torch_threads': '1'})} (per worker).\n\n")
     (args.out / "tables" / "throughput.md").write_text(header + table.round(3).to_markdown(index=False) + "\n")
     plot(table, args.out / "figures" / "throughput.png")
     print(table.round(3).to_markdown(index=False))

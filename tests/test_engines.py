@@ -17,14 +17,17 @@ from scpl_kit.train import run
 from test_training import TIMES, history, same_weights, weights
 
 
-def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: str, crash_rank: int) -> None:
-    """One torchrun-like process: the env vars torchrun would set, then the normal training entry."""
+def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: str, fault_rank: int, fault: str) -> None:
+    """One torchrun-like process: the env vars torchrun would set, then the normal training entry.
+    `fault_rank` joins the group and then crashes without a word, or gets stuck (alive, silent)."""
     set_rank_env(rank, world, port)
     try:
-        if rank == crash_rank:
+        if rank == fault_rank:
             from scpl_kit.engines.pipeline import PipelineEngine
 
-            PipelineEngine(timeout_s=cfg.engine.timeout_s)  # joins the group, then dies without a word
+            PipelineEngine(timeout_s=cfg.engine.timeout_s)
+            if fault == "stuck":
+                time.sleep(4 * cfg.engine.timeout_s)
             os._exit(3)
         run(cfg)
         Path(result_dir, f"rank{rank}.ok").write_text("ok")
@@ -33,12 +36,12 @@ def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: st
         raise
 
 
-def run_ranks(cfg: DictConfig, world: int, tmp: Path, crash_rank: int = -1) -> dict[str, str]:
+def run_ranks(cfg: DictConfig, world: int, tmp: Path, fault_rank: int = -1, fault: str = "crash") -> dict[str, str]:
     """Start `world` processes as torchrun would, wait for all (never more than 3 minutes), and
     return what each rank reported: `rank<k>.ok`, or `rank<k>.err` with its error."""
     results = tmp / "ranks"
     results.mkdir(exist_ok=True)
-    context = mp.start_processes(_rank_main, args=(world, free_port(), cfg, str(results), crash_rank), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(_rank_main, args=(world, free_port(), cfg, str(results), fault_rank, fault), nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + 180
     while any(p.is_alive() for p in context.processes) and time.time() < deadline:
         time.sleep(0.5)
@@ -106,10 +109,19 @@ def test_bp_under_pipeline_points_to_gpipe(smoke_config, tmp_path: Path) -> None
     assert all("engine=gpipe" in text for text in reports.values())
 
 
-def test_crashed_rank_stops_the_job_instead_of_hanging(smoke_config, tmp_path: Path) -> None:
-    cfg = smoke_config("method=scpl", "engine=pipeline", "engine.timeout_s=20")
-    reports = run_ranks(cfg, 2, tmp_path, crash_rank=1)
+@pytest.mark.parametrize("fault", ["crash", "stuck"])
+def test_a_crashed_or_stuck_rank_stops_the_job_with_a_one_line_reason(smoke_config, tmp_path: Path, fault: str) -> None:
+    """Not a hang and not a raw gloo traceback: the rank that waited says another rank stopped
+    answering, and the CLI prints that in one line (PeerError is a user-facing error)."""
+    from scpl_kit.engines.base import PeerError
+    from scpl_kit.train import USER_ERRORS
+
+    cfg = smoke_config("method=scpl", "engine=pipeline", "engine.timeout_s=5")
+    started = time.time()
+    reports = run_ranks(cfg, 2, tmp_path, fault_rank=1, fault=fault)
     assert "rank0.err" in reports and "rank0.ok" not in reports
+    assert reports["rank0.err"].startswith("PeerError: rank 0: another rank stopped answering"), reports["rank0.err"]
+    assert time.time() - started < 60 and issubclass(PeerError, USER_ERRORS)
 
 
 def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[dict]:
@@ -154,3 +166,21 @@ def test_decoupled_method_under_gpipe_points_to_pipeline(smoke_config, tmp_path:
     reports = run_ranks(smoke_config("method=scpl", "engine=gpipe", "engine.timeout_s=30"), 2, tmp_path)
     assert sorted(reports) == ["rank0.err", "rank1.err"]
     assert all("engine=pipeline" in text for text in reports.values())
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_rank_speaks_for_the_job(processed_dir: Path, tmp_path: Path) -> None:
+    """The per-epoch log and the final JSON come once, from rank 0, not once per stage."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         "-m", "scpl_kit.train", "profile=smoke", "method=scpl", "engine=pipeline", "trainer.epochs=1", "trainer.threads=1",
+         "trainer.progress=false", "tracking.enabled=false", f"data.processed_dir={processed_dir}", f"out_dir={tmp_path / 'out'}",
+         f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("epoch 1/1") == 1, done.stderr
+    assert done.stdout.count('"best_val_acc"') == 1, done.stdout

@@ -1,5 +1,6 @@
 """The DVC pipeline end to end, in a temporary copy of the repository on the `smoke` profile."""
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from scpl_kit.environment import cpu_model
 
 from conftest import REPO
 
@@ -26,6 +29,10 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A git + DVC copy of the project's tracked and new files, set to the smoke profile."""
@@ -39,7 +46,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     params.update(profile="smoke", methods=["bp", "scpl"], seeds=[0], throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.lock").unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    # What users' shells have: no PYTHONDONTWRITEBYTECODE (so Python writes __pycache__/ into the
+    # stage dependencies under src/), no MLflow or DVC settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTHONDONTWRITEBYTECODE"}
     # The copy's own sources, not the editable install's, so DVC's dependency hashes mean something.
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root / "src"), DVC_NO_ANALYTICS="1")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
@@ -68,11 +77,34 @@ def test_repro_builds_tables_and_plots(repo) -> None:
         "import sqlite3,sys; db=sqlite3.connect(sys.argv[1]);"
         "print(db.execute(\"select group_concat(value) from tags where key='dvc_stage'\").fetchone()[0])"
     ), str(root / "mlflow.db")], root, env)
+    # Each row names its MLflow runs, and the header says where the numbers were measured.
+    run_ids = json.loads((root / "reports/metrics.json").read_text())["mnist5k/vgg/scpl"]["mlflow_run_ids"]
+    assert run_ids == {"s0": json.loads((root / "runs/scpl-s0/metrics.json").read_text())["mlflow_run_id"]}
+    header = (root / "reports/tables/accuracy.md").read_text()
+    assert f"Trained on: {cpu_model()}" in header and "Profile: smoke" in header and "best validation accuracy" in header
+    assert f"Measured on {cpu_model()}" in (root / "reports/tables/throughput.md").read_text()
+    # Figures fit the page `dvc plots show` writes (it shows images at their own size and crops the rest).
+    assert png_width(root / "reports/figures/throughput.png") <= 1000 and png_width(root / "reports/figures/accuracy_curves.png") <= 1000
+    assert list((root / "src/scpl_kit").glob("__pycache__/*.pyc"))  # Python wrote bytecode beside the sources, as in a user's shell
 
 
 def test_second_repro_does_nothing(repo) -> None:
+    """Even though the first one wrote __pycache__/ into src/ (.dvcignore keeps it out of the hashes)."""
     root, env = repo
+    assert "up to date" in sh(["dvc", "status"], root, env)
     assert stages_run(sh(["dvc", "repro"], root, env)) == set()
+
+
+def test_plots_and_experiments_are_readable(repo) -> None:
+    root, env = repo
+    sh(["dvc", "plots", "show"], root, env)
+    assert (root / "dvc_plots/index.html").is_file()
+    sh(["git", "check-ignore", "-q", "dvc_plots/index.html"], root, env)  # not left as an untracked file
+    # The README's `make exps`: metrics and parameters, not one column per dependency hash.
+    table = sh(["make", "-s", "-o", ".venv/.installed", "exps"], root, {k: v for k, v in env.items() if not k.startswith("MAKE")})
+    columns = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert "mnist5k/vgg/scpl.acc_mean" in columns and "profile" in columns
+    assert len(columns) <= 20 and not re.search(r"[0-9a-f]{32}", table), table  # no dependency hashes, no run ids
 
 
 def test_one_more_seed_runs_only_that_seed(repo) -> None:

@@ -14,8 +14,9 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from scpl_kit.config import compose_config
-from scpl_kit.sweep import counted, load_sweep, main as sweep_main
+from scpl_kit.config import ConfigError, compose_config
+from scpl_kit.sweep import counted, export_refusal, load_sweep, main as sweep_main
+from scpl_kit.tracking import redact
 
 from conftest import REPO
 
@@ -62,6 +63,7 @@ def test_four_trial_sweep_exports_best_and_nests_mlflow_runs(sweep_env: dict) ->
     cfg = compose_config(["method=tiny_best"])
     assert cfg.method.name == "scpl" and cfg.method.temperature == pytest.approx(best.params["method.temperature"])
     assert cfg.trainer.lr == pytest.approx(best.params["trainer.lr"]) and cfg.trainer.epochs == 10  # search-only epochs not exported
+    assert dict(cfg.tuned_by) == {"study": study.study_name, "profile": "smoke", "metric": "best_val_acc", "value": best.value, "trial": best.number}
     client = MlflowClient(sweep_env["mlflow"])
     runs = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
@@ -88,7 +90,11 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(sweep_env: 
     study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "paper"})   # learns
     study.enqueue_trial({"trainer.lr": 1.0e-9, "method.variant": "paper"})  # stays at chance: pruned after epoch 1
     study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "bogus"})   # raises while building
+    export = sweep_env["conf"] / "method" / "tiny_best.yaml"
+    foreign = yaml.safe_dump({"tuned_by": {"study": "tiny-offline-0", "profile": "offline", "metric": "best_val_acc", "value": 0.98}})
+    export.write_text(foreign)  # a better export from the default profile
     assert sweep_main([*sweep_env["overrides"], "tracking.enabled=true"]) == 0
+    assert export.read_text() == foreign  # a smoke sweep does not replace it without sweep.overwrite=true
     trials = load(sweep_env).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert "bogus" in trials[2].user_attrs["error"]
@@ -108,8 +114,14 @@ def sweep_process(env: dict, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_where_it_stopped(sweep_env: dict) -> None:
-    worker = sweep_process(sweep_env, "tracking.enabled=false")
+@pytest.mark.parametrize("restart", ["at once", "after the heartbeat"])
+def test_killed_sweep_resumes_without_losing_or_repeating_a_trial(sweep_env: dict, restart: str) -> None:
+    """Kill a worker during a trial, start it again: the killed trial is failed and retried (at once:
+    its process is gone; later: its heartbeat is stale too), its MLflow run ends KILLED, the study
+    ends with exactly n_trials finished, and no point is evaluated twice."""
+    heartbeat = 30 if restart == "at once" else 1  # at once: long before a 90 s heartbeat could expire
+    tracking = [f"tracking.uri={sweep_env['mlflow']}", f"sweep.heartbeat_s={heartbeat}"]
+    worker = sweep_process(sweep_env, *tracking)
     deadline = time.time() + 240
     while time.time() < deadline:
         time.sleep(0.5)
@@ -119,20 +131,32 @@ def test_killed_sweep_resumes_where_it_stopped(sweep_env: dict) -> None:
             continue
         if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and any(t.state == TrialState.RUNNING for t in trials):
             break
+    time.sleep(1.5)  # well inside the running trial, whose MLflow run is open by now
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     before = {t.number: t.state for t in load(sweep_env).trials}
     assert TrialState.RUNNING in before.values()
-    time.sleep(4)  # three missed heartbeats: the killed trial is now stale
-    assert sweep_main([*sweep_env["overrides"], "tracking.enabled=false"]) == 0
+    if restart != "at once":
+        time.sleep(4)  # three missed heartbeats
+    started = time.time()
+    assert sweep_main([*sweep_env["overrides"], *tracking]) == 0
+    assert time.time() - started < 200
     trials = load(sweep_env).trials
     for number, state in before.items():
         if state == TrialState.COMPLETE:
             assert trials[number].state == TrialState.COMPLETE  # finished work was kept, not redone
     killed = [t for t in trials if before.get(t.number) == TrialState.RUNNING]
     assert killed and all(t.state == TrialState.FAIL and "error" not in t.user_attrs for t in killed)
-    assert len(counted(trials)) == 4
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") in {k.number for k in killed}]
+    assert retried and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in retried)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and len(counted(trials)) == 4
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 4  # the restarted sampler drew new points
+    client = MlflowClient(sweep_env["mlflow"])
+    runs = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    killed_runs = [r for r in runs if r.data.tags.get("optuna_trial") in {str(k.number) for k in killed}]
+    assert killed_runs and all(r.info.status == "KILLED" and "killed" in r.data.tags["stopped"] for r in killed_runs)
 
 
 @pytest.mark.slow
@@ -154,3 +178,41 @@ def test_a_sweep_cannot_select_on_test_accuracy(sweep_env: dict, capsys) -> None
     assert sweep_main([*sweep_env["overrides"], "sweep.metric=test_acc"]) == 2
     assert "selects on validation only" in capsys.readouterr().err
     assert not (sweep_env["tmp"] / "optuna.db").exists()
+
+
+def test_study_identity_follows_what_a_trial_measures(sweep_env: dict) -> None:
+    name = load_sweep(sweep_env["overrides"]).study_name
+    assert name.startswith("tiny-smoke-")
+    assert load_sweep([*sweep_env["overrides"], "tracking.uri=sqlite:///elsewhere.db"]).study_name == name  # where it logs: same study
+    assert load_sweep([*sweep_env["overrides"], "sweep.n_trials=8"]).study_name == name  # a larger budget continues it
+    assert load_sweep([*sweep_env["overrides"], "trainer.epochs=3"]).study_name != name
+    assert load_sweep([*sweep_env["overrides"], "profile=offline"]).study_name.startswith("tiny-offline-")
+
+
+def test_the_command_line_wins_over_the_study_and_searched_keys_are_refused(sweep_env: dict) -> None:
+    assert load_sweep(sweep_env["overrides"]).base.trainer.epochs == 2  # the study's search_only
+    assert load_sweep([*sweep_env["overrides"], "trainer.epochs=1"]).base.trainer.epochs == 1
+    with pytest.raises(ConfigError, match="trainer.lr=0.1: this key is searched by the study"):
+        load_sweep([*sweep_env["overrides"], "trainer.lr=0.1"])
+
+
+def test_an_export_replaces_only_what_it_may(tmp_path: Path) -> None:
+    path = tmp_path / "tiny_best.yaml"
+    new = {"study": "tiny-offline-abcd", "profile": "offline", "metric": "best_val_acc", "value": 0.97, "trial": 3}
+
+    def existing(**tuned_by) -> Path:
+        path.write_text(yaml.safe_dump({"tuned_by": tuned_by} if tuned_by else {"method": {"name": "scpl"}}))
+        return path
+
+    assert export_refusal(tmp_path / "absent.yaml", new, "maximize") is None
+    assert "does not say which study" in export_refusal(existing(), new, "maximize")
+    assert "on profile smoke" in export_refusal(existing(**{**new, "study": "tiny-smoke-1234", "profile": "smoke", "value": 0.5}), new, "maximize")
+    assert "holds a better best_val_acc (0.9800 > 0.9700" in export_refusal(existing(**{**new, "study": "other", "value": 0.98}), new, "maximize")
+    assert export_refusal(existing(**{**new, "study": "other", "value": 0.96}), new, "maximize") is None
+    assert export_refusal(existing(**{**new, "value": 0.99}), new, "maximize") is None  # the same study's best
+
+
+def test_urls_are_redacted_before_they_are_logged() -> None:
+    assert redact("postgresql+psycopg://optuna:s3cret@db.example:5432/studies") == "postgresql+psycopg://optuna:***@db.example:5432/studies"
+    assert redact("http://user:pw@mlflow:5000") == "http://user:***@mlflow:5000"
+    assert redact("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ TIMES = ("train_time_s", "epoch_time_s", "samples_per_s")
 
 
 def history(out: Path) -> list[dict]:
-    import pandas as pd
-
     return pd.read_csv(out / "history.csv").drop(columns=list(TIMES)).to_dict("records")
 
 
@@ -76,26 +75,75 @@ def test_killed_run_resumes_to_the_same_result(smoke_config, tmp_path: Path, mon
     assert not list((tmp_path / "checkpoints").glob("*.pt"))  # removed once the run completed
 
 
-def test_mlflow_records_params_metrics_artifacts_and_tags(smoke_config, tmp_path: Path) -> None:
+def test_mlflow_records_params_metrics_artifacts_and_tags(smoke_config, tmp_path: Path, caplog) -> None:
     from mlflow import MlflowClient
+
+    from scpl_kit.environment import cpu_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = smoke_config("method=scpl", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.stage=train@scpl-0")
-    summary = run(cfg)
+    with caplog.at_level("INFO", logger="scpl_kit"):
+        summary = run(cfg)
     client = MlflowClient(uri)
-    (found,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
-    data = found.data
-    assert found.info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("scpl-kit").experiment_id
+    (found,) = client.search_runs([experiment])
+    data, run_id = found.data, found.info.run_id
+    assert found.info.status == "FINISHED" and data.tags["outcome"] == "completed"
     assert data.params["method.temperature"] == "0.1" and data.params["trainer.epochs"] == "2" and data.params["data.name"] == "mnist5k"
     assert data.tags["method"] == "scpl" and data.tags["dataset"] == "mnist5k" and data.tags["model"] == "vgg"
     assert data.tags["engine"] == "sequential" and data.tags["seed"] == "0" and data.tags["dvc_stage"] == "train@scpl-0"
+    assert data.tags["config.profile"] == "smoke" and data.tags["config.method"] == "scpl"
     assert len(data.tags["git_commit"]) in (40, len("unknown"))
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "val_acc")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/block3/supcon")] == [1, 2]
-    assert data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
-    artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+    # Where the numbers came from: bitwise repeatable only on the same CPU type and thread count.
+    assert data.tags["env.cpu"] == cpu_model() and data.tags["env.torch"] == torch.__version__
+    assert data.tags["env.torch_threads"] == str(torch.get_num_threads())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["environment"]["cpu"] == cpu_model()
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/block3/supcon")] == [1, 2]
+    # Final metrics have their own names: the per-epoch charts end at the last epoch's real value.
+    for name in ("test_acc", "train_time_s", "samples_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2]
+    assert data.metrics["summary/test_acc"] == pytest.approx(summary["test_acc"])
+    assert data.metrics["summary/train_time_s"] == pytest.approx(summary["train_time_s"])
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "metrics.json", "history.csv"} <= artifacts
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the database, not in the cwd
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mlflow_run_id"] == run_id
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning" in caplog.text
+
+
+def test_a_failure_after_training_ends_the_run_failed(smoke_config, tmp_path: Path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("scpl_kit.train.write_results", disk_full)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(OSError, match="No space left"):
+        run(smoke_config("method=bp", "trainer.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}"))
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
+    assert found.info.status == "FAILED" and found.data.tags["outcome"] == "failed" and "No space" in found.data.tags["error"]
+
+
+def test_saved_model_is_the_one_whose_accuracy_is_reported(smoke_config, tmp_path: Path, monkeypatch) -> None:
+    """model.pt holds the best-validation epoch's weights, not the last epoch's: evaluating it gives
+    back the test accuracy that epoch recorded. Epoch 1 is made the best by raising its val_acc."""
+    real_run_epoch = Trainer.run_epoch
+
+    def epoch_1_looks_best(self, epoch):
+        record = real_run_epoch(self, epoch)
+        return {**record, "val_acc": 1.0} if epoch == 1 else record
+
+    monkeypatch.setattr(Trainer, "run_epoch", epoch_1_looks_best)
+    summary = run(smoke_config("method=scpl", "trainer.epochs=2"))
+    epochs = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert summary["best_val_epoch"] == 1 and summary["test_acc"] == epochs.test_acc[0]
+    assert torch.load(tmp_path / "out" / "model.pt")["epoch"] == 1
+    report = evaluate_run(tmp_path / "out")
+    assert report["matches_training"] and report["test_acc"] == pytest.approx(epochs.test_acc[0])
+    assert report["saved_weights"] == "epoch 1, the best validation accuracy"
 
 
 def test_nan_loss_stops_with_block_and_step_and_keeps_what_was_logged(smoke_config, tmp_path: Path, monkeypatch) -> None:
@@ -126,5 +174,5 @@ def test_nan_loss_stops_with_block_and_step_and_keeps_what_was_logged(smoke_conf
 def test_evaluation_of_saved_weights_matches_training(smoke_config, tmp_path: Path) -> None:
     summary = run(smoke_config("method=scpl"))
     report = evaluate_run(tmp_path / "out")
-    assert report["matches_training"] and report["test_acc"] == pytest.approx(summary["final_test_acc"])
+    assert report["matches_training"] and report["test_acc"] == pytest.approx(summary["test_acc"])
     assert sum(map(sum, report["confusion"])) == 1000

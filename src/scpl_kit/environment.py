@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-LIBRARIES = ("torch", "torchvision", "numpy", "mlflow", "optuna")
+LIBRARIES = ("torchvision", "numpy", "mlflow", "optuna")
 
 
 @cache
@@ -40,5 +40,13 @@ def describe() -> dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
         "gpu": gpu,
         "python": platform.python_version(),
+        "torch": torch.__version__,  # with its build, e.g. +cu130: CPU and CUDA builds differ in kernels
         **{name: library_version(name) for name in LIBRARIES},
     }
+
+
+def one_line(environment: dict[str, str]) -> str:
+    """For a table's header: `Intel Xeon …, 2 torch threads, no GPU, Python 3.11.7, torch 2.14.1, …`."""
+    gpu = "no GPU" if environment["gpu"] == "none" else environment["gpu"]
+    versions = ", ".join(f"{name} {environment[name]}" for name in ("python", "torch", *LIBRARIES))
+    return f"{environment['cpu']}, {environment['torch_threads']} torch threads, {gpu}, {versions}"

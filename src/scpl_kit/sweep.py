@@ -173,6 +173,15 @@ class Sweep:
             raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.spec.n_trials} trials")
         for key, value in worker_identity().items():
             trial.set_user_attr(key, value)
+        try:
+            return self.evaluate(study, trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:  # the trial's own failure: it counts, and the sweep goes on
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+            raise
+
+    def evaluate(self, study: optuna.Study, trial: optuna.Trial) -> float:
         overrides = self.trial_overrides(trial)
         trial.set_user_attr("overrides", overrides)
         seen = same_point(study, trial)
@@ -182,23 +191,19 @@ class Sweep:
                 raise optuna.TrialPruned(f"the same point as trial {seen.number}, which was pruned")
             return seen.value
         study_dir = Path(self.spec.output_dir) / study.study_name
+        cfg = compose_config([
+            *overrides, "trainer.eval_test=false", "trainer.resume=false", "trainer.progress=false",
+            f"out_dir={study_dir / f'trial{trial.number}'}", f"trainer.checkpoint_dir={study_dir / 'checkpoints'}",
+            f"tracking.run_name=trial{trial.number}-{study.study_name}",  # the number first: the UI cuts long names
+            f"tracking.parent_run_id={study.user_attrs.get(PARENT_RUN_ATTR) or 'null'}",
+            f"+tracking.tags.optuna_study={study.study_name}", f"+tracking.tags.optuna_trial={trial.number}",
+        ])
         try:
-            cfg = compose_config([
-                *overrides, "trainer.eval_test=false", "trainer.resume=false", "trainer.progress=false",
-                f"out_dir={study_dir / f'trial{trial.number}'}", f"trainer.checkpoint_dir={study_dir / 'checkpoints'}",
-                f"tracking.run_name={study.study_name}-trial{trial.number}",
-                f"tracking.parent_run_id={study.user_attrs.get(PARENT_RUN_ATTR) or 'null'}",
-                f"+tracking.tags.optuna_study={study.study_name}", f"+tracking.tags.optuna_trial={trial.number}",
-            ])
             summary = run(cfg, listeners=[PruningListener(trial)])
         except Pruned as stop:
             raise optuna.TrialPruned(str(stop)) from None
-        except Exception as error:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-            raise
         value = summary[self.spec.metric]
         if not math.isfinite(value):
-            trial.set_user_attr("error", f"{self.spec.metric} is {value}")
             raise FloatingPointError(f"{self.spec.metric} is {value}")
         return value
 

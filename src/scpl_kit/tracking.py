@@ -58,11 +58,11 @@ def check_tracking_store(uri: str) -> None:
 
 
 def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """A run, or the experiment's runs, in MLflow's classic runs view: 3.17 opens an experiment in
-    its GenAI traces view, where training runs do not show. A server URI is its own UI."""
+    """A run, or the experiment's runs, in MLflow's classic (model training) view: without
+    `workflowType`, 3.17 opens its GenAI traces view. A server URI is its own UI's address."""
     base = redact(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    page = f"runs/{run_id}" if run_id else "runs?workflowType=machine_learning"
-    return f"{base}/#/experiments/{experiment_id}/{page}"
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
 
 
 def git_commit() -> str:

@@ -121,16 +121,16 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
         engine.close()
 
 
-def open_tracker(cfg: DictConfig, resumed_run_id: str | None) -> MlflowTracker:
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+def start_tracking(tracker: MlflowTracker, cfg: DictConfig, resumed_run_id: str | None) -> str:
     run_name = cfg.tracking.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
-    tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=resumed_run_id)
-    return tracker
+    return tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=resumed_run_id)
 
 
 def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
     out_dir = Path(cfg.out_dir)
-    if engine.is_main:  # the only process that writes
+    tracker = None
+    if engine.is_main:  # the only process that writes and logs; its checks come before any run opens
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None
         check_writable_dir(out_dir, "out_dir")
         check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
@@ -138,21 +138,21 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
     if state is not None:
         engine.load_training_state(state["units"])
         log.info("resuming from %s after epoch %d", checkpoint.path, state["epoch"])
-    tracker = open_tracker(cfg, state and state["run_id"]) if cfg.tracking.enabled and engine.is_main else None
     trainer = Trainer(
         engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
         Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
-        checkpoint=checkpoint, run_id=tracker and tracker.run_id, eval_test=cfg.trainer.eval_test,
-        best=state["best"] if state else BestWeights(),
+        checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=state["best"] if state else BestWeights(),
     )
     history = state["history"] if state else []
     try:
+        if tracker is not None:
+            trainer.run_id = start_tracking(tracker, cfg, state and state["run_id"])
         history = trainer.fit(start_epoch=len(history) + 1, history=history)
         summary = summarize(history)
         if engine.is_main:
             write_outputs(out_dir, cfg, history)
-            write_results(out_dir, cfg, summary, trainer.best, tracker and tracker.run_id)
+            write_results(out_dir, cfg, summary, trainer.best, trainer.run_id)
         if tracker is not None:
             # Their own names: logged as `test_acc` at step = epochs they would draw a false last point on the per-epoch charts.
             tracker.log_metrics({f"summary/{name}": value for name, value in summary.items()})
@@ -161,7 +161,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
     except BaseException as error:
         if engine.is_main:
             keep_partial_history(out_dir, cfg, checkpoint, history)
-        if tracker is not None:
+        if tracker is not None and tracker.run_id is not None:
             end_tracked_run(tracker, error)
         if isinstance(error, TrainingStopped) and engine.is_main:
             checkpoint.remove()  # stopped on purpose: there is nothing to resume

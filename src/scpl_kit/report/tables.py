@@ -22,7 +22,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
 
+from scpl_kit.environment import one_line
+
 GROUP = ["dataset", "model", "method"]
+PANEL_INCHES, DPI, MAX_COLUMNS = (5, 3.6), 100, 2  # ≤ 1000 px wide: `dvc plots show` crops wider images
 
 
 def run_dirs(runs: Path, methods: list[str], seeds: list[int]) -> dict[Path, str]:
@@ -50,6 +53,7 @@ def accuracy_table(finals: pd.DataFrame) -> pd.DataFrame:
     metric (best test accuracy over epochs). std is the sample std over seeds (0 for one run)."""
     grouped = finals.groupby(GROUP, sort=False)
     table = grouped.agg(
+        engines=("engine", lambda engines: ", ".join(sorted(set(engines)))),  # (pandas 3 drops an output named like its input)
         n_runs=("seed", "count"),
         acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
         best_test_mean=("best_test_acc", "mean"), best_test_std=("best_test_acc", "std"),
@@ -60,15 +64,19 @@ def accuracy_table(finals: pd.DataFrame) -> pd.DataFrame:
     return table.round({"samples_per_s": 1, "train_time_s": 1})
 
 
-def markdown(table: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame, finals: pd.DataFrame) -> str:
     shown = table.assign(
         accuracy=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.acc_mean, table.acc_std)],
         best_test=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.best_test_mean, table.best_test_std)],
-    )[[*GROUP, "n_runs", "accuracy", "best_test", "samples_per_s", "train_time_s"]]
+    )[[*GROUP, "engines", "n_runs", "accuracy", "best_test", "samples_per_s", "train_time_s"]]
+    environments = sorted({one_line(env) for env in finals.environment})
     return (
         "# Test accuracy (%)\n\n"
-        "`accuracy`: test accuracy at the epoch of best validation accuracy (mean ± std over seeds). "
-        "`best_test`: best test accuracy over epochs, the paper's metric (it selects on the test set).\n\n"
+        "`accuracy`: test accuracy of the saved model, `model.pt`: the weights of the epoch with the best "
+        "validation accuracy (mean ± std over seeds). `best_test`: best test accuracy over epochs, the paper's "
+        "metric (it selects on the test set).\n\n"
+        f"Profile: {', '.join(sorted(set(finals.profile)))}. Trained on: {'; '.join(environments)}. "
+        "Runs repeat bitwise on the same CPU type and thread count; on another CPU, seeds move by up to 0.5 points.\n\n"
         + shown.to_markdown(index=False) + "\n"
     )
 
@@ -76,8 +84,12 @@ def markdown(table: pd.DataFrame) -> str:
 def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     """Test accuracy per epoch, one line per method (mean over seeds, band = min..max), a panel per dataset/model."""
     panels = list(curves.groupby(["dataset", "model"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, ((dataset, model), frame) in zip(axes[0], panels):
+    columns = min(len(panels), MAX_COLUMNS)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, ((dataset, model), frame) in zip(axes.flat, panels):
         for method, rows in frame.groupby("method", sort=False):
             per_epoch = rows.groupby("epoch")["test_acc"]
             mean = 100 * per_epoch.mean()
@@ -88,20 +100,27 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def build_reports(params: dict, runs: Path, out: Path) -> pd.DataFrame:
+def build_reports(params: dict, runs: Path, out: Path) -> str:
+    """Write the tables, the figure and the metrics; return the markdown table."""
     finals, curves = load_runs(run_dirs(runs, params["methods"], params["seeds"]))
     table = accuracy_table(finals)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tables" / "accuracy.csv", index=False)
-    (out / "tables" / "accuracy.md").write_text(markdown(table))
+    text = markdown(table, finals)
+    (out / "tables" / "accuracy.md").write_text(text)
     plot_curves(curves, out / "figures" / "accuracy_curves.png")
-    summary = {f"{r.dataset}/{r.model}/{r.method}": {"acc_mean": r.acc_mean, "acc_std": r.acc_std, "n_runs": r.n_runs} for r in table.itertuples()}
+    groups = dict(list(finals.groupby(GROUP, sort=False)))
+    summary = {}
+    for r in table.itertuples():
+        group = groups[(r.dataset, r.model, r.method)]
+        run_ids = {f"s{seed}": run_id for seed, run_id in zip(group.seed, group.mlflow_run_id)}  # where each row's runs are in MLflow
+        summary[f"{r.dataset}/{r.model}/{r.method}"] = {"acc_mean": r.acc_mean, "acc_std": r.acc_std, "n_runs": r.n_runs, "mlflow_run_ids": run_ids}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return table
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,8 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    table = build_reports(yaml.safe_load(args.params.read_text()), args.runs, args.out)
-    print(markdown(table))
+    print(build_reports(yaml.safe_load(args.params.read_text()), args.runs, args.out))
     return 0
 
 
