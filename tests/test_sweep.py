@@ -147,6 +147,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_a_trial(sweep_env: dic
             assert trials[number].state == TrialState.COMPLETE  # finished work was kept, not redone
     killed = [t for t in trials if before.get(t.number) == TrialState.RUNNING]
     assert killed and all(t.state == TrialState.FAIL and "error" not in t.user_attrs for t in killed)
+    first_new = min(t.datetime_start for t in trials if t.number not in before)
+    assert all(t.datetime_complete <= first_new for t in killed)  # failed when the sweep restarted, not at its end
     retried = [t for t in trials if t.system_attrs.get("failed_trial") in {k.number for k in killed}]
     assert retried and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in retried)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
