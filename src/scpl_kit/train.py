@@ -31,7 +31,7 @@ from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
 from scpl_kit.preflight import check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
-from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
+from scpl_kit.tracking import MlflowTracker, TrainingListener, check_tracking_store, default_tracking_uri, git_commit
 from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
 
 log = logging.getLogger("scpl_kit")
@@ -129,10 +129,12 @@ def start_tracking(tracker: MlflowTracker, cfg: DictConfig, resumed_run_id: str 
 def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
     out_dir = Path(cfg.out_dir)
     tracker = None
-    if engine.is_main:  # the only process that writes and logs; its checks come before any run opens
-        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None
+    if engine.is_main:  # the only process that writes and logs: checked before it creates anything
+        if cfg.tracking.enabled:
+            check_tracking_store(cfg.tracking.uri or default_tracking_uri())
         check_writable_dir(out_dir, "out_dir")
         check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:
