@@ -32,6 +32,7 @@ CASES = {
     "unprepared dataset": ("train", ["data=cifar10", "data.processed_dir={tmp}/empty"], {}, "prepare it with `python -m scpl_kit.prepare data=cifar10 data.processed_dir={tmp}/empty`"),
     "missing SCPL_DATA_DIR": ("prepare", ["data=cifar10"], {"SCPL_DATA_DIR": "{tmp}/nonexistent"}, "data.raw_dir={tmp}/nonexistent (from SCPL_DATA_DIR or the config) is not a folder"),
     "unknown sweep metric": ("sweep", ["sweep=scpl_tau_lr", "sweep.metric=test_acc", "sweep.storage=sqlite:///{tmp}/optuna.db"], {}, "selects on validation only"),
+    "unreachable tracking server (sweep)": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/optuna.db", "tracking.uri=http://127.0.0.1:{port}"], {}, "MLflow tracking server http://127.0.0.1:{port} does not answer"),
     "unwritable sweep storage": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/a_file/optuna.db"], {}, "Optuna storage {tmp}/a_file/optuna.db"),
 }
 

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
 from scpl_kit.preflight import check_sqlite_file, check_values
-from scpl_kit.tracking import MlflowTracker, redact
+from scpl_kit.tracking import MlflowTracker, check_tracking_store, default_tracking_uri, redact
 from scpl_kit.train import USER_ERRORS, run, run_key
 from scpl_kit.trainer import TrainingStopped
 
@@ -156,7 +156,12 @@ class Sweep:
         if clash:
             raise ConfigError(f"{', '.join(clash)}: this key is searched by the study; drop it from the command line or from sweep.space")
         self.base = compose_config(self.fixed_overrides())  # a trial's config before its searched values
+        # Before anything is created: bad values, a tracking store or a study storage that cannot be used.
         check_values(self.base)
+        if cfg.tracking.enabled:
+            check_tracking_store(cfg.tracking.uri or default_tracking_uri())
+        if self.storage_url.startswith("sqlite:///"):
+            check_sqlite_file(self.storage_url.removeprefix("sqlite:///"), "Optuna storage")
         self.study_name = study_identity(self.spec, self.base)
 
     def fixed_overrides(self) -> list[str]:
@@ -209,8 +214,6 @@ class Sweep:
 
     def connect(self) -> optuna.storages.RDBStorage:
         """The study's storage, with heartbeats so a killed worker's trial is failed and retried."""
-        if self.storage_url.startswith("sqlite:///"):
-            check_sqlite_file(self.storage_url.removeprefix("sqlite:///"), "Optuna storage")
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(
@@ -227,6 +230,7 @@ class Sweep:
         raise AssertionError("unreachable")
 
     def open_study(self) -> optuna.Study:
+        self.tracker = MlflowTracker(self.cfg.tracking.uri, self.cfg.tracking.experiment) if self.cfg.tracking.enabled else None
         self.storage = self.connect()
         options = dict(study_name=self.study_name, storage=self.storage, pruner=make_pruner(self.spec.pruner, self.base.trainer.epochs))
         try:
@@ -237,7 +241,6 @@ class Sweep:
         if created:
             study.set_user_attr("profile", str(self.base.choices.profile))
         log.info("study %s in %s", study.study_name, redact(self.storage_url))
-        self.tracker = MlflowTracker(self.cfg.tracking.uri, self.cfg.tracking.experiment) if self.cfg.tracking.enabled else None
         if self.tracker is not None:
             self.ensure_parent_run(study, created)
         return study
