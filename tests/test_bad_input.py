@@ -3,7 +3,6 @@ MLflow run left RUNNING: each case runs the real command in a fresh process, as 
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -76,6 +75,6 @@ def test_bad_input_fails_fast_in_one_line(case: str, workspace: dict[str, str], 
     assert fill(named, workspace) in lines[0]
     assert took < 30, f"took {took:.0f} s to fail"
     assert not (tmp_path / "nonexistent").exists()  # a missing data folder is reported, never created
-    if (tmp_path / "mlflow.db").exists():
-        statuses = sqlite3.connect(tmp_path / "mlflow.db").execute("select status from runs").fetchall()
-        assert ("RUNNING",) not in statuses
+    # Stopped before any MLflow run (or store) was created, so none is left RUNNING. Errors after a run
+    # opened end it FAILED or KILLED: tests/test_training.py.
+    assert not (tmp_path / "mlflow.db").exists()

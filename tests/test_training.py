@@ -112,6 +112,26 @@ def test_mlflow_records_params_metrics_artifacts_and_tags(smoke_config, tmp_path
     assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning" in caplog.text
 
 
+def test_an_interrupted_run_ends_killed(smoke_config, tmp_path: Path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    real_run_epoch = Trainer.run_epoch
+
+    def interrupted_in_epoch_2(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # Ctrl-C
+        return real_run_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", interrupted_in_epoch_2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        run(smoke_config("method=bp", "tracking.enabled=true", f"tracking.uri={uri}"))
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
+    assert found.info.status == "KILLED" and found.data.tags["outcome"] == "killed"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val_acc")] == [1]
+
+
 def test_a_failure_after_training_ends_the_run_failed(smoke_config, tmp_path: Path, monkeypatch) -> None:
     from mlflow import MlflowClient
 

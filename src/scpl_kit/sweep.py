@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
 from scpl_kit.preflight import check_sqlite_file, check_values
-from scpl_kit.tracking import MlflowTracker, check_tracking_store, default_tracking_uri, redact
+from scpl_kit.tracking import MlflowTracker, redact
 from scpl_kit.train import USER_ERRORS, run, run_key
 from scpl_kit.trainer import TrainingStopped
 
@@ -42,7 +42,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Pruned(TrainingStopped):
@@ -97,27 +96,22 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or "error" in t.user_attrs]
 
 
-def same_point(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
-    """A finished trial with exactly this trial's parameters (possible in discrete spaces)."""
-    for other in study.get_trials(deepcopy=False, states=FINISHED):
-        if other.params == trial.params:
-            return other
-    return None
-
-
-def worker_identity() -> dict[str, Any]:
+def worker_identity(trial: optuna.Trial) -> dict[str, Any]:
     """Enough to tell, on this host, whether the process that runs a trial is still alive (the pid
-    alone could have been reused)."""
-    return {"worker_host": socket.gethostname(), "worker_pid": psutil.Process().pid, "worker_started": psutil.Process().create_time()}
+    alone could have been reused). The trial's id is part of it because a retried trial starts
+    with a copy of the failed one's attributes, the dead worker's identity among them."""
+    me = psutil.Process()
+    return {"worker_host": socket.gethostname(), "worker_pid": me.pid, "worker_started": me.create_time(), "worker_trial": trial._trial_id}
 
 
 def worker_is_dead(trial: FrozenTrial) -> bool:
-    """True only when certain: the trial's process ran on this host and is gone."""
+    """True only when certain: this trial's process ran on this host and is gone."""
     attrs = trial.user_attrs
-    if attrs.get("worker_host") != socket.gethostname() or "worker_pid" not in attrs:
-        return False
+    if attrs.get("worker_host") != socket.gethostname() or attrs.get("worker_trial") != trial._trial_id:
+        return False  # another host's, or not yet claimed by the worker that runs it
     try:
-        return psutil.Process(attrs["worker_pid"]).create_time() != attrs["worker_started"]
+        # Within a second: psutil derives start times from the boot time, which moves when the clock is stepped.
+        return abs(psutil.Process(attrs["worker_pid"]).create_time() - attrs["worker_started"]) > 1.0
     except psutil.NoSuchProcess:
         return True
 
@@ -156,10 +150,8 @@ class Sweep:
         if clash:
             raise ConfigError(f"{', '.join(clash)}: this key is searched by the study; drop it from the command line or from sweep.space")
         self.base = compose_config(self.fixed_overrides())  # a trial's config before its searched values
-        # Before anything is created: bad values, a tracking store or a study storage that cannot be used.
+        # Before anything is created (the tracker checks its own store): bad values, a storage that cannot be used.
         check_values(self.base)
-        if cfg.tracking.enabled:
-            check_tracking_store(cfg.tracking.uri or default_tracking_uri())
         if self.storage_url.startswith("sqlite:///"):
             check_sqlite_file(self.storage_url.removeprefix("sqlite:///"), "Optuna storage")
         self.study_name = study_identity(self.spec, self.base)
@@ -176,7 +168,7 @@ class Sweep:
         if trial.number not in in_budget:
             study.stop()
             raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.spec.n_trials} trials")
-        for key, value in worker_identity().items():
+        for key, value in worker_identity(trial).items():
             trial.set_user_attr(key, value)
         try:
             return self.evaluate(study, trial)
@@ -189,12 +181,6 @@ class Sweep:
     def evaluate(self, study: optuna.Study, trial: optuna.Trial) -> float:
         overrides = self.trial_overrides(trial)
         trial.set_user_attr("overrides", overrides)
-        seen = same_point(study, trial)
-        if seen is not None:  # training is deterministic: the same point gives the same result
-            trial.set_user_attr("same_point_as", seen.number)
-            if seen.state == TrialState.PRUNED:
-                raise optuna.TrialPruned(f"the same point as trial {seen.number}, which was pruned")
-            return seen.value
         study_dir = Path(self.spec.output_dir) / study.study_name
         cfg = compose_config([
             *overrides, "trainer.eval_test=false", "trainer.resume=false", "trainer.progress=false",
@@ -275,9 +261,10 @@ class Sweep:
                     retry(study, self.storage.get_trial(trial._trial_id))
         optuna.storages.fail_stale_trials(study)
         if self.tracker is not None:
-            running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            for run_id, tags in self.tracker.running_runs(optuna_study=study.study_name):
-                if int(tags.get("optuna_trial", -1)) not in running:
+            orphans = self.tracker.running_runs(optuna_study=study.study_name)  # before the states: a trial starting meanwhile is not FAIL
+            failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+            for run_id, tags in orphans:
+                if int(tags.get("optuna_trial", -1)) in failed:
                     self.tracker.end_run(run_id, "KILLED", "its sweep worker was killed; the trial was failed and queued again")
 
     def run(self) -> optuna.Study:
@@ -308,6 +295,8 @@ class Sweep:
         log.info("study %s: %s", study.study_name, states)
         if not done:
             log.warning("no trial completed; nothing to export")
+            if self.tracker is not None and PARENT_RUN_ATTR in study.user_attrs:
+                self.tracker.end_run(study.user_attrs[PARENT_RUN_ATTR], "FAILED", f"no trial completed: {states}")
             return
         best = study.best_trial
         path = Path(self.spec.export_dir) / f"{self.spec.study_name}_best.yaml"

@@ -31,7 +31,7 @@ from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
 from scpl_kit.preflight import check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
-from scpl_kit.tracking import MlflowTracker, TrainingListener, check_tracking_store, default_tracking_uri, git_commit
+from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
 from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
 
 log = logging.getLogger("scpl_kit")
@@ -129,12 +129,10 @@ def start_tracking(tracker: MlflowTracker, cfg: DictConfig, resumed_run_id: str 
 def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
     out_dir = Path(cfg.out_dir)
     tracker = None
-    if engine.is_main:  # the only process that writes and logs: checked before it creates anything
-        if cfg.tracking.enabled:
-            check_tracking_store(cfg.tracking.uri or default_tracking_uri())
+    if engine.is_main:  # the only process that writes and logs; checked before a run opens
         check_writable_dir(out_dir, "out_dir")
         check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
-        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None  # checks its store
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:
@@ -144,7 +142,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
         Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
-        checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=state["best"] if state else BestWeights(),
+        checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=(state or {}).get("best") or BestWeights(),
     )
     history = state["history"] if state else []
     try:
@@ -161,10 +159,10 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
             for name in ("config.yaml", "metrics.json", "history.csv"):
                 tracker.log_file(out_dir / name)
     except BaseException as error:
-        if engine.is_main:
-            keep_partial_history(out_dir, cfg, checkpoint, history)
         if tracker is not None and tracker.run_id is not None:
             end_tracked_run(tracker, error)
+        if engine.is_main:
+            keep_partial_history(out_dir, cfg, checkpoint, history)
         if isinstance(error, TrainingStopped) and engine.is_main:
             checkpoint.remove()  # stopped on purpose: there is nothing to resume
         raise
@@ -184,18 +182,20 @@ def end_tracked_run(tracker: MlflowTracker, error: BaseException) -> None:
         outcome, status = error.outcome, error.run_status
     else:
         outcome, status = ("killed", "KILLED") if isinstance(error, KeyboardInterrupt) else ("failed", "FAILED")
-    tracker.set_tag("outcome", outcome)
-    tracker.set_tag("error" if status == "FAILED" else "stopped", str(error)[:5000] or type(error).__name__)
-    tracker.finish(status)
+    try:
+        tracker.set_tag("outcome", outcome)
+        tracker.set_tag("error" if status == "FAILED" else "stopped", str(error)[:5000] or type(error).__name__)
+    finally:
+        tracker.finish(status)
 
 
 def keep_partial_history(out_dir: Path, cfg: DictConfig, checkpoint: Checkpoint, fallback: list[dict[str, float]]) -> None:
     """The epochs finished before a failure (the checkpoint has them even when fit() did not return).
     Best effort: the error being raised is the one to report."""
-    state = checkpoint.load()
     try:
+        state = checkpoint.load()
         write_outputs(out_dir, cfg, state["history"] if state else fallback)
-    except OSError as error:
+    except Exception as error:
         log.warning("could not write the partial history to %s: %s", out_dir, error)
 
 

@@ -29,7 +29,7 @@ from scpl_kit.methods.units import LocalUnit
 
 HEADER = 8  # int64 slots: ndim, shape (≤ 6 dims), number of labels
 # How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
-PEER_FAILURES = ("Timed out", "timed out", "timeout", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
+PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -76,7 +76,7 @@ def markdown(table: pd.DataFrame, finals: pd.DataFrame) -> str:
         "validation accuracy (mean ± std over seeds). `best_test`: best test accuracy over epochs, the paper's "
         "metric (it selects on the test set).\n\n"
         f"Profile: {', '.join(sorted(set(finals.profile)))}. Trained on: {'; '.join(environments)}. "
-        "Runs repeat bitwise on the same CPU type and thread count; on another CPU, seeds move by up to 0.5 points.\n\n"
+        "Runs repeat bitwise on the same machine and thread count; on another CPU type, single seeds moved by up to 0.5 points.\n\n"
         + shown.to_markdown(index=False) + "\n"
     )
 
