@@ -208,11 +208,12 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     speed.axvline(1.0, color="gray", lw=0.8)
     speed.set(xlabel="speed-up over BP on 1 worker", title="training throughput (1 thread per worker)")
     memory.barh(rows, table.peak_act_mem_mb, color=colors)
-    memory.set(xlabel="peak activation memory of the largest worker (MB; none for threads: one shared process)", title="memory")
-    memory.set_yticks(rows, labels, fontsize=8)
+    memory.set(xlabel="peak activation memory of the largest worker (MB)", title="memory (threads engine: one shared process, not measured)")
+    memory.set_yticks(rows, labels)
     memory.invert_yaxis()  # the table's order, top to bottom
     for ax in (speed, memory):
         ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
