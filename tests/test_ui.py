@@ -184,21 +184,27 @@ def make_server(target: str, variables: list[str], url: str, ready_path: str, lo
         stop_group(proc)
 
 
+def served(target: str, variables: dict[str, str], ready_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make <target> VAR=...` on a free port, until it answers; stopped when the module is done."""
+    port = free_port()
+    settings = [f"{key}={value}" for key, value in variables.items()] + [f"{PORT_VARIABLES[target]}={port}"]
+    log = tmp_path_factory.mktemp("ui_logs") / f"{target}.log"
+    with make_server(target, settings, f"http://127.0.0.1:{port}", ready_path, log) as url:
+        yield url
+
+
+PORT_VARIABLES = {"ui": "PORT", "dashboard": "DASHBOARD_PORT"}  # as the Makefile names them
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("ui_logs") / "mlflow.log"
-    with make_server("ui", [f"MLFLOW_STORE={store['mlflow']}", f"PORT={port}"], f"http://127.0.0.1:{port}", "/health", log) as url:
-        yield url
+    yield from served("ui", {"MLFLOW_STORE": store["mlflow"]}, "/health", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def dashboard(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("ui_logs") / "dashboard.log"
     # optuna-dashboard has no /health; its JSON API answers once the storage is open.
-    with make_server("dashboard", [f"OPTUNA_STORE={store['optuna']}", f"DASHBOARD_PORT={port}"], f"http://127.0.0.1:{port}", "/api/studies", log) as url:
-        yield url
+    yield from served("dashboard", {"OPTUNA_STORE": store["optuna"]}, "/api/studies", tmp_path_factory)
 
 
 # --- the browser --------------------------------------------------------------------------------
