@@ -113,6 +113,13 @@ def sweep_process(env: dict, *extra: str) -> subprocess.Popen:
     )
 
 
+def open_trial_runs(env: dict, number: int) -> list:
+    client = MlflowClient(env["mlflow"])
+    experiment = client.get_experiment_by_name("scpl-kit")
+    query = f"tags.optuna_trial = '{number}' and attributes.status = 'RUNNING'"
+    return client.search_runs([experiment.experiment_id], query) if experiment else []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("restart", ["at once", "after the heartbeat"])
 def test_killed_sweep_resumes_without_losing_or_repeating_a_trial(sweep_env: dict, restart: str) -> None:
@@ -123,15 +130,15 @@ def test_killed_sweep_resumes_without_losing_or_repeating_a_trial(sweep_env: dic
     tracking = [f"tracking.uri={sweep_env['mlflow']}", f"sweep.heartbeat_s={heartbeat}"]
     worker = sweep_process(sweep_env, *tracking)
     deadline = time.time() + 240
-    while time.time() < deadline:
+    while time.time() < deadline:  # until a trial after the first is inside training, its MLflow run open
         time.sleep(0.5)
         try:
             trials = load(sweep_env).trials
         except Exception:
             continue
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and any(t.state == TrialState.RUNNING for t in trials):
+        running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and running and open_trial_runs(sweep_env, running[0]):
             break
-    time.sleep(1.5)  # well inside the running trial, whose MLflow run is open by now
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     study = load(sweep_env)
