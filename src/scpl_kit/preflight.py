@@ -24,8 +24,7 @@ class PreflightError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     kind: type  # int or float (an int is a valid float)
-    low: float | None = None  # inclusive bounds
-    high: float | None = None
+    low: float | None = None  # inclusive
     positive: bool = False  # > 0
     below_one: bool = False  # < 1
     nullable: bool = False
@@ -34,7 +33,6 @@ class Rule:
         what = "an integer" if self.kind is int else "a number"
         bounds = [f"≥ {self.low:g}"] if self.low is not None else []
         bounds += ["> 0"] if self.positive else []
-        bounds += [f"≤ {self.high:g}"] if self.high is not None else []
         bounds += ["< 1"] if self.below_one else []
         return " ".join([what, " and ".join(bounds), "or null" if self.nullable else ""]).replace("  ", " ").strip()
 
@@ -46,7 +44,6 @@ class Rule:
         return (
             math.isfinite(value)
             and (self.low is None or value >= self.low)
-            and (self.high is None or value <= self.high)
             and (not self.positive or value > 0)
             and (not self.below_one or value < 1)
         )
@@ -90,7 +87,7 @@ def check_batch_fits(cfg: DictConfig, train_size: int) -> None:
         )
 
 
-def check_writable_dir(path: str | Path, key: str) -> Path:
+def check_writable_dir(path: str | Path, key: str) -> None:
     """Create `path` if needed and prove a file can be written there (as root, os.access says yes to
     almost anything, so write one)."""
     folder = Path(path)
@@ -100,7 +97,6 @@ def check_writable_dir(path: str | Path, key: str) -> Path:
             pass
     except OSError as error:
         raise PreflightError(f"{key}={path} is not a writable folder: {error.strerror or error}") from None
-    return folder
 
 
 def check_sqlite_file(path: str | Path, what: str) -> None:

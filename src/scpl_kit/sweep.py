@@ -92,7 +92,7 @@ def make_pruner(spec: DictConfig, max_epochs: int) -> optuna.pruners.BasePruner:
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that used up the budget: finished, pruned or running ones, and those that failed by
     themselves. Not counted: queued trials (not started yet), trials whose worker was killed
-    (Optuna's heartbeat marks them failed and they are retried) and surplus trials."""
+    (`Sweep.reclaim` fails them and they are retried) and surplus trials."""
     return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or "error" in t.user_attrs]
 
 
@@ -308,8 +308,8 @@ class Sweep:
         else:
             export_best(self.cfg, best, provenance, path)
             log.info("best trial %d: %s = %.4f %s → %s", best.number, self.spec.metric, best.value, best.params, path)
-        if self.cfg.tracking.enabled and PARENT_RUN_ATTR in study.user_attrs:
-            report_to_parent(self.cfg, study, states, path)
+        if self.tracker is not None and PARENT_RUN_ATTR in study.user_attrs:
+            report_to_parent(self.tracker, study, states, path)
 
 
 def export_refusal(path: Path, new: dict[str, Any], direction: str) -> str | None:
@@ -354,7 +354,7 @@ def export_best(cfg: DictConfig, best: FrozenTrial, provenance: dict[str, Any], 
     path.write_text(header + yaml.safe_dump(body, sort_keys=False))
 
 
-def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int], exported: Path | None) -> None:
+def report_to_parent(tracker: MlflowTracker, study: optuna.Study, states: dict[str, int], exported: Path | None) -> None:
     """Best value and params (as metric, tags and JSON: MLflow params cannot change once logged,
     and a shared study's best moves while workers run), plus Optuna's plots as PNGs."""
     import matplotlib
@@ -363,7 +363,6 @@ def report_to_parent(cfg: DictConfig, study: optuna.Study, states: dict[str, int
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.use_run(study.user_attrs[PARENT_RUN_ATTR])
     best = study.best_trial
     tracker.log_metrics({"best_value": best.value, **{f"n_{k.lower()}": v for k, v in states.items()}})
