@@ -43,6 +43,6 @@ ui: setup
 dashboard: setup
 	optuna-dashboard $(OPTUNA_STORE) --host $(HOST) --port $(DASHBOARD_PORT)
 
-# `dvc exp show` lists every dependency's hash too (40 columns); this keeps metrics and parameters.
+# `dvc exp show` lists every dependency's hash too (40 columns); this keeps each row's mean accuracy and the parameters.
 exps: setup
-	dvc exp show --md --drop '^(bench|conf|data|reports|runs|src)(/|$$)|^Created$$|.*\.mlflow_run_ids\..*'
+	dvc exp show --md --drop '^(bench|conf|data|reports|runs|src)(/|$$)|^Created$$|^grids\..*|.*\.(mlflow_run_ids\..*|acc_std|n_runs)'

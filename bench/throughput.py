@@ -76,7 +76,7 @@ def build_units(case: Case, setup: Setup):
     torch.manual_seed(0)
     model = build_model("vgg", (3, 32, 32), 10, width=setup.width)
     options = {"projector": "m", "pool": case.projector == "pooled"} if case.method == "scpl" else {}
-    units = from_method(case.method, model, **options)
+    units = from_method(case.method, model, 10, **options)
     for unit in units:
         unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10_000))
     return units
@@ -149,10 +149,10 @@ def time_units(units, batches) -> list[float]:
     """Seconds per training step of each unit alone (forward, loss, backward, step), one thread."""
     times = [0.0] * len(units)
     for inputs, labels in batches:
-        h = inputs
+        signal = {"features": inputs, "labels": labels}
         for i, unit in enumerate(units):
             start = time.perf_counter()
-            h, _ = unit.train_step(h, labels)
+            signal, _ = unit.train_step(signal)
             times[i] += time.perf_counter() - start
     return [t / len(batches) for t in times]
 

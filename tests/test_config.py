@@ -3,13 +3,13 @@ from pathlib import Path
 import pytest
 
 from scpl_kit.config import ConfigError, compose_config, config_dir
+from scpl_kit.data import dataset_facts
 from scpl_kit.engines import build_engine
 from scpl_kit.methods import METHODS, build_units
 from scpl_kit.models import build_model
 from scpl_kit.train import main as train_main, options
 
 GROUPS = ["data", "model", "method", "engine", "trainer", "profile"]
-SHAPES = {"mnist5k": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
 def group_options(group: str) -> list[str]:
@@ -24,8 +24,9 @@ def test_required_groups_exist() -> None:
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in group_options(g)])
 def test_every_option_composes_and_builds(override: str) -> None:
     cfg = compose_config([override])
-    model = build_model(cfg.model.name, SHAPES[cfg.data.name], 10, **options(cfg.model))
-    units = build_units(cfg.method.name, model, **options(cfg.method))
+    facts = dataset_facts(cfg.data.name, **cfg.data)  # what the dataset is, without its files
+    model = build_model(cfg.model.name, facts.input_shape, facts.num_classes, **options(cfg.model))
+    units = build_units(cfg.method.name, model, facts.num_classes, **options(cfg.method))
     assert units
     try:
         assert build_engine(cfg.engine.name, **options(cfg.engine)) is not None

@@ -5,6 +5,7 @@ import time
 import traceback
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -69,20 +70,29 @@ def test_stage_splits() -> None:
     assert balanced_stages([2.0, 2.0, 2.0, 2.0], 4) == [[0], [1], [2], [3]]
 
 
-def test_threads_engine_matches_sequential(smoke_config, tmp_path: Path) -> None:
-    expected = reference(smoke_config, tmp_path)
-    run(smoke_config("method=scpl", "trainer.threads=1", "engine=threads", "engine.devices=[cpu,cpu]", f"out_dir={tmp_path / 'threads'}"))
+DECOUPLED = ["scpl", "early_exit", "al"]
+
+
+@pytest.mark.parametrize("method", DECOUPLED)
+def test_threads_engine_matches_sequential(smoke_config, tmp_path: Path, method: str) -> None:
+    expected = reference(smoke_config, tmp_path, method)
+    run(smoke_config(f"method={method}", "trainer.threads=1", "engine=threads", "engine.devices=[cpu,cpu]", f"out_dir={tmp_path / 'threads'}"))
     assert_same_run(expected, tmp_path / "threads")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 4])
-def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, stages: int) -> None:
-    expected = reference(smoke_config, tmp_path)
-    cfg = smoke_config("method=scpl", "trainer.threads=1", "engine=pipeline", "engine.timeout_s=120", f"out_dir={tmp_path / 'pipeline'}")
+@pytest.mark.parametrize("method", DECOUPLED)
+def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, method: str, stages: int) -> None:
+    """Same weights and the same history, per-exit accuracies included: AL's inference runs forward
+    through every stage and back again through each block's inverse."""
+    expected = reference(smoke_config, tmp_path, method)
+    cfg = smoke_config(f"method={method}", "trainer.threads=1", "engine=pipeline", "engine.timeout_s=120", f"out_dir={tmp_path / 'pipeline'}")
     reports = run_ranks(cfg, stages, tmp_path)
     assert sorted(reports) == [f"rank{r}.ok" for r in range(stages)], reports
     assert_same_run(expected, tmp_path / "pipeline")
+    if method != "scpl":  # Early Exit and AL read out every block
+        assert {f"test_acc/block{k}" for k in range(1, 5)} <= set(pd.read_csv(tmp_path / "pipeline" / "history.csv").columns)
 
 
 @pytest.mark.slow

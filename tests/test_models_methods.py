@@ -51,7 +51,7 @@ def test_pooled_mlp_projector_is_much_smaller() -> None:
 
 def units_with_optimizers(method, **options):
     model = small_vgg()
-    units = build_units(method, model, **options)
+    units = build_units(method, model, 10, **options)
     for unit in units:
         unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
     return model, units
@@ -60,6 +60,11 @@ def units_with_optimizers(method, **options):
 def batch(n=16):
     torch.manual_seed(1)
     return torch.randn(n, 1, 28, 28), torch.arange(n) % 4
+
+
+def signal(n=16):
+    x, y = batch(n)
+    return {"features": x, "labels": y}
 
 
 def test_scpl_units_partition_the_model() -> None:
@@ -76,11 +81,10 @@ def test_no_gradient_crosses_a_block() -> None:
     """Block k's parameters get nothing from block k+1's loss: their gradients after block k's
     step are unchanged by block k+1's backward, and block k's output arrives detached."""
     _, units = units_with_optimizers("scpl", projector="l", projector_dim=16)
-    x, y = batch()
-    h, _ = units[0].train_step(x, y)
-    assert not h.requires_grad
+    h, _ = units[0].train_step(signal())
+    assert not any(t.requires_grad for t in h.values())
     before = [p.grad.clone() for p in units[0].body.parameters()]
-    units[1].train_step(h, y)
+    units[1].train_step(h)
     after = [p.grad for p in units[0].body.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -90,11 +94,10 @@ def test_later_blocks_do_not_change_earlier_blocks_updates() -> None:
     _, alone = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
     _, full = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
     for step in range(3):
-        x, y = batch()
-        alone[0].train_step(x, y)
-        h = x
+        alone[0].train_step(signal())
+        h = signal()
         for unit in full:
-            h, _ = unit.train_step(h, y)
+            h, _ = unit.train_step(h)
     for a, b in zip(alone[0].state_dict().values(), full[0].state_dict().values()):
         assert torch.equal(a, b)
 
@@ -103,11 +106,10 @@ def test_predictor_gradient_never_reaches_the_backbone() -> None:
     _, units = units_with_optimizers("scpl", projector="i")
     last = units[-1]
     last.head = None  # only the predictor's loss remains
-    x, y = batch()
-    h = x
+    h = signal()
     for unit in units[:-1]:
-        h, _ = unit.train_step(h, y)
-    last.train_step(h, y)
+        h, _ = unit.train_step(h)
+    last.train_step(h)
     assert all(p.grad is None for p in last.body.parameters())
     assert all(p.grad is not None for p in last.predictor.parameters())
 
@@ -115,8 +117,7 @@ def test_predictor_gradient_never_reaches_the_backbone() -> None:
 def test_bp_is_one_unit_training_every_parameter() -> None:
     model, units = units_with_optimizers("bp")
     assert len(units) == 1
-    x, y = batch()
-    _, losses = units[0].train_step(x, y)
+    _, losses = units[0].train_step(signal())
     assert set(losses) == {"predictor/ce"}  # filed where SCPL files its predictor's loss: charts overlay
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
@@ -125,24 +126,26 @@ def test_inference_runs_blocks_then_predictor() -> None:
     model, units = units_with_optimizers("scpl")
     model.eval()
     x, _ = batch()
-    h = x
+    h = {"features": x}
     with torch.no_grad():
         for unit in units:
             unit.eval()
             h = unit.infer(h)
-        assert torch.equal(h, model(x))
+        assert torch.equal(h["scores"], model(x))
 
 
-@pytest.mark.parametrize(("builder", "name", "valid"), [(build_model, "resnet99", "vgg"), (build_units, "magic", "bp, scpl")])
+@pytest.mark.parametrize(("builder", "name", "valid"), [(build_model, "resnet99", "resnet18, vgg"), (build_units, "magic", "al, bp, early_exit, scpl")])
 def test_unknown_names_list_valid_ones(builder, name, valid) -> None:
     with pytest.raises(UnknownNameError, match=valid):
-        builder(name, small_vgg()) if builder is build_units else builder(name, (1, 28, 28), 10)
+        builder(name, small_vgg(), 10) if builder is build_units else builder(name, (1, 28, 28), 10)
 
 
 def test_bad_method_options_are_named() -> None:
     with pytest.raises(ValueError, match="i, l, m"):
-        build_units("scpl", small_vgg(), projector="x")
+        build_units("scpl", small_vgg(), 10, projector="x")
     with pytest.raises(ValueError, match="paper, standard"):
-        build_units("scpl", small_vgg(), variant="khosla")
-    with pytest.raises(TypeError, match="temprature"):
-        build_units("scpl", small_vgg(), temprature=0.5)
+        build_units("scpl", small_vgg(), 10, variant="khosla")
+    with pytest.raises(ValueError, match="method 'scpl' has no option 'temprature'; valid options: projector, pool, .*temperature"):
+        build_units("scpl", small_vgg(), 10, temprature=0.5)
+    with pytest.raises(ValueError, match="early-exit classifier 'i'; valid classifiers: l, m"):
+        build_units("early_exit", small_vgg(), 10, classifier="i")

@@ -43,7 +43,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params.update(profile="smoke", methods=["bp", "scpl"], seeds=[0], throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2})
+    params.update(
+        grid={"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"], "methods": ["bp", "early_exit"], "seeds": [0]},
+        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2},
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.lock").unlink(missing_ok=True)
     # What users' shells have: no PYTHONDONTWRITEBYTECODE (so Python writes __pycache__/ into the
@@ -59,12 +62,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_repro_builds_tables_and_plots(repo) -> None:
     root, env = repo
     ran = stages_run(sh(["dvc", "repro"], root, env))
-    assert ran == {"prepare", "train@bp-0", "train@scpl-0", "evaluate@bp-0", "evaluate@scpl-0", "tables", "throughput"}
+    assert ran == {"prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0", "evaluate", "tables", "throughput"}
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
-    assert {"dataset", "model", "method", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
-    assert sorted(table.method) == ["bp", "scpl"] and set(table.dataset) == {"mnist5k"} and set(table.n_runs) == {1}
+    assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
+    assert sorted(table.method) == ["bp", "early_exit"] and set(table.dataset) == {"mnist5k"} and set(table.n_runs) == {1}
     assert "| mnist5k" in (root / "reports/tables/accuracy.md").read_text()
     assert (root / "reports/figures/accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Early Exit's four exits and its final answer, per block; BP has no exits, so no row.
+    exits = pd.read_csv(root / "reports/tables/per_exit.csv")
+    assert list(exits.config) == ["early_exit"] and {"block1", "block4", "final"} <= set(exits.columns)
+    assert (exits[["block1", "block2", "block3", "block4", "final"]] > 0).all(axis=None)
+    assert (root / "reports/figures/per_exit.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("bp", "early_exit"):
+        assert json.loads((root / f"reports/eval/mnist5k-vgg-{name}-s0.json").read_text())["matches_training"]
     speed = pd.read_csv(root / "reports/tables/throughput.csv")
     wanted = {"method", "engine", "workers", "microbatches", "projector", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"}
     assert wanted <= set(speed.columns) and set(speed.engine) == {"sequential", "threads", "pipeline", "gpipe"}
@@ -72,19 +82,19 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     per_process = speed.engine != "threads"  # the threads engine's workers share one process: no per-worker memory
     assert (speed.peak_act_mem_mb[per_process] > 0).all() and speed.peak_act_mem_mb[~per_process].isna().all()
     assert (root / "reports/figures/throughput.png").is_file()
-    assert (root / "runs/scpl-s0/model.pt").is_file() and (root / "data/processed/mnist5k/meta.json").is_file()
-    assert "train@scpl-0" in sh([sys.executable, "-c", (
+    assert (root / "runs/mnist5k-vgg-early_exit-s0/model.pt").is_file() and (root / "data/processed/mnist5k/meta.json").is_file()
+    assert "train@mnist5k-vgg-early_exit-0" in sh([sys.executable, "-c", (
         "import sqlite3,sys; db=sqlite3.connect(sys.argv[1]);"
         "print(db.execute(\"select group_concat(value) from tags where key='dvc_stage'\").fetchone()[0])"
     ), str(root / "mlflow.db")], root, env)
     # Each row names its MLflow runs, and the header says where the numbers were measured.
-    run_ids = json.loads((root / "reports/metrics.json").read_text())["mnist5k/vgg/scpl"]["mlflow_run_ids"]
-    assert run_ids == {"s0": json.loads((root / "runs/scpl-s0/metrics.json").read_text())["mlflow_run_id"]}
+    run_ids = json.loads((root / "reports/metrics.json").read_text())["mnist5k/vgg/early_exit"]["mlflow_run_ids"]
+    assert run_ids == {"s0": json.loads((root / "runs/mnist5k-vgg-early_exit-s0/metrics.json").read_text())["mlflow_run_id"]}
     header = (root / "reports/tables/accuracy.md").read_text()
     assert f"Trained on: {cpu_model()}" in header and "Profile: smoke" in header and "best validation accuracy" in header
     assert f"Measured on {cpu_model()}" in (root / "reports/tables/throughput.md").read_text()
     # Figures fit the page `dvc plots show` writes (it shows images at their own size and crops the rest).
-    assert png_width(root / "reports/figures/throughput.png") <= 1000 and png_width(root / "reports/figures/accuracy_curves.png") <= 1000
+    assert all(png_width(root / f"reports/figures/{name}.png") <= 1000 for name in ("throughput", "accuracy_curves", "per_exit"))
     assert list((root / "src/scpl_kit").glob("__pycache__/*.pyc"))  # Python wrote bytecode beside the sources, as in a user's shell
 
 
@@ -103,16 +113,17 @@ def test_plots_and_experiments_are_readable(repo) -> None:
     # The README's `make exps`: metrics and parameters, not one column per dependency hash.
     table = sh(["make", "-s", "-o", ".venv/.installed", "exps"], root, {k: v for k, v in env.items() if not k.startswith("MAKE")})
     columns = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    assert "mnist5k/vgg/scpl.acc_mean" in columns and "profile" in columns
+    assert "mnist5k/vgg/early_exit.acc_mean" in columns and "grid.profile" in columns
     assert len(columns) <= 20 and not re.search(r"[0-9a-f]{32}", table), table  # no dependency hashes, no run ids
 
 
 def test_one_more_seed_runs_only_that_seed(repo) -> None:
     root, env = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump({**params, "seeds": [0, 1]}))
+    params["grid"]["seeds"] = [0, 1]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     ran = stages_run(sh(["dvc", "repro"], root, env))
-    assert ran == {"train@bp-1", "train@scpl-1", "evaluate@bp-1", "evaluate@scpl-1", "tables"}
+    assert ran == {"train@mnist5k-vgg-bp-1", "train@mnist5k-vgg-early_exit-1", "evaluate", "tables"}
     assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {2}
 
 
@@ -120,7 +131,28 @@ def test_dvc_exp_run_with_set_param(repo) -> None:
     root, env = repo
     sh(["git", "add", "-A"], root, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two seeds"], root, env)
-    ran = stages_run(sh(["dvc", "exp", "run", "-S", "methods=[scpl]"], root, env))
-    assert ran == {"tables"}  # the scpl runs exist already; only the table changes
-    assert list(pd.read_csv(root / "reports/tables/accuracy.csv").method) == ["scpl"]
-    assert "methods" in sh(["dvc", "exp", "show", "--md"], root, env)
+    ran = stages_run(sh(["dvc", "exp", "run", "-S", "grid.methods=[early_exit]"], root, env))
+    assert ran == {"evaluate", "tables"}  # the early_exit runs exist already; only the evaluations and tables change
+    assert list(pd.read_csv(root / "reports/tables/accuracy.csv").method) == ["early_exit"]
+    assert "grid.methods" in sh(["dvc", "exp", "show", "--md"], root, env)
+
+
+def test_the_paper_grid_is_one_parameter_away(repo) -> None:
+    """`grid: *paper` in the repository's own params.yaml: every dataset × model × method × seed of the
+    paper's vision grid becomes a train stage (a dry run: no data, no GPU)."""
+    root, env = repo
+    original = (root / "params.yaml").read_text()
+    params_text = (REPO / "params.yaml").read_text()
+    assert params_text.rstrip().endswith("grid: *offline")
+    (root / "params.yaml").write_text(params_text.rstrip().removesuffix("*offline") + "*paper\n")
+    try:
+        planned = stages_run(sh(["dvc", "repro", "--dry", "--force"], root, env))
+    finally:
+        (root / "params.yaml").write_text(original)
+    paper = yaml.safe_load(params_text)["grids"]["paper"]
+    assert paper["profile"] == "paper" and set(paper["datasets"]) == {"cifar10", "cifar100", "tinyimagenet"}
+    assert set(paper["models"]) == {"vgg", "resnet18"} and {"bp", "scpl", "early_exit", "al", "bp_gpipe"} <= set(paper["methods"])
+    assert len(paper["seeds"]) == 5
+    wanted = {f"train@{d}-{m}-{method}-{s}" for d in paper["datasets"] for m in paper["models"] for method in paper["methods"] for s in paper["seeds"]}
+    assert wanted <= planned and len(wanted) == 150
+    assert {f"prepare@{d}" for d in paper["datasets"]} <= planned

@@ -54,7 +54,10 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
         except (HydraException, OmegaConfBaseException) as error:
             raise ConfigError(_explain(error, overrides, config_name)) from None
     with open_dict(cfg):
-        choices = {group: option for group, option in cfg.hydra.runtime.choices.items() if not group.startswith("hydra/")}
+        choices = {
+            group: option for group, option in cfg.hydra.runtime.choices.items()
+            if not group.startswith("hydra/") and (config_dir() / group / f"{option}.yaml").is_file()  # an optional group with no file chose nothing
+        }
         del cfg["hydra"]
         cfg.choices = choices
     try:

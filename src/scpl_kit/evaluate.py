@@ -1,6 +1,7 @@
-"""Evaluate a finished run's saved weights on its test split, independently of the training loop.
+"""Evaluate finished runs' saved weights on their test split, independently of the training loop.
 
-    python -m scpl_kit.evaluate runs/scpl-s0 reports/eval/scpl-s0.json
+    python -m scpl_kit.evaluate runs/mnist5k-vgg-scpl-s0 reports/eval/mnist5k-vgg-scpl-s0.json
+    python -m scpl_kit.evaluate --params params.yaml --runs runs --out reports/eval   # every run of the grid
 
 Rebuilds the model and units from the run's own config.yaml, loads model.pt (the weights of the
 best-validation epoch), and reports test accuracy, per-class accuracy and the confusion matrix; it
@@ -18,9 +19,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from scpl_kit.engines.sequential import SequentialEngine
+from scpl_kit.methods.units import SCORES
+from scpl_kit.report.grid import run_names
 from scpl_kit.train import build, load_data
 from scpl_kit.tracking import MlflowTracker
 
@@ -34,7 +39,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
         unit.load_state_dict(state)
     engine = SequentialEngine(cfg.engine.get("device", "cpu"))
     engine.setup(units)
-    predicted = engine.predict(data.loader("test", cfg.trainer.eval_batch_size)).argmax(dim=1).numpy()
+    predicted = engine.predict(data.loader("test", cfg.trainer.eval_batch_size))[SCORES].argmax(dim=1).numpy()
     labels = np.asarray(data.splits["test"][1])
     confusion = np.zeros((data.num_classes, data.num_classes), dtype=int)
     np.add.at(confusion, (labels, predicted), 1)
@@ -50,22 +55,36 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("output", type=Path)
-    args = parser.parse_args(argv)
-    report = evaluate_run(args.run_dir)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+def evaluate_to(run_dir: Path, output: Path) -> bool:
+    """Evaluate one run, write its report, add it to the run's MLflow entry; True when it matches training."""
+    report = evaluate_run(run_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     if report["mlflow_run_id"] and cfg.tracking.enabled:
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         tracker.use_run(report["mlflow_run_id"])
         tracker.log_metrics({"eval/test_acc": report["test_acc"]})
         tracker.log_json(report, "eval.json")
-    print(f"{args.run_dir}: test accuracy {report['test_acc']:.4f} (matches training: {report['matches_training']})")
-    return 0 if report["matches_training"] else 1
+    print(f"{run_dir}: test accuracy {report['test_acc']:.4f} (matches training: {report['matches_training']})")
+    return report["matches_training"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scpl_kit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="one run folder (or use --params)")
+    parser.add_argument("output", type=Path, nargs="?", help="its report (.json)")
+    parser.add_argument("--params", type=Path, help="params.yaml: evaluate every run of its grid")
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("reports/eval"))
+    args = parser.parse_args(argv)
+    if args.params is None and (args.run_dir is None or args.output is None):
+        parser.error("give a run folder and an output file, or --params")
+    if args.params is None:
+        return 0 if evaluate_to(args.run_dir, args.output) else 1
+    names = run_names(yaml.safe_load(args.params.read_text())["grid"])
+    results = [evaluate_to(args.runs / name, args.out / f"{name}.json") for name in tqdm(names, desc="evaluate", unit="run")]
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

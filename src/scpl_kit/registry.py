@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T", bound=Callable)
@@ -12,6 +13,10 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class UnknownOptionError(ValueError):
+    """A config key the chosen builder does not take; the message lists the ones it does."""
 
 
 class Registry(Generic[T]):
@@ -38,3 +43,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+def check_options(kind: str, name: str, builder: Callable, options: dict, given: tuple[str, ...] = ()) -> None:
+    """Options a builder does not take are named in one line with the ones it does (not Python's
+    TypeError about an unexpected keyword). `given` are the arguments the caller fills in itself."""
+    parameters = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = [p for p in parameters if p not in given]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UnknownOptionError(
+            f"{kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}"
+        )

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from scpl_kit.config import ConfigError, compose_config, flatten, to_container
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData, load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
+from scpl_kit.data.sources import source_options
 from scpl_kit.engines import Engine, build_engine
 from scpl_kit.engines.base import LaunchError, PeerError
 from scpl_kit.environment import describe as describe_environment
@@ -50,7 +52,10 @@ def options(node: DictConfig) -> dict[str, Any]:
 
 
 def load_data(cfg: DictConfig) -> PreparedData:
-    expect = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "split_seed": cfg.data.split_seed}
+    expect = {
+        "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "split_seed": cfg.data.split_seed,
+        **source_options(cfg.data.name, cfg.data),  # e.g. Tiny-ImageNet's image_size
+    }
     return load_prepared(cfg.data.name, cfg.data.processed_dir, verify=cfg.data.verify_checksum, expect=expect)
 
 
@@ -58,7 +63,7 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
     """The model and its units under the configured method, each unit with its optimizer."""
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **options(cfg.model))
-    units = build_units(cfg.method.name, model, **options(cfg.method))
+    units = build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
     steps = (data.meta["sizes"]["train"] // cfg.trainer.batch_size) * cfg.trainer.epochs
     for unit in units:
         unit.configure_optimizer(adam_cosine(cfg.trainer.lr, cfg.trainer.lr_min, steps))
@@ -90,10 +95,21 @@ def write_outputs(out_dir: Path, cfg: DictConfig, history: list[dict[str, float]
     pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
 
 
+def engine_detail(cfg: DictConfig) -> str:
+    """How the engine ran, for tables: e.g. `gpipe K=2 M=4` (processes, micro-batches)."""
+    parts = [cfg.engine.name]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        parts.append(f"K={os.environ['WORLD_SIZE']}")
+    if "microbatches" in cfg.engine:
+        parts.append(f"M={cfg.engine.microbatches}")
+    return " ".join(parts)
+
+
 def write_results(out_dir: Path, cfg: DictConfig, summary: dict[str, float], best: BestWeights, run_id: str | None) -> None:
     """metrics.json, and model.pt with the weights the reported test accuracy comes from."""
     identity = {
         "dataset": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name, "engine": cfg.engine.name,
+        "method_config": cfg.choices.get("method"), "engine_detail": engine_detail(cfg),
         "seed": cfg.seed, "profile": cfg.choices.get("profile"), "mlflow_run_id": run_id,
         "saved_weights": f"epoch {best.epoch}, the best validation accuracy",
         "environment": describe_environment(),
@@ -199,6 +215,15 @@ def keep_partial_history(out_dir: Path, cfg: DictConfig, checkpoint: Checkpoint,
         log.warning("could not write the partial history to %s: %s", out_dir, error)
 
 
+def launch_local(processes: int, overrides: Sequence[str]) -> int:
+    """`engine.processes=N` outside torchrun: run this same command as N processes on this machine
+    through torchrun (--standalone: its own rendezvous on a free port). Several machines: run torchrun
+    on each yourself."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m", "scpl_kit.train", *overrides]
+    log.info("starting %d processes: %s", processes, shlex.join(command[2:]))
+    return subprocess.run(command).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scpl_kit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
@@ -212,11 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
+        if cfg.engine.get("processes") and "RANK" not in os.environ:
+            return launch_local(int(cfg.engine.processes), args.overrides)
         summary = run(cfg)
     except LaunchError as error:
         stages = len(cfg.engine.get("stages") or []) or 2
         command = " ".join(["torchrun", "--nproc-per-node", str(stages), "-m", "scpl_kit.train", *map(shlex.quote, args.overrides)])
-        print(f"error: {error}; run: {command}", file=sys.stderr)
+        print(f"error: {error}; run: {command} (or add engine.processes={stages} to start them on this machine)", file=sys.stderr)
         return 2
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

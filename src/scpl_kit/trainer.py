@@ -22,7 +22,7 @@ from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData
 from scpl_kit.engines.base import Engine
-from scpl_kit.methods.units import OptimizerFactory
+from scpl_kit.methods.units import EXIT, SCORES, OptimizerFactory
 from scpl_kit.tracking import TrainingListener
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def accuracy(scores: torch.Tensor, labels: np.ndarray) -> float:
     return float((scores.argmax(dim=1).numpy() == np.asarray(labels)).mean())
+
+
+def split_accuracies(split: str, readouts: dict[str, torch.Tensor], labels: np.ndarray) -> dict[str, float]:
+    """`<split>_acc` of the model's scores, and `<split>_acc/<unit>` of every block's own readout."""
+    return {
+        f"{split}_acc" if name == SCORES else f"{split}_acc/{name.removeprefix(EXIT)}": accuracy(scores, labels)
+        for name, scores in readouts.items()
+    }
 
 
 @dataclass
@@ -149,8 +157,7 @@ class Trainer:
         train_time = time.perf_counter() - start
         record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}}
         for split in ("val", "test") if self.eval_test else ("val",):
-            scores = self.engine.predict(self.data.loader(split, self.eval_batch_size))
-            record[f"{split}_acc"] = accuracy(scores, self.data.splits[split][1])
+            record.update(split_accuracies(split, self.engine.predict(self.data.loader(split, self.eval_batch_size)), self.data.splits[split][1]))
         record.update(train_time_s=train_time, epoch_time_s=time.perf_counter() - start, samples_per_s=samples / train_time)
         return record
 
@@ -170,4 +177,6 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
         summary.update(
             test_acc=best["test_acc"], best_test_acc=max(r["test_acc"] for r in history), final_test_acc=history[-1]["test_acc"]
         )
+        # Each block's readout at the selected epoch: the paper's "accuracy per layer".
+        summary.update({name: value for name, value in best.items() if name.startswith("test_acc/")})
     return summary

@@ -62,17 +62,19 @@ class PreparedData:
         )
 
 
-def prepare_hint(name: str, processed_dir: str | Path) -> str:
+def prepare_hint(name: str, processed_dir: str | Path, settings: dict[str, Any] | None = None) -> str:
     """The command that prepares exactly this dataset (`dvc repro prepare` prepares the pipeline
-    profile's dataset, which may be another one)."""
+    profile's dataset, which may be another one), with `settings` that differ from the data config's."""
     where = "" if Path(processed_dir) == Path("data/processed") else f" data.processed_dir={processed_dir}"
-    return f"prepare it with `python -m scpl_kit.prepare data={name}{where}`"
+    changed = "".join(f" data.{key}={'null' if value is None else value}" for key, value in (settings or {}).items())
+    return f"prepare it with `python -m scpl_kit.prepare data={name}{changed}{where}`"
 
 
 def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, expect: dict[str, Any] | None = None) -> PreparedData:
     """Open `<processed_dir>/<name>`; with `verify`, every file must match its recorded sha256.
 
-    `expect` holds split settings (e.g. val_fraction) the data must have been prepared with.
+    `expect` holds split settings (e.g. val_fraction) and source options (e.g. image_size) the data must
+    have been prepared with; a key that meta.json lacks is not checked (data prepared before it existed).
     """
     folder = Path(processed_dir) / name
     meta_path = folder / "meta.json"
@@ -86,6 +88,7 @@ def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, exp
         raise CorruptDataError(f"{meta_path} is unreadable ({type(error).__name__}: {error}); {hint}") from None
     for key, wanted in (expect or {}).items():
         if meta.get(key) is not None and meta[key] != wanted:
+            hint = prepare_hint(name, processed_dir, {key: wanted})
             raise CorruptDataError(f"{folder} was prepared with {key}={meta[key]} but the config asks for {wanted}; {hint}")
     for file, recorded in checksums.items():
         path = folder / file

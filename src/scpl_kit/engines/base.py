@@ -7,10 +7,36 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from scpl_kit.methods.units import LocalUnit
+from scpl_kit.methods.units import FEATURES, LABELS, LocalUnit, Signal, readouts
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor] | Signal  # (inputs, labels) from a loader, or already named tensors
 BatchCallback = Callable[[int], None]  # called with the number of samples just trained on
+
+
+def as_signal(batch: Batch, with_labels: bool = True) -> Signal:
+    """A loader's batch as the named tensors units exchange; inference leaves the labels behind."""
+    signal = dict(batch) if isinstance(batch, dict) else {FEATURES: batch[0], LABELS: batch[1]}
+    if not with_labels:
+        signal.pop(LABELS, None)
+    return signal
+
+
+def batch_size(signal: Signal) -> int:
+    return len(signal[LABELS])
+
+
+class ReadoutCollector:
+    """Gathers each inference batch's readouts (`scores`, `exit/<unit>`) on the CPU, in order."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, signal: Signal) -> None:
+        for name, scores in readouts(signal).items():
+            self.parts.setdefault(name, []).append(scores.float().cpu())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts) for name, parts in self.parts.items()}
 
 
 class LaunchError(RuntimeError):
@@ -42,8 +68,9 @@ class Engine(ABC):
         """Train every unit on every batch; return the mean of each loss, keyed `unit/loss`."""
 
     @abstractmethod
-    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
-        """Class scores for every sample of `batches`, in order, on the CPU."""
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """The readouts of every sample of `batches`, in order, on the CPU: `scores` (the model's
+        class scores) and `exit/<unit>` for every block with a readout of its own."""
 
     @property
     def is_main(self) -> bool:

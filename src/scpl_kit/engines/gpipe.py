@@ -9,7 +9,7 @@ M = 1 is naive model parallelism: the "BP on K devices" baseline.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
 from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, reports_peer_failures, wait_sent
-from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
+from scpl_kit.methods.units import FEATURES, LocalUnit, NonFiniteLossError, Signal
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -29,10 +29,10 @@ class GPipeEngine(PipelineEngine):
     PyTorch's schedule. `stages` group the model's *blocks* (the predictor joins the last stage)."""
 
     def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
-                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
+                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
-        super().__init__(stages, backend, device, timeout_s)
+        super().__init__(stages, backend, device, timeout_s, processes)
         self.microbatches, self.schedule_name = microbatches, schedule
 
     def setup(self, units: list[LocalUnit]) -> None:
@@ -76,7 +76,7 @@ class GPipeEngine(PipelineEngine):
         meter, pending = LossMeter(), []
         self.stage_module.train()
         source = iter(batches) if self.is_first else ((None, None) for _ in range(len(batches)))  # type: ignore[arg-type]
-        for inputs, labels in source:
+        for inputs, labels in source:  # GPipe pipelines one tensor through nn.Modules: plain (inputs, labels) batches
             target = self._labels(labels, pending)
             self.unit.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
@@ -96,11 +96,13 @@ class GPipeEngine(PipelineEngine):
         wait_sent(pending)
         return self._epoch_losses(meter)  # only the last stage has a loss
 
-    def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
-        return self.stage_module(h)
+    def _segments(self) -> list[tuple[int, list[Callable[[Signal], Signal]]]]:
+        """Inference is the stages in rank order, each its share of the network (the last one ends in class scores)."""
+        own = [lambda signal: {FEATURES: self.stage_module(signal[FEATURES])}]
+        return [(rank, own if rank == self.rank else []) for rank in range(self.world)]
 
     @reports_peer_failures
-    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         self.stage_module.eval()
         return super().predict(batches)
 
@@ -125,5 +127,5 @@ class GPipeEngine(PipelineEngine):
 
 @ENGINES.register("gpipe")
 def gpipe(microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
-          backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> GPipeEngine:
-    return GPipeEngine(microbatches, schedule, stages, backend, device, timeout_s)
+          backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> GPipeEngine:
+    return GPipeEngine(microbatches, schedule, stages, backend, device, timeout_s, processes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -24,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LaunchError, LossMeter, PeerError
-from scpl_kit.methods.units import LocalUnit
+from scpl_kit.engines.base import (
+    Batch, BatchCallback, Engine, LaunchError, LossMeter, PeerError, ReadoutCollector, as_signal, batch_size,
+)
+from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
 
-HEADER = 8  # int64 slots: ndim, shape (≤ 6 dims), number of labels
 # How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
 PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -121,10 +123,18 @@ def stage_device(device: str) -> torch.device:
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
 
 
+def check_processes(processes: int | None, world: int) -> None:
+    """`engine.processes` asks for that many stages; torchrun must have started exactly that many."""
+    if processes is not None and processes != world:
+        raise ValueError(f"engine.processes={processes} but torchrun started {world} processes; make them agree (or set engine.processes=null)")
+
+
 class PipelineEngine(Engine):
-    def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> None:
+    def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
+                 processes: int | None = None) -> None:
         init_distributed(backend, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
+        check_processes(processes, self.world)
         self.stages = [list(s) for s in stages] if stages else None
         self.device = stage_device(device)
         self.units = []
@@ -150,67 +160,71 @@ class PipelineEngine(Engine):
         self.stages = self.stages or even_stages(len(units), self.world)
         check_stages(self.stages, len(units), self.world, "units")
         self.units = [units[i].to(self.device) for i in self.stages[self.rank]]
+        self.route = inference_route(units)
 
-    # -- point-to-point: a header with the shape, then the tensor, then the labels --------------------
+    # -- point-to-point: a signal's description (names, dtypes, shapes), then each tensor ------------
 
-    def _send(self, h: torch.Tensor, labels: torch.Tensor, pending: list) -> None:
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        header[0] = h.dim()
-        header[1 : 1 + h.dim()] = torch.tensor(h.shape)
-        header[HEADER - 1] = labels.numel()
-        for tensor in (header.to(self.device), h.contiguous(), labels.to(self.device)):
-            pending.append(dist.isend(tensor, self.rank + 1))  # the work keeps the tensor until sent
+    def _send(self, signal: Signal, dst: int, pending: list) -> None:
+        """Non-blocking, so the stage goes on training while the transfer runs. (dist.send_object_list
+        would pickle the tensors too and block; here only the few names and shapes are pickled, and
+        the receiver reuses its buffers.)"""
+        layout = pickle.dumps([(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in signal.items()])
+        description = torch.frombuffer(bytearray(layout), dtype=torch.uint8)
+        tensors = [torch.tensor([description.numel()]), description, *(t.contiguous() for t in signal.values())]
+        for tensor in tensors:
+            pending.append(dist.isend(tensor.to(self.device), dst))  # the work keeps the tensor until sent
 
-    def _recv(self, into: Batch | None = None) -> Batch:
-        """The next batch from the stage before, received into `into` when it has the right shapes."""
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, self.rank - 1)
-        header = header.cpu()
-        shape, n_labels = header[1 : 1 + int(header[0])].tolist(), int(header[HEADER - 1])
-        if into is not None and list(into[0].shape) == shape and into[1].numel() == n_labels:
-            h, labels = into
-        else:
-            h = torch.empty(shape, device=self.device)
-            labels = torch.empty(n_labels, dtype=torch.int64, device=self.device)
-        dist.recv(h, self.rank - 1)
-        dist.recv(labels, self.rank - 1)
-        return h, labels
+    def _recv(self, src: int, into: Signal | None = None) -> Signal:
+        """The next signal from rank `src`, received into `into`'s buffers where names and shapes match."""
+        size = torch.empty(1, dtype=torch.int64, device=self.device)
+        dist.recv(size, src)
+        description = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        dist.recv(description, src)
+        signal = {}
+        for name, dtype, shape in pickle.loads(description.cpu().numpy().tobytes()):
+            buffer = (into or {}).get(name)
+            if buffer is None or tuple(buffer.shape) != shape or str(buffer.dtype) != f"torch.{dtype}":
+                buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            dist.recv(buffer, src)
+            signal[name] = buffer
+        return signal
 
-    def _inputs(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+    def _inputs(self, batches: Iterable[Batch]) -> Iterable[Signal]:
         """The first stage reads the data; the others receive what the stage before produced,
         one batch ahead in a helper thread, so the transfer of batch t+1 overlaps the training on
         batch t instead of adding to it (the receiving stage is often the slowest one)."""
         if self.is_first:
-            for inputs, labels in batches:
-                yield inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            for batch in batches:
+                yield moved(as_signal(batch), self.device)
             return
         n = len(batches)  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
         with ThreadPoolExecutor(max_workers=1) as receiver:
-            ahead = receiver.submit(self._recv) if n else None
+            ahead = receiver.submit(self._recv, self.rank - 1) if n else None
             for i in range(n):
-                h, labels = ahead.result()  # re-raises a failed receive (a crashed peer, a timeout) here
+                signal = ahead.result()  # re-raises a failed receive (a crashed peer, a timeout) here
                 # The next batch's buffers are allocated on this thread, where memory accounting
                 # (the profiler, bench/throughput.py) sees them; only a differently shaped last
                 # batch gets fresh ones on the receiving thread.
-                ahead = receiver.submit(self._recv, (torch.empty_like(h), torch.empty_like(labels))) if i + 1 < n else None
-                yield h, labels
+                buffers = {name: torch.empty_like(t) for name, t in signal.items()}
+                ahead = receiver.submit(self._recv, self.rank - 1, buffers) if i + 1 < n else None
+                yield signal
 
     @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter, pending = LossMeter(), []
         for unit in self.units:
             unit.train()
-        for h, labels in self._inputs(batches):
+        for signal in self._inputs(batches):
             wait_sent(pending)
             losses = {}
             for unit in self.units:
-                h, unit_losses = unit.train_step(h, labels)
+                signal, unit_losses = unit.train_step(signal)
                 losses.update(unit_losses)
             meter.add(losses)
             if not self.is_last:
-                self._send(h, labels, pending)
+                self._send(signal, self.rank + 1, pending)
             if on_batch is not None:
-                on_batch(len(labels))
+                on_batch(batch_size(signal))
         wait_sent(pending)
         return self._epoch_losses(meter)
 
@@ -220,28 +234,43 @@ class PipelineEngine(Engine):
         dist.all_gather_object(gathered, meter.means())
         return {name: value for part in gathered for name, value in part.items()}
 
+    def _segments(self) -> list[tuple[int, list[Callable[[Signal], Signal]]]]:
+        """The inference route cut into runs of passes on one rank: (rank, the passes when it is this
+        rank's). A route that comes back (AL's inverse chain) visits a rank twice."""
+        owner = {i: rank for rank, stage in enumerate(self.stages) for i in stage}
+        local = dict(zip(self.stages[self.rank], self.units))
+        segments: list[tuple[int, list[Callable[[Signal], Signal]]]] = []
+        for i, phase in self.route:
+            if not segments or segments[-1][0] != owner[i]:
+                segments.append((owner[i], []))
+            if owner[i] == self.rank:
+                segments[-1][1].append(functools.partial(local[i].infer, phase=phase))
+        return segments
+
     @reports_peer_failures
     @torch.no_grad()
-    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
-        pending, scores = [], []
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         for unit in self.units:
             unit.eval()
-        for h, labels in self._inputs(batches):
+        segments, pending, collected = self._segments(), [], ReadoutCollector()
+        source = iter(batches) if self.is_first else None
+        for _ in range(len(batches)):  # type: ignore[arg-type]
+            batch = next(source) if source is not None else None
             wait_sent(pending)
-            h = self._infer_local(h)
-            if self.is_last:
-                scores.append(h.float().cpu())
-            else:
-                self._send(h, labels, pending)
+            for s, (rank, passes) in enumerate(segments):
+                if rank != self.rank:
+                    continue
+                signal = moved(as_signal(batch, with_labels=False), self.device) if s == 0 else self._recv(segments[s - 1][0])
+                for run_pass in passes:
+                    signal = run_pass(signal)
+                if s + 1 < len(segments):
+                    self._send(signal, segments[s + 1][0], pending)
+                else:
+                    collected.add(signal)
         wait_sent(pending)
-        result = [torch.cat(scores) if self.is_last else None]
-        dist.broadcast_object_list(result, src=self.world - 1)  # every rank computes the same accuracy
+        result = [collected.result() if segments[-1][0] == self.rank else None]
+        dist.broadcast_object_list(result, src=segments[-1][0])  # every rank computes the same accuracy
         return result[0]
-
-    def _infer_local(self, h: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            h = unit.infer(h)
-        return h
 
     def gather_to_main(self, obj: Any) -> list[Any]:
         """Each rank's `obj`, in rank order, on the main rank; [] on the others (collective)."""
@@ -264,5 +293,6 @@ class PipelineEngine(Engine):
 
 
 @ENGINES.register("pipeline")
-def pipeline(stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> PipelineEngine:
-    return PipelineEngine(stages, backend, device, timeout_s)
+def pipeline(stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
+             processes: int | None = None) -> PipelineEngine:
+    return PipelineEngine(stages, backend, device, timeout_s, processes)

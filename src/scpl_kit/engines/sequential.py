@@ -7,8 +7,8 @@ from typing import Iterable
 import torch
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, resolve_device
-from scpl_kit.methods.units import LocalUnit
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size, resolve_device
+from scpl_kit.methods.units import LocalUnit, inference_route, moved
 
 
 class SequentialEngine(Engine):
@@ -27,28 +27,28 @@ class SequentialEngine(Engine):
         meter = LossMeter()
         for unit in self.units:
             unit.train()
-        for inputs, labels in batches:
-            h, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        for batch in batches:
+            signal = moved(as_signal(batch), self.device)
             losses = {}
             for unit in self.units:
-                h, unit_losses = unit.train_step(h, labels)
+                signal, unit_losses = unit.train_step(signal)
                 losses.update(unit_losses)
             meter.add(losses)
             if on_batch is not None:
-                on_batch(len(labels))
+                on_batch(batch_size(signal))
         return meter.means()
 
     @torch.no_grad()
-    def predict(self, batches: Iterable[Batch]) -> torch.Tensor:
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         for unit in self.units:
             unit.eval()
-        scores = []
-        for inputs, _ in batches:
-            h = inputs
-            for i, unit in enumerate(self.units):
-                h = unit.infer(h.to(self.device_of(i), non_blocking=True))
-            scores.append(h.float().cpu())
-        return torch.cat(scores)
+        route, collected = inference_route(self.units), ReadoutCollector()
+        for batch in batches:
+            signal = as_signal(batch, with_labels=False)
+            for i, phase in route:
+                signal = self.units[i].infer(moved(signal, self.device_of(i)), phase)
+            collected.add(signal)
+        return collected.result()
 
 
 @ENGINES.register("sequential")

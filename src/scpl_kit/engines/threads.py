@@ -11,8 +11,9 @@ from typing import Iterable
 import torch
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, resolve_device
+from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal, batch_size, resolve_device
 from scpl_kit.engines.sequential import SequentialEngine
+from scpl_kit.methods.units import moved
 
 
 class ThreadsEngine(SequentialEngine):
@@ -33,20 +34,19 @@ class ThreadsEngine(SequentialEngine):
             unit.train()
         # A pool rather than a new thread per unit per batch (the paper's code): same schedule, no start-up cost.
         with ThreadPoolExecutor(max_workers=len(self.units)) as pool:
-            for inputs, labels in batches:
+            for batch in batches:
                 pending: list[Future] = []
-                h = inputs
+                signal = as_signal(batch)
                 for i, unit in enumerate(self.units):
-                    device = self.device_of(i)
-                    out = unit.forward_train(h.to(device, non_blocking=True))
-                    pending.append(pool.submit(unit.learn, out, labels.to(device, non_blocking=True)))
-                    h = out.detach()
+                    step = unit.forward_train(moved(signal, self.device_of(i)))
+                    pending.append(pool.submit(unit.learn, step))
+                    signal = step.handoff()
                 losses = {}
                 for future in pending:
                     losses.update(future.result())
                 meter.add(losses)
                 if on_batch is not None:
-                    on_batch(len(labels))
+                    on_batch(batch_size(signal))
         return meter.means()
 
 

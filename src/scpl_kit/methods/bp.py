@@ -9,5 +9,5 @@ from scpl_kit.models.base import BlockModel
 
 
 @METHODS.register("bp")
-def build_bp(model: BlockModel) -> list[LocalUnit]:
+def build_bp(model: BlockModel, num_classes: int) -> list[LocalUnit]:
     return [LocalUnit(f"blocks1-{len(model.blocks)}", model, head=CrossEntropyHead(), head_scope="predictor")]

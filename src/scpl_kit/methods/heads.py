@@ -48,6 +48,9 @@ class SupConHead(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return supcon_loss(self.projector(features), labels, self.temperature, self.variant)
 
+    def readout(self, features: torch.Tensor) -> None:
+        return None  # a projection, not class scores
+
 
 class CrossEntropyHead(nn.Module):
     """Cross-entropy on features that already are class scores (BP's loss at the end of the network)."""
@@ -56,3 +59,22 @@ class CrossEntropyHead(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels)
+
+    def readout(self, logits: torch.Tensor) -> None:
+        return None  # the unit's output already is the model's answer
+
+
+class ClassifierHead(nn.Module):
+    """A block's own classifier, trained with cross-entropy (Early Exit); its scores are the block's exit."""
+
+    loss_name = "ce"
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.classifier(features), labels)
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)

@@ -18,7 +18,10 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     The anchor's score is Σ_{positives j≠i} log p_ij divided by
       - `paper`:    the number of same-label samples *including* the anchor (the SCPL code's count),
       - `standard`: the number of positives excluding the anchor (Khosla et al.); anchors with
-                    no positive are left out of the mean, since their score is 0/0.
+                    no positive are left out of the mean, since their score is 0/0. When no anchor
+                    has one (every label in the batch distinct) the loss is 0 with a zero gradient:
+                    the batch holds nothing to pull together, so it adds no gradient instead of
+                    turning the weights into NaN (other losses of the step still count).
     Loss = −mean over anchors.
     """
     if variant not in VARIANTS:
@@ -37,4 +40,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
         return -(positive_sum / same_label.sum(dim=1)).mean()
     count = positive.sum(dim=1)
     has_positive = count > 0
+    if not has_positive.any():
+        return (logits * 0).sum()  # 0, still attached to the graph so backward() works as usual
     return -(positive_sum[has_positive] / count[has_positive]).mean()

@@ -6,7 +6,7 @@ projector) has its own optimizer; the last unit also trains the predictor on its
 
 from __future__ import annotations
 
-from scpl_kit.methods import METHODS
+from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.heads import SupConHead, build_projector
 from scpl_kit.methods.losses import Variant
 from scpl_kit.methods.units import LocalUnit
@@ -16,6 +16,7 @@ from scpl_kit.models.base import BlockModel
 @METHODS.register("scpl")
 def build_scpl(
     model: BlockModel,
+    num_classes: int,
     projector: str = "m",
     pool: bool = False,
     projector_hidden: int = 512,
@@ -23,6 +24,7 @@ def build_scpl(
     temperature: float = 0.1,
     variant: Variant = "paper",
 ) -> list[LocalUnit]:
+    check_decouplable("scpl", model)
     shapes = model.block_output_shapes()
     last = len(model.blocks) - 1
     units = []

@@ -1,8 +1,18 @@
 """LocalUnit: what a method turns a model into, and the only thing an engine moves batches between.
 
+What travels between units is a `Signal`: a small dict of named tensors. Every method has
+`features` (the activations) and `labels`; a method adds what else its units need (Associated
+Learning's label code `code`; later a text batch's padding mask). Engines move, place and send a
+signal as a whole without reading the names, so a new method needs no engine change.
+
 A unit owns some blocks (its `body`), an optional local head that gives those blocks their loss,
 an optional predictor trained on the unit's detached output, and one optimizer over all of it.
 Its output is handed on *detached*, so no gradient ever crosses from one unit to the one before.
+
+Inference visits units along `inference_route`: each unit's `forward` phase in order, then the
+`back` phase of the units that have one, last to first (Associated Learning decodes its label code
+back through every block). What it leaves in the signal under `scores` is the model's answer;
+`exit/<unit>` entries are the readouts of single blocks (an Early-Exit classifier, say).
 
 Losses are named `<where>/<loss>`: `block2/supcon` for a block's local loss, `predictor/ce` for the
 classifier's cross-entropy, whichever method trains it, so charts of different methods overlay.
@@ -10,13 +20,44 @@ classifier's cross-entropy, whichever method trains it, so charts of different m
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], tuple[torch.optim.Optimizer, Any]]
+Signal = dict[str, torch.Tensor]
+FEATURES, LABELS, SCORES, EXIT = "features", "labels", "scores", "exit/"
+
+
+def detached(signal: Signal) -> Signal:
+    return {name: tensor.detach() for name, tensor in signal.items()}
+
+
+def moved(signal: Signal, device: torch.device) -> Signal:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in signal.items()}
+
+
+def readouts(signal: Signal) -> Signal:
+    """The class scores a finished inference pass produced: `scores`, and one `exit/<unit>` per
+    block readout. A method whose last unit ends in class scores (BP) leaves them as `features`."""
+    found = {name: tensor for name, tensor in signal.items() if name.startswith(EXIT)}
+    found[SCORES] = signal.get(SCORES, signal[FEATURES])
+    return found
+
+
+@runtime_checkable
+class LocalHead(Protocol):
+    """What turns a unit's output features into its local loss (SupCon, cross-entropy, ...)."""
+
+    loss_name: str  # the loss is logged as `<unit>/<loss_name>`
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Class scores from the features when the head is a classifier (an exit), else None."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -30,9 +71,23 @@ class NonFiniteLossError(FloatingPointError):
         self.unit, self.loss_name, self.step = unit, loss_name, step
 
 
+@dataclass
+class UnitStep:
+    """One unit's forward on one batch, kept for its learning step: what came in and what goes out
+    (with the graph). Engines that overlap one unit's backward with the next unit's forward hold it."""
+
+    inputs: Signal
+    outputs: Signal
+
+    def handoff(self) -> Signal:
+        return detached(self.outputs)
+
+
 class LocalUnit(nn.Module):
+    phases: tuple[str, ...] = ("forward",)  # the inference phases this unit takes part in
+
     def __init__(
-        self, name: str, body: nn.Module, head: nn.Module | None = None, predictor: nn.Module | None = None,
+        self, name: str, body: nn.Module, head: LocalHead | None = None, predictor: nn.Module | None = None,
         head_scope: str | None = None,
     ) -> None:
         """`head_scope`: where the head's loss is filed (default: the unit's name). BP's head is the
@@ -50,33 +105,35 @@ class LocalUnit(nn.Module):
     def configure_optimizer(self, make: OptimizerFactory) -> None:
         self.optimizer, self.scheduler = make(self.parameters())
 
-    def infer(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Inference: the body, then the predictor if this unit has one. Projectors are unused."""
-        out = self.body(inputs)
-        return self.predictor(out) if self.predictor is not None else out
+    # -- training --------------------------------------------------------------------------------
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(self, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
         """Forward, local loss, backward and one optimizer step. Returns (detached output, losses)."""
-        out = self.forward_train(inputs)
-        return out.detach(), self.learn(out, labels)
+        step = self.forward_train(signal)
+        return step.handoff(), self.learn(step)
 
-    def forward_train(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The body's forward, keeping the graph for `learn`. Engines that overlap one unit's
-        backward with the next unit's forward call the two halves separately."""
-        return self.body(inputs)
+    def forward_train(self, signal: Signal) -> UnitStep:
+        """The body's forward, keeping the graph for `learn`."""
+        return UnitStep(signal, {**signal, FEATURES: self.body(signal[FEATURES])})
 
-    @property
-    def head_loss_name(self) -> str:
-        return f"{self.head_scope}/{self.head.loss_name}"
-
-    def learn(self, out: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Local loss on `out` (from forward_train), backward and one optimizer step."""
+    def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
+        """The losses this unit learns from; a method with another kind of unit overrides this."""
+        out, labels = step.outputs[FEATURES], step.outputs[LABELS]
         losses: dict[str, torch.Tensor] = {}
         if self.head is not None:
             losses[self.head_loss_name] = self.head(out, labels)
         if self.predictor is not None:
             # The predictor learns from a detached copy, so its gradient never reaches the backbone.
             losses["predictor/ce"] = F.cross_entropy(self.predictor(out.detach()), labels)
+        return losses
+
+    @property
+    def head_loss_name(self) -> str:
+        return f"{self.head_scope}/{self.head.loss_name}"
+
+    def learn(self, step: UnitStep) -> dict[str, torch.Tensor]:
+        """Local losses of a forward (from forward_train), backward and one optimizer step."""
+        losses = self.local_losses(step)
         self.steps += 1
         for loss_name, loss in losses.items():
             if not torch.isfinite(loss):
@@ -87,6 +144,22 @@ class LocalUnit(nn.Module):
         if self.scheduler is not None:
             self.scheduler.step()
         return {name: loss.detach() for name, loss in losses.items()}
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def infer(self, signal: Signal, phase: str = "forward") -> Signal:
+        """The body, then the predictor if this unit has one; a classifier head adds this block's
+        exit. Projectors are unused."""
+        features = self.body(signal[FEATURES])
+        out = {**signal, FEATURES: features}
+        readout = self.head.readout(features) if self.head is not None else None
+        if readout is not None:
+            out[EXIT + self.name] = readout
+        if self.predictor is not None:
+            out[SCORES] = self.predictor(features)
+        return out
+
+    # -- resuming --------------------------------------------------------------------------------
 
     def training_state(self) -> dict[str, Any]:
         """Everything needed to resume this unit: weights, optimizer, schedule and step count."""
@@ -103,3 +176,11 @@ class LocalUnit(nn.Module):
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
+
+
+def inference_route(units: list[LocalUnit]) -> list[tuple[int, str]]:
+    """(unit index, phase) in the order inference visits them: every unit forward, then the units
+    with a `back` phase from last to first. Every engine runs this same route."""
+    forward = [(i, "forward") for i in range(len(units))]
+    back = [(i, "back") for i in reversed(range(len(units))) if "back" in units[i].phases]
+    return forward + back

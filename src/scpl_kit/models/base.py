@@ -13,6 +13,23 @@ ModelBuilder = Callable[..., "BlockModel"]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
+class ModelInputError(ValueError):
+    """An input shape a model cannot take; the message names the smallest it accepts and the fix."""
+
+
+def check_image_input(model: str, input_shape: tuple[int, ...], min_side: int, fix: str) -> None:
+    """Raise ModelInputError unless `input_shape` is (channels, height, width), both sides ≥ `min_side`.
+
+    Checked before any layer runs, so a too-small input gets one line that says what to change,
+    not PyTorch's "Output size is too small" from deep inside a dummy forward.
+    """
+    if len(input_shape) != 3:
+        raise ModelInputError(f"model {model!r} takes images shaped (channels, height, width), got input shape {tuple(input_shape)}")
+    height, width = input_shape[1:]
+    if min(height, width) < min_side:
+        raise ModelInputError(f"model {model!r} needs inputs of at least {min_side}×{min_side}, got {height}×{width}; {fix}")
+
+
 class BlockModel(nn.Module):
     """`blocks[0..K-1]` then `predictor`. Methods decide how the blocks are trained; this only runs them."""
 

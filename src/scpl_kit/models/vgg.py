@@ -12,7 +12,7 @@ from math import prod
 import torch
 from torch import nn
 
-from scpl_kit.models.base import MODELS, BlockModel
+from scpl_kit.models.base import MODELS, BlockModel, check_image_input
 
 PAPER_BLOCKS: list[list[int | str]] = [[128, 256, "M"], [256, 512, "M"], [512, "M"], [512, "M"]]
 
@@ -29,6 +29,14 @@ def conv_block(in_channels: int, spec: list[int | str], batchnorm: bool = True) 
     return nn.Sequential(*layers), in_channels
 
 
+def check_input_fits(spec: list[list[int | str]], input_shape: tuple[int, ...]) -> None:
+    """Each MaxPool2d(2) floors the side to half, so n of them leave ≥ 1 pixel only from 2**n up
+    (the paper's 4 pools: 16×16; 28×28 MNIST ends at 1×1, 8×8 digits would end at 0×0)."""
+    pools = sum(item == "M" for block in spec for item in block)
+    fix = f'its {pools} max-pools each halve the side; drop some "M" from model.blocks, or use model=resnet18 (any size)'
+    check_image_input("vgg", input_shape, 2**pools, fix)
+
+
 @MODELS.register("vgg")
 def vgg(
     input_shape: tuple[int, int, int],
@@ -41,6 +49,7 @@ def vgg(
     """`batchnorm: false` gives a model whose gradient does not depend on how a batch is split
     (GPipe's micro-batches see their own BatchNorm statistics), for equivalence checks."""
     spec = blocks or PAPER_BLOCKS
+    check_input_fits(spec, input_shape)
     channels = input_shape[0]
     built = []
     for block_spec in spec:

@@ -1,10 +1,11 @@
-"""The accuracy table and curves from finished runs.
+"""The accuracy tables and figures from finished runs.
 
     python -m scpl_kit.report.tables --params params.yaml --runs runs --out reports
 
-Reads `runs/<method>-s<seed>/{metrics.json,history.csv}` for the methods and seeds that
-params.yaml lists (stale folders of removed seeds are ignored) and writes
-reports/tables/accuracy.{md,csv}, reports/figures/accuracy_curves.png and reports/metrics.json.
+Reads `runs/<dataset>-<model>-<method>-s<seed>/{metrics.json,history.csv}` for the grid params.yaml
+names (stale folders of removed seeds are ignored) and writes reports/tables/accuracy.{md,csv}
+(published numbers beside ours), reports/tables/per_exit.{md,csv}, reports/figures/accuracy_curves.png,
+reports/figures/per_exit.png and reports/metrics.json.
 """
 
 from __future__ import annotations
@@ -23,24 +24,29 @@ import pandas as pd
 import yaml
 
 from scpl_kit.environment import one_line
+from scpl_kit.report.exits import exit_markdown, exit_table, plot_exits
+from scpl_kit.report.grid import run_names
+from scpl_kit.report.published import SOURCES, UNSPECIFIED_MODEL, published_columns
 
-GROUP = ["dataset", "model", "method"]
+# A row: what was trained (`config` is the conf/method/ file: a method, a tuned method, or a method × engine pair).
+GROUP = ["dataset", "model", "method", "config", "engine"]
 PANEL_INCHES, DPI, MAX_COLUMNS = (5, 3.6), 100, 2  # ≤ 1000 px wide: `dvc plots show` crops wider images
 
 
-def run_dirs(runs: Path, methods: list[str], seeds: list[int]) -> dict[Path, str]:
-    """Run folder → the method config it was trained with (e.g. `scpl` or a sweep's `scpl_tau_lr_best`)."""
-    dirs = {runs / f"{method}-s{seed}": method for method in methods for seed in seeds}
+def run_dirs(runs: Path, grid: dict) -> list[Path]:
+    dirs = [runs / name for name in run_names(grid)]
     missing = [str(d) for d in dirs if not (d / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"runs without metrics.json: {', '.join(missing)}; run `dvc repro` first")
     return dirs
 
 
-def load_runs(dirs: dict[Path, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per run, one row per run and epoch). Rows are labelled by method config, so a tuned
-    SCPL config shows beside the default one."""
-    finals = pd.DataFrame([{**json.loads((d / "metrics.json").read_text()), "method": method} for d, method in dirs.items()])
+def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per run, one row per run and epoch)."""
+    records = [json.loads((d / "metrics.json").read_text()) for d in dirs]
+    finals = pd.DataFrame([
+        {**r, "config": r.get("method_config") or r["method"], "engine": r.get("engine_detail") or r["engine"]} for r in records
+    ])
     curves = pd.concat(
         [pd.read_csv(d / "history.csv").assign(**{k: final[k] for k in [*GROUP, "seed"]}) for d, (_, final) in zip(dirs, finals.iterrows())],
         ignore_index=True,
@@ -51,9 +57,7 @@ def load_runs(dirs: dict[Path, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def accuracy_table(finals: pd.DataFrame) -> pd.DataFrame:
     """Accuracy in %: `acc` = test accuracy at the best-validation epoch; `best_test` = the paper's
     metric (best test accuracy over epochs). std is the sample std over seeds (0 for one run)."""
-    grouped = finals.groupby(GROUP, sort=False)
-    table = grouped.agg(
-        engines=("engine", lambda engines: ", ".join(sorted(set(engines)))),  # (pandas 3 drops an output named like its input)
+    table = finals.groupby(GROUP, sort=False).agg(
         n_runs=("seed", "count"),
         acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
         best_test_mean=("best_test_acc", "mean"), best_test_std=("best_test_acc", "std"),
@@ -61,28 +65,34 @@ def accuracy_table(finals: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     for column in ("acc_mean", "acc_std", "best_test_mean", "best_test_std"):
         table[column] = (100 * table[column].fillna(0.0)).round(2)
-    return table.round({"samples_per_s": 1, "train_time_s": 1})
+    table = table.round({"samples_per_s": 1, "train_time_s": 1})
+    return table.join(published_columns(table))
 
 
 def markdown(table: pd.DataFrame, finals: pd.DataFrame) -> str:
+    published = [c for c in table.columns if c.startswith("published_")]
     shown = table.assign(
         accuracy=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.acc_mean, table.acc_std)],
         best_test=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.best_test_mean, table.best_test_std)],
-    )[[*GROUP, "engines", "n_runs", "accuracy", "best_test", "samples_per_s", "train_time_s"]]
+    )[[*GROUP, "n_runs", "accuracy", "best_test", *published, "samples_per_s", "train_time_s"]]
     environments = sorted({one_line(env) for env in finals.environment})
+    sources = "".join(f"- `{c}`: {SOURCES[c.removeprefix('published_')]}\n" for c in published)
     return (
         "# Test accuracy (%)\n\n"
-        "`accuracy`: test accuracy of the saved model, `model.pt`: the weights of the epoch with the best "
-        "validation accuracy (mean ± std over seeds). `best_test`: best test accuracy over epochs, the paper's "
-        "metric (it selects on the test set).\n\n"
+        "`accuracy`: validation-selected test accuracy, i.e. the test accuracy of the saved model `model.pt`, the "
+        "weights of the epoch with the best validation accuracy (mean ± std over seeds). `best_test`: best test "
+        "accuracy over epochs, the paper's metric (it selects on the test set). `engine`: how the row was trained "
+        "(K processes, M micro-batches).\n\n"
         f"Profile: {', '.join(sorted(set(finals.profile)))}. Trained on: {'; '.join(environments)}. "
         "Runs repeat bitwise on the same machine and thread count; on another CPU type, single seeds moved by up to 0.5 points.\n\n"
+        + (f"Published numbers (methods.md §6), empty where a source has none; `{UNSPECIFIED_MODEL}`: the source does not name the model.\n"
+           + sources + "\n" if published else "")
         + shown.to_markdown(index=False) + "\n"
     )
 
 
 def plot_curves(curves: pd.DataFrame, path: Path) -> None:
-    """Test accuracy per epoch, one line per method (mean over seeds, band = min..max), a panel per dataset/model."""
+    """Test accuracy per epoch, one line per row (mean over seeds, band = min..max), a panel per dataset/model."""
     panels = list(curves.groupby(["dataset", "model"], sort=False))
     columns = min(len(panels), MAX_COLUMNS)
     rows = -(-len(panels) // columns)
@@ -90,10 +100,10 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.remove()
     for ax, ((dataset, model), frame) in zip(axes.flat, panels):
-        for method, rows in frame.groupby("method", sort=False):
+        for config, rows in frame.groupby("config", sort=False):
             per_epoch = rows.groupby("epoch")["test_acc"]
             mean = 100 * per_epoch.mean()
-            ax.plot(mean.index, mean.values, marker="o", label=f"{method} (n={rows.seed.nunique()})")
+            ax.plot(mean.index, mean.values, marker="o", label=f"{config} (n={rows.seed.nunique()})")
             ax.fill_between(mean.index, 100 * per_epoch.min(), 100 * per_epoch.max(), alpha=0.2)
         ax.set(title=f"{dataset} / {model}", xlabel="epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -105,20 +115,25 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
 
 
 def build_reports(params: dict, runs: Path, out: Path) -> str:
-    """Write the tables, the figure and the metrics; return the markdown table."""
-    finals, curves = load_runs(run_dirs(runs, params["methods"], params["seeds"]))
+    """Write the tables, the figures and the metrics; return the accuracy table in markdown."""
+    finals, curves = load_runs(run_dirs(runs, params["grid"]))
     table = accuracy_table(finals)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tables" / "accuracy.csv", index=False)
     text = markdown(table, finals)
     (out / "tables" / "accuracy.md").write_text(text)
     plot_curves(curves, out / "figures" / "accuracy_curves.png")
+    exit_group = ["dataset", "model", "config"]
+    exits = exit_table(finals, exit_group)
+    exits.to_csv(out / "tables" / "per_exit.csv", index=False)
+    (out / "tables" / "per_exit.md").write_text(exit_markdown(exits, exit_group))
+    plot_exits(exits, exit_group, out / "figures" / "per_exit.png")
     groups = dict(list(finals.groupby(GROUP, sort=False)))
     summary = {}
     for r in table.itertuples():
-        group = groups[(r.dataset, r.model, r.method)]
+        group = groups[tuple(getattr(r, g) for g in GROUP)]
         run_ids = {f"s{seed}": run_id for seed, run_id in zip(group.seed, group.mlflow_run_id)}  # where each row's runs are in MLflow
-        summary[f"{r.dataset}/{r.model}/{r.method}"] = {"acc_mean": r.acc_mean, "acc_std": r.acc_std, "n_runs": r.n_runs, "mlflow_run_ids": run_ids}
+        summary[f"{r.dataset}/{r.model}/{r.config}"] = {"acc_mean": r.acc_mean, "acc_std": r.acc_std, "n_runs": r.n_runs, "mlflow_run_ids": run_ids}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return text
 
