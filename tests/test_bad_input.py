@@ -32,6 +32,10 @@ CASES = {
     "missing SCPL_DATA_DIR": ("prepare", ["data=cifar10"], {"SCPL_DATA_DIR": "{tmp}/nonexistent"}, "data.raw_dir={tmp}/nonexistent (from SCPL_DATA_DIR or the config) is not a folder"),
     "unknown sweep metric": ("sweep", ["sweep=scpl_tau_lr", "sweep.metric=test_acc", "sweep.storage=sqlite:///{tmp}/optuna.db"], {}, "selects on validation only"),
     "unreachable tracking server (sweep)": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/optuna.db", "tracking.uri=http://127.0.0.1:{port}"], {}, "MLflow tracking server http://127.0.0.1:{port} does not answer"),
+    "option the method does not have": ("train", ["method=early_exit", "+method.temperature=0.1"], {}, "method 'early_exit' has no option 'temperature'; valid options: classifier, pool, hidden"),
+    "model too deep for the input": ("train", ["model.blocks=[[4,M],[4,M],[4,M],[4,M],[4,M]]"], {}, "model 'vgg' needs inputs of at least 32×32, got 28×28"),
+    "one block for a decoupled method": ("train", ["method=al", "model.blocks=[[4,M]]"], {}, "method al trains blocks separately, but the model has 1 block"),
+    "incomplete Tiny-ImageNet copy": ("prepare", ["data=tinyimagenet"], {"SCPL_DATA_DIR": "{tmp}/incomplete"}, "the tinyimagenet copy at {tmp}/incomplete/tiny-imagenet-200 is incomplete: words.txt is missing"),
     "unwritable sweep storage": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/a_file/optuna.db"], {}, "Optuna storage {tmp}/a_file/optuna.db"),
 }
 
@@ -43,6 +47,8 @@ def workspace(tmp_path: Path, processed_dir: Path) -> dict[str, str]:
     shutil.copytree(processed_dir / "mnist5k", truncated / "mnist5k")
     meta = truncated / "mnist5k" / "meta.json"
     meta.write_text(meta.read_text()[:100])
+    (tmp_path / "incomplete" / "tiny-imagenet-200").mkdir(parents=True)  # unzipped only in part: nothing but wnids.txt
+    (tmp_path / "incomplete" / "tiny-imagenet-200" / "wnids.txt").write_text("n01443537\n")
     return {"tmp": str(tmp_path), "data": str(processed_dir), "port": str(free_port())}
 
 

@@ -74,3 +74,27 @@ def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixtu
 def test_cli_reports_missing_data(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert train_main([f"data.processed_dir={tmp_path}", "tracking.enabled=false"]) == 2
     assert "python -m scpl_kit.prepare data=mnist5k" in capsys.readouterr().err
+
+
+def builder_arguments(registry, name: str, given: tuple[str, ...]) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(registry.get(name)).parameters) - set(given)
+
+
+@pytest.mark.parametrize(("group", "registry", "given"), [
+    ("model", "MODELS", ("input_shape", "num_classes")),
+    ("method", "METHODS", ("model", "num_classes")),
+    ("engine", "ENGINES", ()),
+])
+def test_every_builder_argument_is_a_config_key(group: str, registry: str, given: tuple[str, ...]) -> None:
+    """What a builder takes can be set from the command line: conf/<group>/<name>.yaml lists every
+    argument (a tuned or paired config, e.g. bp_gpipe, reuses its method's builder and is skipped)."""
+    import scpl_kit.engines
+    import scpl_kit.methods
+    import scpl_kit.models
+
+    table = {"MODELS": scpl_kit.models.MODELS, "METHODS": scpl_kit.methods.METHODS, "ENGINES": scpl_kit.engines.ENGINES}[registry]
+    for name in table.names():
+        keys = set(compose_config([f"{group}={name}"])[group]) - {"name"}
+        assert keys == builder_arguments(table, name, given), f"conf/{group}/{name}.yaml"

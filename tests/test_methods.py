@@ -148,3 +148,19 @@ def test_a_one_block_model_is_refused_by_decoupled_methods(method: str) -> None:
     model = build_model("vgg", (1, 16, 16), 4, width=0.0625, blocks=[[16, "M"]])
     with pytest.raises(ValueError, match="at least 2 blocks .* or use method=bp"):
         build_units(method, model, 4)
+
+
+def test_no_engine_names_a_method() -> None:
+    """Engines know the unit interface only: no string equal to a method's name (no `if method ==
+    "al"`), and nothing imported from a method's module."""
+    import ast
+    from pathlib import Path
+
+    import scpl_kit.engines
+
+    for path in Path(scpl_kit.engines.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not names & set(METHODS.names()), f"{path.name} names a method"
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert {m for m in imported if m.startswith("scpl_kit.methods")} <= {"scpl_kit.methods.units"}, path.name

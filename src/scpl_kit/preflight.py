@@ -65,6 +65,11 @@ RULES: dict[str, Rule] = {
     "method.temperature": Rule(float, positive=True),
     "method.projector_hidden": Rule(int, low=1),
     "method.projector_dim": Rule(int, low=1),
+    "method.hidden": Rule(int, low=1),
+    "method.bridge_hidden": Rule(int, low=1),
+    "method.code_dim": Rule(int, low=1),
+    "method.label_lr_scale": Rule(float, positive=True),
+    "engine.processes": Rule(int, low=1, nullable=True),
     "engine.microbatches": Rule(int, low=1),
     "engine.timeout_s": Rule(float, positive=True),
 }

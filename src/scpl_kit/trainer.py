@@ -37,10 +37,13 @@ class TrainingStopped(Exception):
 
 
 def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
-    """The paper's optimiser: Adam, learning rate cosine-decayed per step from `lr` to `lr_min`."""
+    """The paper's optimiser: Adam, learning rate cosine-decayed per step from `lr` to `lr_min`.
+    A parameter group may carry `lr_scale` (a method's part that learns faster, e.g. AL's label path)."""
 
-    def make(params: Iterable[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
-        optimizer = torch.optim.Adam(params, lr=lr)
+    def make(params: Iterable[Any]) -> tuple[torch.optim.Optimizer, Any]:
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+        optimizer = torch.optim.Adam([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], lr=lr)
+        # Each group decays from its own starting rate to lr_min.
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1), eta_min=lr_min)
 
     return make

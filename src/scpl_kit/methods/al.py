@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
-from scpl_kit.methods.units import EXIT, FEATURES, LABELS, SCORES, LocalUnit, Signal, UnitStep
+from scpl_kit.methods.units import EXIT, FEATURES, LABELS, SCORES, LocalUnit, OptimizerFactory, Signal, UnitStep
 from scpl_kit.models.base import BlockModel
 
 CODE = "code"  # the label code t_k handed from block k to block k+1
@@ -41,10 +41,18 @@ class AssociatedUnit(LocalUnit):
     phases = ("forward", "back")
 
     def __init__(self, name: str, encoder: nn.Module, bridge: nn.Module, label_encoder: nn.Module, inverse: nn.Module,
-                 num_classes: int, is_last: bool) -> None:
+                 num_classes: int, is_last: bool, label_lr_scale: float = 2.0) -> None:
         super().__init__(name, encoder)
         self.bridge, self.label_encoder, self.inverse = bridge, label_encoder, inverse
-        self.num_classes, self.is_last = num_classes, is_last
+        self.num_classes, self.is_last, self.label_lr_scale = num_classes, is_last, label_lr_scale
+
+    def configure_optimizer(self, make: OptimizerFactory) -> None:
+        """One optimizer, the label path (g_k, h_k) at `label_lr_scale` times the rate: the AL authors'
+        code trains its label auto-encoders at twice the learning rate of the rest."""
+        label_path = [*self.label_encoder.parameters(), *self.inverse.parameters()]
+        ids = {id(p) for p in label_path}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        self.optimizer, self.scheduler = make([{"params": rest}, {"params": label_path, "lr_scale": self.label_lr_scale}])
 
     def forward_train(self, signal: Signal) -> UnitStep:
         # The first block starts the label path from the labels themselves: t_0 = onehot(y).
@@ -78,7 +86,8 @@ class AssociatedUnit(LocalUnit):
 
 
 @METHODS.register("al")
-def build_al(model: BlockModel, num_classes: int, bridge_hidden: int = 2500, code_dim: int = 500) -> list[AssociatedUnit]:
+def build_al(model: BlockModel, num_classes: int, bridge_hidden: int = 2500, code_dim: int = 500,
+             label_lr_scale: float = 2.0) -> list[AssociatedUnit]:
     """Paper sizes: bridge Flatten → Linear(·, 2500) → Sigmoid → Linear(2500, 500) → Sigmoid; label
     codes of 500 (Linear + Sigmoid encoders and inverses)."""
     check_decouplable("al", model)
@@ -88,5 +97,6 @@ def build_al(model: BlockModel, num_classes: int, bridge_hidden: int = 2500, cod
         bridge = nn.Sequential(nn.Flatten(), sigmoid_layer(int(torch.Size(shape).numel()), bridge_hidden), sigmoid_layer(bridge_hidden, code_dim))
         units.append(AssociatedUnit(
             f"block{k + 1}", block, bridge, sigmoid_layer(code_in, code_dim), sigmoid_layer(code_dim, code_in), num_classes, k == last,
+            label_lr_scale,
         ))
     return units

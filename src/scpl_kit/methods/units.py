@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], tuple[torch.optim.Optimizer, Any]]
+# Builds a unit's optimizer and schedule from its parameters, or from parameter groups (dicts; a group's
+# `lr_scale` multiplies the learning rate).
+OptimizerFactory = Callable[[Iterable[Any]], tuple[torch.optim.Optimizer, Any]]
 Signal = dict[str, torch.Tensor]
 FEATURES, LABELS, SCORES, EXIT = "features", "labels", "scores", "exit/"
 
