@@ -194,3 +194,22 @@ def test_under_torchrun_one_rank_speaks_for_the_job(processed_dir: Path, tmp_pat
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("epoch 1/1") == 1, done.stderr
     assert done.stdout.count('"best_val_acc"') == 1, done.stdout
+
+
+@pytest.mark.slow
+def test_a_method_engine_pair_starts_its_own_torchrun(processed_dir: Path, tmp_path: Path) -> None:
+    """method=bp_gpipe (engine.processes=2) from a plain `python -m scpl_kit.train`, as the DVC train
+    stage runs it: two processes, one result, and the table's engine label says how it ran."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scpl_kit.train", "profile=smoke", "method=bp_gpipe", "trainer.epochs=1", "trainer.progress=false",
+         "tracking.enabled=false", f"data.processed_dir={processed_dir}", f"out_dir={tmp_path / 'out'}", f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["method"], metrics["engine"], metrics["method_config"], metrics["engine_detail"]) == ("bp", "gpipe", "bp_gpipe", "gpipe K=2 M=4")
+    assert done.stdout.count('"best_val_acc"') == 1

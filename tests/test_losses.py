@@ -47,3 +47,15 @@ def test_supcon_is_stable_at_low_temperature() -> None:
 def test_unknown_variant_names_valid_ones() -> None:
     with pytest.raises(ValueError, match="paper, standard"):
         supcon_loss(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), 0.1, "other")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", ["paper", "standard"])
+def test_a_batch_without_positive_pairs_gives_a_finite_loss_and_zero_gradient_under_standard(variant: str) -> None:
+    """Every label distinct: `standard` has no anchor with a positive (its mean would be 0/0 = NaN);
+    it returns 0 with a zero gradient, so a training step goes on. `paper` divides by counts that
+    include the anchor, so it is 0 too."""
+    features = torch.randn(6, 8, requires_grad=True)
+    loss = supcon_loss(features, torch.arange(6), 0.1, variant)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert features.grad is not None and torch.all(features.grad == 0)

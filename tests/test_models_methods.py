@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from scpl_kit.methods import build_units
+from scpl_kit.methods import METHODS, build_units
 from scpl_kit.methods.heads import build_projector
-from scpl_kit.models import build_model
+from scpl_kit.models import MODELS, build_model
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.trainer import adam_cosine
 
@@ -134,7 +134,7 @@ def test_inference_runs_blocks_then_predictor() -> None:
         assert torch.equal(h["scores"], model(x))
 
 
-@pytest.mark.parametrize(("builder", "name", "valid"), [(build_model, "resnet99", "resnet18, vgg"), (build_units, "magic", "al, bp, early_exit, scpl")])
+@pytest.mark.parametrize(("builder", "name", "valid"), [(build_model, "resnet99", ", ".join(MODELS.names())), (build_units, "magic", ", ".join(METHODS.names()))])
 def test_unknown_names_list_valid_ones(builder, name, valid) -> None:
     with pytest.raises(UnknownNameError, match=valid):
         builder(name, small_vgg(), 10) if builder is build_units else builder(name, (1, 28, 28), 10)

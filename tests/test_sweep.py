@@ -62,7 +62,7 @@ def test_four_trial_sweep_exports_best_and_nests_mlflow_runs(sweep_env: dict) ->
     best = study.best_trial
     cfg = compose_config(["method=tiny_best"])
     assert cfg.method.name == "scpl" and cfg.method.temperature == pytest.approx(best.params["method.temperature"])
-    assert cfg.trainer.lr == pytest.approx(best.params["trainer.lr"]) and cfg.trainer.epochs == 10  # search-only epochs not exported
+    assert cfg.trainer.lr == pytest.approx(best.params["trainer.lr"]) and cfg.trainer.epochs == compose_config(["profile=offline"]).trainer.epochs  # search-only epochs not exported
     assert dict(cfg.tuned_by) == {"study": study.study_name, "profile": "smoke", "metric": "best_val_acc", "value": best.value, "trial": best.number}
     client = MlflowClient(sweep_env["mlflow"])
     runs = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])

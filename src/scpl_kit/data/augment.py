@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "weak", "strong")
 
@@ -19,10 +18,14 @@ class Augmentation:
         if kind not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {kind!r}; valid augmentations: {', '.join(AUGMENTATIONS)}")
         self.kind = kind
+        self.views = 2 if kind == "strong" else 1  # the paper concatenates two strong views into the batch
+        if kind == "none":
+            return  # torchvision's import costs a second per process; a run without augmentation skips it
+        from torchvision.transforms import v2
+
         weak: list = [v2.RandomCrop(image_size, padding=4)] + ([v2.RandomHorizontalFlip()] if hflip else [])
         strong = weak + [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
         self.transform = v2.Compose(strong if kind == "strong" else weak)
-        self.views = 2 if kind == "strong" else 1  # the paper concatenates two strong views into the batch
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "none":

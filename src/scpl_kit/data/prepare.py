@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from scpl_kit.data.sources import SOURCES, RawData
 
@@ -30,6 +29,8 @@ def sha256(path: Path) -> str:
 
 def stratified_splits(raw: RawData, val_fraction: float, test_fraction: float, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Deterministic stratified splits. An official test split is kept as is; otherwise one is cut."""
+    from sklearn.model_selection import train_test_split  # only when preparing: training never pays its import
+
     images, labels = raw.images, raw.labels
     if raw.test_images is not None:
         test, remaining = (raw.test_images, raw.test_labels), 1.0

@@ -14,14 +14,13 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
 from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, reports_peer_failures, wait_sent
 from scpl_kit.methods.units import FEATURES, LocalUnit, NonFiniteLossError, Signal
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # classes of torch.distributed.pipelining
 
 
 class GPipeEngine(PipelineEngine):
@@ -51,8 +50,12 @@ class GPipeEngine(PipelineEngine):
         self.stage_module = nn.Sequential(*own)
         prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])
         self.own_keys = {k for k in self.unit.state_dict() if k.startswith(tuple(prefixes))}
-        stage = PipelineStage(self.stage_module, self.rank, self.world, self.device)
-        self.schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=self.unit.head)  # averages gradients over micro-batches
+        # Imported here: it loads torch._dynamo (a second per process), which no other engine needs.
+        from torch.distributed import pipelining
+
+        stage = pipelining.PipelineStage(self.stage_module, self.rank, self.world, self.device)
+        schedule = getattr(pipelining, SCHEDULES[self.schedule_name])
+        self.schedule = schedule(stage, self.microbatches, loss_fn=self.unit.head)  # averages gradients over micro-batches
 
     def _labels(self, labels: torch.Tensor | None, pending: list) -> torch.Tensor | None:
         """The last stage computes the loss, so the first one sends it each batch's labels."""
