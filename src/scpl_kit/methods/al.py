@@ -27,7 +27,8 @@ BRIDGED = "al_bridge/"  # a block's bridge output, waiting for its own back phas
 
 
 def sigmoid_layer(in_features: int, out_features: int) -> nn.Sequential:
-    """Linear + Sigmoid, initialised as the AL authors' code does (He-normal weights, zero bias).
+    """Linear + Sigmoid, initialised as Associated Learning's TensorFlow code does (He-normal weights,
+    zero bias; tensorflow_ver/ of github.com/4hfly/Associated_Learning).
     PyTorch's default init has ~2.4× smaller weights; through sigmoids that shrinks the label codes'
     spread between classes block after block, until t_4 is the same for every class (measured:
     across-class std 4e-5 after 3 epochs, every readout at chance)."""
@@ -47,7 +48,7 @@ class AssociatedUnit(LocalUnit):
         self.num_classes, self.is_last, self.label_lr_scale = num_classes, is_last, label_lr_scale
 
     def configure_optimizer(self, make: OptimizerFactory) -> None:
-        """One optimizer, the label path (g_k, h_k) at `label_lr_scale` times the rate: the AL authors'
+        """One optimizer, the label path (g_k, h_k) at `label_lr_scale` times the rate: the same TensorFlow
         code trains its label auto-encoders at twice the learning rate of the rest."""
         label_path = [*self.label_encoder.parameters(), *self.inverse.parameters()]
         ids = {id(p) for p in label_path}

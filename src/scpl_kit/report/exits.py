@@ -35,7 +35,8 @@ def exit_markdown(table: pd.DataFrame, group: list[str]) -> str:
         "# Test accuracy of each block's readout (%)\n\n"
         "Each block's own classifier (Early Exit) or its bridge decoded through the inverse chain (AL), at the "
         "epoch of best validation accuracy (mean ± std over seeds); `final` is the model's answer (the predictor, "
-        "or AL's last block). Blocks without a readout of their own (SCPL's projectors) are empty.\n\n"
+        "or AL's last block). Methods whose blocks have no readout of their own (BP; SCPL, whose projectors are "
+        "not classifiers) have no row: their only readout is `test_acc` in the accuracy table.\n\n"
         + shown.to_markdown(index=False) + "\n"
     )
 
