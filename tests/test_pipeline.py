@@ -114,7 +114,9 @@ def test_plots_and_experiments_are_readable(repo) -> None:
     table = sh(["make", "-s", "-o", ".venv/.installed", "exps"], root, {k: v for k, v in env.items() if not k.startswith("MAKE")})
     columns = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert "mnist5k/vgg/early_exit.acc_mean" in columns and "grid.profile" in columns
-    assert len(columns) <= 20 and not re.search(r"[0-9a-f]{32}", table), table  # no dependency hashes, no run ids
+    # One accuracy column per table row (the committed 10-row table's too) and the parameters: about
+    # 20; the dependency hashes would add about 40 more.
+    assert len(columns) <= 30 and not re.search(r"[0-9a-f]{32}", table), table  # no dependency hashes, no run ids
 
 
 def test_one_more_seed_runs_only_that_seed(repo) -> None:
