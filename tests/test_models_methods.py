@@ -149,3 +149,13 @@ def test_bad_method_options_are_named() -> None:
         build_units("scpl", small_vgg(), 10, temprature=0.5)
     with pytest.raises(ValueError, match="early-exit classifier 'i'; valid classifiers: l, m"):
         build_units("early_exit", small_vgg(), 10, classifier="i")
+
+
+def test_bad_model_and_engine_options_are_named() -> None:
+    """The same one-line check for every registry's builders, not only methods'."""
+    from scpl_kit.engines import build_engine
+
+    with pytest.raises(ValueError, match="model 'vgg' has no option 'widht'; valid options: width, predictor_hidden"):
+        build_model("vgg", (1, 28, 28), 10, widht=0.5)
+    with pytest.raises(ValueError, match="engine 'sequential' has no option 'devic'; valid options: device"):
+        build_engine("sequential", devic="cpu")

@@ -53,10 +53,11 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
             raise ConfigError(_explain(error, overrides, config_name)) from None
+    conf = config_dir()
     with open_dict(cfg):
         choices = {
             group: option for group, option in cfg.hydra.runtime.choices.items()
-            if not group.startswith("hydra/") and (config_dir() / group / f"{option}.yaml").is_file()  # an optional group with no file chose nothing
+            if not group.startswith("hydra/") and (conf / group / f"{option}.yaml").is_file()  # an optional group with no file chose nothing
         }
         del cfg["hydra"]
         cfg.choices = choices

@@ -12,6 +12,7 @@ MLflow entry.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,14 +27,21 @@ from tqdm.auto import tqdm
 from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods.units import SCORES
 from scpl_kit.report.grid import run_names
+from scpl_kit.data.datasets import PreparedData
 from scpl_kit.train import build, load_data
 from scpl_kit.tracking import MlflowTracker
+
+
+@functools.lru_cache(maxsize=4)
+def data_for(data_config: str) -> PreparedData:
+    """Prepared data, opened and checksum-verified once per data config (a grid's runs share one)."""
+    return load_data(OmegaConf.create({"data": json.loads(data_config)}))
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     trained = json.loads((run_dir / "metrics.json").read_text())
-    data = load_data(cfg)
+    data = data_for(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True))
     _, units = build(cfg, data)
     for unit, state in zip(units, torch.load(run_dir / "model.pt")["units"], strict=True):
         unit.load_state_dict(state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
@@ -44,16 +44,17 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-
-def check_options(kind: str, name: str, builder: Callable, options: dict, given: tuple[str, ...] = ()) -> None:
-    """Options a builder does not take are named in one line with the ones it does (not Python's
-    TypeError about an unexpected keyword). `given` are the arguments the caller fills in itself."""
-    parameters = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    valid = [p for p in parameters if p not in given]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise UnknownOptionError(
-            f"{kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}"
-        )
+    def build(self, name: str, *args: Any, **options: Any) -> Any:
+        """Call `name`'s builder with `args` (what the caller supplies: a model, the number of classes)
+        and `options` (config keys). An option the builder does not take is named in one line with the
+        ones it does, not as Python's TypeError about an unexpected keyword."""
+        builder = self.get(name)
+        parameters = inspect.signature(builder).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            valid = list(parameters)[len(args):]
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise UnknownOptionError(
+                    f"{self.kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}"
+                )
+        return builder(*args, **options)

@@ -55,12 +55,22 @@ def source_options(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return keyword_options(SOURCES.get(name), data)
 
 
-def check_raw_dir(raw_dir: Path, folder: str) -> None:
+def fetch(name: str, raw_dir: Path, folder: str, url: str, md5: str, download: bool) -> Path:
+    """`raw_dir/folder`, downloaded and unpacked first when it is missing and `download` allows.
+
+    A `raw_dir` other than the kit's own must exist. A failed download is printed, not raised: the
+    loader then reports what is missing and how to get it, whatever the cause."""
     if not raw_dir.is_dir() and raw_dir != DEFAULT_RAW_DIR:
         raise DatasetNotFoundError(
             f"data.raw_dir={raw_dir} (from SCPL_DATA_DIR or the config) is not a folder: point it at the folder that "
             f"holds {folder}/, or unset it to download into {DEFAULT_RAW_DIR}/"
         )
+    if not (raw_dir / folder).is_dir() and download:
+        try:
+            download_archive(url, raw_dir, md5)
+        except Exception as error:  # any network or archive failure ends in the loader's advice
+            print(f"download of {name} failed: {error}")
+    return raw_dir / folder
 
 
 def download_archive(url: str, raw_dir: Path, md5: str) -> None:
@@ -124,13 +134,7 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
 def load_cifar(name: str, raw_dir: Path, download: bool) -> RawData:
     layout = CIFAR[name]
     raw_dir = Path(raw_dir)
-    check_raw_dir(raw_dir, layout.folder)
-    folder = raw_dir / layout.folder
-    if not folder.is_dir() and download:
-        try:
-            download_archive(layout.url, raw_dir, layout.md5)
-        except Exception as error:  # any network or archive failure ends in the same advice below
-            print(f"download of {name} failed: {error}")
+    folder = fetch(name, raw_dir, layout.folder, layout.url, layout.md5, download)
     needed = [*layout.train_files, layout.test_file, layout.meta_file]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:

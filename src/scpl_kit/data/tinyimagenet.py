@@ -16,7 +16,7 @@ from tqdm import tqdm
 from scpl_kit.config import ConfigError
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.facts import DatasetFacts
-from scpl_kit.data.sources import RawData, check_raw_dir, download_archive, register_dataset
+from scpl_kit.data.sources import RawData, fetch, register_dataset
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -55,13 +55,7 @@ def incomplete(folder: Path, missing: str, problem: str = "is missing") -> Datas
 def load_tinyimagenet(raw_dir: Path, download: bool = True, *, image_size: int = 32) -> RawData:
     size = check_image_size(image_size)
     raw_dir = Path(raw_dir)
-    check_raw_dir(raw_dir, FOLDER)
-    folder = raw_dir / FOLDER
-    if not folder.is_dir() and download:
-        try:
-            download_archive(URL, raw_dir, MD5)
-        except Exception as error:  # any network or archive failure ends in the same advice below
-            print(f"download of tinyimagenet failed: {error}")
+    folder = fetch("tinyimagenet", raw_dir, FOLDER, URL, MD5, download)
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"tinyimagenet not found: {folder} does not exist.\n"

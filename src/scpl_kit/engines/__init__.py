@@ -12,7 +12,7 @@ ENGINES: Registry[EngineBuilder] = Registry("engine")
 
 
 def build_engine(name: str, **options: Any) -> Engine:
-    return ENGINES.get(name)(**options)
+    return ENGINES.build(name, **options)
 
 
 from scpl_kit.engines import gpipe, pipeline, sequential, threads  # noqa: E402,F401  (register each engine)

@@ -10,16 +10,14 @@ from typing import Any, Callable
 
 from scpl_kit.models.base import BlockModel
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
-from scpl_kit.registry import Registry, check_options
+from scpl_kit.registry import Registry
 
 MethodBuilder = Callable[..., list[LocalUnit]]
 METHODS: Registry[MethodBuilder] = Registry("method")
 
 
 def build_units(name: str, model: BlockModel, num_classes: int, **options: Any) -> list[LocalUnit]:
-    builder = METHODS.get(name)
-    check_options("method", name, builder, options, given=("model", "num_classes"))
-    return builder(model, num_classes, **options)
+    return METHODS.build(name, model, num_classes, **options)
 
 
 def check_decouplable(method: str, model: BlockModel) -> None:

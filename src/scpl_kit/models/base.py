@@ -62,4 +62,4 @@ class BlockModel(nn.Module):
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> BlockModel:
-    return MODELS.get(name)(input_shape=input_shape, num_classes=num_classes, **kwargs)
+    return MODELS.build(name, input_shape, num_classes, **kwargs)
