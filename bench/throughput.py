@@ -3,9 +3,10 @@
     python bench/throughput.py --out reports            # also the DVC stage `throughput`
 
 Each configuration runs in fresh processes (one per worker, as torchrun would start them), each
-limited to one thread so ratios measure parallelism, not BLAS threading. Inputs are synthetic
-CIFAR-shaped batches: throughput does not depend on pixel values. Writes
-reports/tables/throughput.{csv,md} and reports/figures/throughput.png.
+limited to one thread so ratios measure parallelism, not BLAS threading. Inputs are synthetic:
+CIFAR-shaped batches for VGG8, AG-News-shaped ones for the Transformer (60 tokens, the paper's
+speed-table setting; 4 classes, a 30,000-word vocabulary); throughput depends on shapes, not values.
+Writes reports/tables/throughput.{csv,md} and reports/figures/throughput.png.
 
 Columns: samples_per_s (training samples per second of wall time in steady state: the batches
 after the warm-up ones, timed between completions within one epoch, so a pipeline's once-an-epoch
@@ -39,14 +40,19 @@ from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
 
 
+# AG News as the paper's speed tables feed it: 60 tokens per document, 4 classes, 30,000 words.
+TEXT_LENGTH, TEXT_CLASSES, VOCABULARY = 60, 4, 30_000
+
+
 @dataclass(frozen=True)
 class Case:
     method: str
     engine: str
     workers: int
     microbatches: int = 0
-    projector: str = "-"  # "flat" (the paper's MLP on the flattened map) or "pooled"
+    projector: str = "-"  # VGG8: "flat" (the paper's MLP on the flattened map) or "pooled"; Transformer: "identity"
     stages: tuple[tuple[int, ...], ...] | None = None
+    model: str = "vgg"
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,17 @@ class Setup:
     batch: int
     steps: int
     warmup: int
+    text_dim: int = 120
 
 
-def cases(projector: str, k: int, stages: tuple[tuple[int, ...], ...]) -> list[Case]:
+def cases(projector: str, k: int, stages: tuple[tuple[int, ...], ...], model: str = "vgg") -> list[Case]:
+    if model == "transformer":  # the paper's text speed table: BP, SCPL, GPipe and the SCPL pipeline
+        return [
+            Case("bp", "sequential", 1, model=model),
+            Case("scpl", "sequential", 1, projector=projector, model=model),
+            Case("bp", "gpipe", k, microbatches=4, stages=stages, model=model),
+            Case("scpl", "pipeline", k, projector=projector, stages=stages, model=model),
+        ]
     return [
         Case("bp", "sequential", 1),
         Case("scpl", "sequential", 1, projector=projector),
@@ -74,9 +88,13 @@ def build_units(case: Case, setup: Setup):
     from scpl_kit.trainer import adam_cosine
 
     torch.manual_seed(0)
-    model = build_model("vgg", (3, 32, 32), 10, width=setup.width)
-    options = {"projector": "m", "pool": case.projector == "pooled"} if case.method == "scpl" else {}
-    units = from_method(case.method, model, 10, **options)
+    if case.model == "transformer":
+        model = build_model("transformer", (TEXT_LENGTH,), TEXT_CLASSES, vocab_size=VOCABULARY, dim=setup.text_dim, ff_dim=setup.text_dim)
+        options = {"projector": "i"} if case.method == "scpl" else {}  # the paper's text SCPL: SupCon on the block's summary itself
+    else:
+        model = build_model("vgg", (3, 32, 32), 10, width=setup.width)
+        options = {"projector": "m", "pool": case.projector == "pooled"} if case.method == "scpl" else {}
+    units = from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, **options)
     for unit in units:
         unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10_000))
     return units
@@ -127,8 +145,7 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) 
     units = build_units(case, setup)
     engine = build_engine(case)
     engine.setup(units)
-    generator = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(setup.batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (setup.batch,), generator=generator)) for _ in range(setup.steps)]
+    batches = synthetic_batches(case.model, setup, torch.Generator().manual_seed(rank))
     done: list[float] = []  # when each batch finished on this rank
     engine.train_epoch(batches, on_batch=lambda n: done.append(time.perf_counter()))
     # Steady state: batches after the warm-up, timed between completions on this rank. A pipeline's
@@ -145,11 +162,23 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) 
     engine.close()
 
 
+def synthetic_batches(model: str, setup: Setup, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """`setup.steps` batches shaped as the model's real data (values do not change the time)."""
+    def batch() -> dict[str, torch.Tensor]:
+        if model == "transformer":
+            tokens = torch.randint(2, VOCABULARY, (setup.batch, TEXT_LENGTH), generator=generator)  # 0 pad, 1 unk
+            lengths = torch.full((setup.batch,), TEXT_LENGTH)
+            return {"features": tokens, "lengths": lengths, "labels": torch.randint(0, TEXT_CLASSES, (setup.batch,), generator=generator)}
+        return {"features": torch.randn(setup.batch, 3, 32, 32, generator=generator), "labels": torch.randint(0, 10, (setup.batch,), generator=generator)}
+
+    return [batch() for _ in range(setup.steps)]
+
+
 def time_units(units, batches) -> list[float]:
     """Seconds per training step of each unit alone (forward, loss, backward, step), one thread."""
     times = [0.0] * len(units)
-    for inputs, labels in batches:
-        signal = {"features": inputs, "labels": labels}
+    for batch in batches:
+        signal = dict(batch)
         for i, unit in enumerate(units):
             start = time.perf_counter()
             signal, _ = unit.train_step(signal)
@@ -176,37 +205,38 @@ def run_all(setup: Setup, k: int) -> pd.DataFrame:
     from scpl_kit.engines.pipeline import balanced_stages
 
     rows = []
-    for projector in ("flat", "pooled"):
+    for model, projector in (("vgg", "flat"), ("vgg", "pooled"), ("transformer", "identity")):
         # Stage split balanced from per-block times measured on one worker, as the engine docs advise.
-        scpl1 = measure(Case("scpl", "sequential", 1, projector=projector), setup)
+        scpl1 = measure(Case("scpl", "sequential", 1, projector=projector, model=model), setup)
         times = scpl1["unit_times"]
         stages = tuple(tuple(s) for s in balanced_stages(times, k))
         ideal = sum(times) / max(sum(times[i] for i in s) for s in stages)
-        print(f"[{projector}] unit step times {[round(t * 1000, 1) for t in times]} ms → stages {stages}, ideal speed-up {ideal:.2f}", flush=True)
-        for case in cases(projector, k, stages):
+        print(f"[{model} {projector}] unit step times {[round(t * 1000, 1) for t in times]} ms → stages {stages}, ideal speed-up {ideal:.2f}", flush=True)
+        for case in cases(projector, k, stages, model):
             if projector == "pooled" and case.method == "bp":
                 continue  # BP has no projector: measured once
-            row = scpl1 if case == Case("scpl", "sequential", 1, projector=projector) else measure(case, setup)
+            row = scpl1 if case == Case("scpl", "sequential", 1, projector=projector, model=model) else measure(case, setup)
             row["ideal_speedup"] = ideal if case.engine == "pipeline" else float("nan")
             rows.append(row)
-            print(f"  {case.method:5s} {case.engine:10s} workers={case.workers} M={case.microbatches} {case.projector:6s} "
+            print(f"  {model:11s} {case.method:5s} {case.engine:10s} workers={case.workers} M={case.microbatches} {case.projector:8s} "
                   f"{row['samples_per_s']:8.1f} samples/s  peak {row['peak_act_mem_mb']:7.1f} MB (per rank {row['rank_mem_mb']})", flush=True)
     table = pd.DataFrame(rows).drop(columns=["unit_times", "rank_mem_mb"])
-    bp1 = table.query("method == 'bp' and engine == 'sequential'").samples_per_s.iloc[0]
-    table["speedup_vs_bp1"] = table.samples_per_s / bp1
-    return table[["method", "engine", "workers", "microbatches", "projector", "stages", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"]]
+    # Each model's rows against BP on one worker of the same model.
+    bp1 = table.query("method == 'bp' and engine == 'sequential'").set_index("model").samples_per_s
+    table["speedup_vs_bp1"] = table.samples_per_s / table.model.map(bp1)
+    return table[["model", "method", "engine", "workers", "microbatches", "projector", "stages", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"]]
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     """Two horizontal bar charts, one above the other: 880 px wide, so `dvc plots show`, which
     shows an image at its own size and crops what does not fit, shows all of it."""
-    labels = [f"{r.method} {r.engine} K={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f" {r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
+    labels = [f"{r.model} {r.method} {r.engine} K={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f" {r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
     fig, (speed, memory) = plt.subplots(2, 1, figsize=(8, 8), sharey=True)
-    colors = ["tab:blue" if m == "bp" else "tab:orange" for m in table.method]
+    colors = [("tab:blue" if m == "bp" else "tab:orange") if model == "vgg" else ("tab:cyan" if m == "bp" else "tab:red") for m, model in zip(table.method, table.model)]
     rows = range(len(table))
     speed.barh(rows, table.speedup_vs_bp1, color=colors)
     speed.axvline(1.0, color="gray", lw=0.8)
-    speed.set(xlabel="speed-up over BP on 1 worker", title="training throughput (1 thread per worker)")
+    speed.set(xlabel="speed-up over BP on 1 worker (of the same model)", title="training throughput (1 thread per worker)")
     memory.barh(rows, table.peak_act_mem_mb, color=colors)
     memory.set(xlabel="peak activation memory of the largest worker (MB)", title="memory (threads engine: one shared process, not measured)")
     memory.set_yticks(rows, labels)
@@ -228,14 +258,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24, help="batches per measurement, warm-up included")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="K")
+    parser.add_argument("--text-dim", type=int, default=120, help="the Transformer's width (the paper's is 300), divisible by its 6 heads")
     args = parser.parse_args()
     if not 1 <= args.warmup < args.steps:
         parser.error(f"need 1 <= --warmup < --steps (got warmup {args.warmup}, steps {args.steps})")
-    table = run_all(Setup(args.width, args.batch, args.steps, args.warmup), args.workers)
+    table = run_all(Setup(args.width, args.batch, args.steps, args.warmup, args.text_dim), args.workers)
     (args.out / "tables").mkdir(parents=True, exist_ok=True)
     table.round(3).to_csv(args.out / "tables" / "throughput.csv", index=False)
-    header = (f"# Training throughput, VGG8 width {args.width}, batch {args.batch}, CIFAR-shaped inputs, "
-              f"{args.workers} workers of one thread each\n\nMeasured on {one_line({**describe(), 'torch_threads': '1'})} (per worker).\n\n")
+    header = (f"# Training throughput, batch {args.batch}, {args.workers} workers of one thread each: VGG8 width {args.width} on "
+              f"CIFAR-shaped inputs; Transformer width {args.text_dim} (4 blocks) on AG-News-shaped inputs ({TEXT_LENGTH} tokens)\n\nMeasured on {one_line({**describe(), 'torch_threads': '1'})} (per worker).\n\n")
     (args.out / "tables" / "throughput.md").write_text(header + table.round(3).to_markdown(index=False) + "\n")
     plot(table, args.out / "figures" / "throughput.png")
     print(table.round(3).to_markdown(index=False))

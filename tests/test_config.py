@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scpl_kit.config import ConfigError, compose_config, config_dir
 from scpl_kit.data import dataset_facts
@@ -33,11 +34,18 @@ def first_model_that_fits(cfg, facts) -> str:
     raise AssertionError(f"no model takes {cfg.data.name}'s inputs {facts.input_shape}")
 
 
+def is_text_option(override: str) -> bool:
+    """A text dataset (its config has `max_len`) or a text model (`vocab_size`): composed under a text profile."""
+    group, option = override.split("=")
+    keys = yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text()) or {}
+    return group in ("data", "model") and bool({"max_len", "vocab_size"} & set(keys))
+
+
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in group_options(g)])
 def test_every_option_composes_and_builds(override: str) -> None:
-    cfg = compose_config([override])
+    cfg = compose_config([*(["profile=offline_text"] if is_text_option(override) else []), override])
     facts = dataset_facts(cfg.data.name, **cfg.data)  # what the dataset is, without its files
-    if override.startswith("data="):
+    if override.startswith("data=") and not is_text_option(override):
         cfg = compose_config([override, f"model={first_model_that_fits(cfg, facts)}"])
     model = build_model(cfg.model.name, facts.input_shape, facts.num_classes, **options(cfg.model))
     units = build_units(cfg.method.name, model, facts.num_classes, **options(cfg.method))
@@ -64,6 +72,16 @@ def test_paper_profile_is_the_paper_setting() -> None:
     cfg = compose_config(["profile=paper"])
     assert (cfg.data.name, cfg.model.width, cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.augmentation) == ("cifar10", 1.0, 1024, 200, "strong")
     assert (cfg.trainer.lr, cfg.trainer.lr_min, cfg.method.temperature) == (1e-3, 1e-5, 0.1)
+
+
+def test_paper_text_profile_is_the_paper_setting() -> None:
+    """methods.md §4: width 300, 6 heads, d_ff 300, dropout 0.1, no positional encoding, batch 1024,
+    50 epochs, Adam 1e-3 constant; SCPL's projector is the identity; AG News at 60 tokens."""
+    cfg = compose_config(["profile=paper_text", "method=scpl"])
+    assert (cfg.data.name, cfg.data.max_len, cfg.data.vocab_size, cfg.model.name) == ("agnews", 60, 30000, "transformer")
+    assert (cfg.model.dim, cfg.model.heads, cfg.model.ff_dim, cfg.model.dropout, cfg.model.positional) == (300, 6, 300, 0.1, "none")
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.lr, cfg.trainer.lr_min, cfg.method.projector) == (1024, 50, 1e-3, 1e-3, "i")
+    assert compose_config(["profile=paper_text", "model=lstm"]).model.dim == 300
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -110,5 +128,6 @@ def test_every_builder_argument_is_a_config_key(group: str, registry: str, given
 
     table = {"MODELS": scpl_kit.models.MODELS, "METHODS": scpl_kit.methods.METHODS, "ENGINES": scpl_kit.engines.ENGINES}[registry]
     for name in table.names():
-        keys = set(compose_config([f"{group}={name}"])[group]) - {"name"}
+        override = f"{group}={name}"
+        keys = set(compose_config([*(["profile=offline_text"] if is_text_option(override) else []), override])[group]) - {"name"}
         assert keys == builder_arguments(table, name, given), f"conf/{group}/{name}.yaml"

@@ -99,7 +99,7 @@ def test_data_prepared_with_other_split_settings_is_refused(processed_dir: Path)
 
 
 def test_unknown_dataset_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(UnknownNameError, match="cifar10, cifar100, mnist5k"):
+    with pytest.raises(UnknownNameError, match="bbcnews, cifar10, cifar100, dbpedia14"):
         prepare_dataset("imagenet", tmp_path, tmp_path, 0.1, 0.2)
 
 

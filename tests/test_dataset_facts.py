@@ -18,7 +18,8 @@ def test_mnist5k_facts_match_its_prepared_data(processed_dir: Path) -> None:
 def test_every_data_config_has_facts(name: str) -> None:
     data = compose_config([f"data={name}"]).data
     facts = dataset_facts(data.name, **data)  # a whole data config: keys the facts do not read are ignored
-    assert len(facts.input_shape) == 3 and facts.num_classes > 1
+    shape = {"image": 3, "text": 1}[facts.modality]  # (channels, height, width) or (max_len,)
+    assert len(facts.input_shape) == shape and facts.num_classes > 1
 
 
 def test_facts_follow_the_options() -> None:

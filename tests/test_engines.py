@@ -136,7 +136,8 @@ def test_a_crashed_or_stuck_rank_stops_the_job_with_a_one_line_reason(smoke_conf
 
 def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[dict]:
     """The reference GPipe must match, computed independently: plain BP on one process, each batch's
-    gradient accumulated over `microbatches` chunks of mean loss / microbatches."""
+    gradient accumulated over `microbatches` chunks of mean loss / microbatches. Images come as
+    (inputs, labels); text batches as named tensors (token ids, lengths, labels)."""
     from scpl_kit.data.augment import Augmentation
     from scpl_kit.train import build, load_data
     from scpl_kit.trainer import configure_torch, epoch_seed
@@ -148,10 +149,13 @@ def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[di
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
         model.train()
-        for x, y in data.loader("train", cfg.trainer.batch_size, True, Augmentation("none", 28, False), shuffle, drop_last=True):
+        for batch in data.loader("train", cfg.trainer.batch_size, True, Augmentation("none", 28, False), shuffle, drop_last=True):
+            batch = dict(batch) if isinstance(batch, dict) else {"features": batch[0], "labels": batch[1]}
+            labels = batch.pop("labels")
+            chunks = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(microbatches) for t in batch.values()))]
             unit.optimizer.zero_grad()
-            for xs, ys in zip(x.tensor_split(microbatches), y.tensor_split(microbatches)):
-                (torch.nn.functional.cross_entropy(model(xs), ys) / microbatches).backward()
+            for inputs, ys in zip(chunks, labels.tensor_split(microbatches)):
+                (torch.nn.functional.cross_entropy(model(inputs)["features"], ys) / microbatches).backward()
             unit.optimizer.step()
             unit.scheduler.step()
     return [unit.state_dict()]
@@ -170,6 +174,54 @@ def test_gpipe_matches_bp_with_gradient_accumulation(smoke_config, tmp_path: Pat
     got = weights(tmp_path / "gpipe")
     for key, value in expected[0].items():
         torch.testing.assert_close(got[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_gpipe_matches_bp_on_a_text_model(text_smoke_config, tmp_path: Path) -> None:
+    """Token ids and their lengths travel through PyTorch's pipeline schedule together; each batch is
+    padded to the full length there (the schedule keeps the first batch's shapes), which the LSTM's
+    packing makes exact."""
+    cfg = text_smoke_config(
+        "model=lstm", "method=bp", "trainer.threads=1", "trainer.epochs=1", "engine=gpipe", "engine.microbatches=4",
+        "engine.timeout_s=120", f"out_dir={tmp_path / 'gpipe'}",
+    )
+    reports = run_ranks(cfg, 2, tmp_path)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    expected = bp_with_gradient_accumulation(cfg, 4)
+    got = weights(tmp_path / "gpipe")
+    for key, value in expected[0].items():
+        torch.testing.assert_close(got[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# Dropout draws from the process's random stream, which units on other threads or processes consume in
+# another order: with dropout, engines agree in distribution only. The equivalence checks turn it off.
+TEXT_MODELS = {"transformer": ("model=transformer", "model.dropout=0.0"), "lstm": ("model=lstm",)}
+
+
+def text_reference(text_smoke_config, tmp_path: Path, *overrides: str) -> Path:
+    run(text_smoke_config(*overrides, "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
+    return tmp_path / "sequential"
+
+
+@pytest.mark.parametrize(("model", "method"), [("transformer", "scpl"), ("transformer", "al"), ("lstm", "early_exit")])
+def test_threads_engine_matches_sequential_on_text(text_smoke_config, tmp_path: Path, model: str, method: str) -> None:
+    """A text batch's lengths travel with its features from unit to unit (and thread to thread)."""
+    expected = text_reference(text_smoke_config, tmp_path, *TEXT_MODELS[model], f"method={method}")
+    run(text_smoke_config(*TEXT_MODELS[model], f"method={method}", "trainer.threads=1", "engine=threads", "engine.devices=[cpu,cpu]",
+                          f"out_dir={tmp_path / 'threads'}"))
+    assert_same_run(expected, tmp_path / "threads")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "method"), [("transformer", "scpl"), ("lstm", "al")])
+def test_pipeline_engine_matches_sequential_on_text(text_smoke_config, tmp_path: Path, model: str, method: str) -> None:
+    """Across processes too: every batch's lengths are sent with its features (batches differ in length)."""
+    expected = text_reference(text_smoke_config, tmp_path, *TEXT_MODELS[model], f"method={method}")
+    cfg = text_smoke_config(*TEXT_MODELS[model], f"method={method}", "trainer.threads=1", "engine=pipeline", "engine.timeout_s=120",
+                            f"out_dir={tmp_path / 'pipeline'}")
+    reports = run_ranks(cfg, 2, tmp_path)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    assert_same_run(expected, tmp_path / "pipeline")
 
 
 def test_decoupled_method_under_gpipe_points_to_pipeline(smoke_config, tmp_path: Path) -> None:

@@ -12,13 +12,18 @@ from scpl_kit.models import MODELS, build_model
 from scpl_kit.trainer import adam_cosine
 
 DECOUPLED = [m for m in METHODS.names() if m != "bp"]
-SMALL = {"vgg": {"width": 0.0625, "predictor_hidden": 32}, "resnet18": {"width": 0.0625}}
+SMALL = {
+    "vgg": {"width": 0.0625, "predictor_hidden": 32}, "resnet18": {"width": 0.0625},
+    "lstm": {"dim": 16, "vocab_size": 40}, "transformer": {"dim": 12, "ff_dim": 12, "vocab_size": 40},
+}
+TEXT_LENGTH = 10
 OPTIONS = {"scpl": {"projector_hidden": 32, "projector_dim": 16}, "early_exit": {"hidden": 32}, "al": {"bridge_hidden": 64, "code_dim": 32}}
 
 
 def built(method: str, model_name: str = "vgg", classes: int = 4):
     torch.manual_seed(0)
-    model = build_model(model_name, (1, 16, 16), classes, **SMALL[model_name])
+    shape = (TEXT_LENGTH,) if "vocab_size" in SMALL[model_name] else (1, 16, 16)
+    model = build_model(model_name, shape, classes, **SMALL[model_name])
     units = build_units(method, model, classes, **OPTIONS.get(method, {}))
     for unit in units:
         unit.configure_optimizer(adam_cosine(3e-3, 3e-3, 100))
@@ -36,13 +41,24 @@ def tiny_batch(n: int = 32, classes: int = 4) -> tuple[torch.Tensor, torch.Tenso
     return images, labels
 
 
+def tiny_text_batch(n: int = 32, classes: int = 4) -> dict[str, torch.Tensor]:
+    """Documents of 3 to 10 tokens (right-padded with 0) whose class shows in which words they use:
+    class k draws from ids 2 + 8k … 9 + 8k of a 40-word vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(n) % classes
+    lengths = torch.randint(3, TEXT_LENGTH + 1, (n,), generator=g)
+    tokens = 2 + 8 * labels[:, None] + torch.randint(0, 8, (n, TEXT_LENGTH), generator=g)
+    tokens[torch.arange(TEXT_LENGTH)[None, :] >= lengths[:, None]] = 0
+    return {"features": tokens, "lengths": lengths, "labels": labels}
+
+
 @pytest.mark.parametrize("model_name", MODELS.names())
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_learns_on_every_model(method: str, model_name: str) -> None:
     _, units = built(method, model_name)
     engine = SequentialEngine("cpu")
     engine.setup(units)
-    batches = [tiny_batch()]
+    batches = [tiny_text_batch() if "vocab_size" in SMALL[model_name] else tiny_batch()]
     first = engine.train_epoch(batches)
     for _ in range(15):
         last = engine.train_epoch(batches)

@@ -44,8 +44,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params.update(
-        grid={"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"], "methods": ["bp", "early_exit"], "seeds": [0]},
-        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2},
+        grid={
+            "vision": {"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"]},
+            "text": {"profile": "smoke_text", "datasets": ["bbcnews"], "models": ["transformer"]},
+            "methods": ["bp", "early_exit"], "seeds": [0],
+        },
+        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2, "text_dim": 12},
     )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.lock").unlink(missing_ok=True)
@@ -62,22 +66,32 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_repro_builds_tables_and_plots(repo) -> None:
     root, env = repo
     ran = stages_run(sh(["dvc", "repro"], root, env))
-    assert ran == {"prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0", "evaluate", "tables", "throughput"}
+    assert ran == {
+        "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
+        "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
+        "evaluate", "tables", "throughput",
+    }
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
-    assert sorted(table.method) == ["bp", "early_exit"] and set(table.dataset) == {"mnist5k"} and set(table.n_runs) == {1}
-    assert "| mnist5k" in (root / "reports/tables/accuracy.md").read_text()
+    assert list(zip(table.dataset, table.model, table.method)) == [
+        ("mnist5k", "vgg", "bp"), ("mnist5k", "vgg", "early_exit"), ("bbcnews", "transformer", "bp"), ("bbcnews", "transformer", "early_exit"),
+    ]
+    assert set(table.n_runs) == {1}
+    assert "| mnist5k" in (root / "reports/tables/accuracy.md").read_text() and "| bbcnews" in (root / "reports/tables/accuracy.md").read_text()
     assert (root / "reports/figures/accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
     # Early Exit's four exits and its final answer, per block; BP has no exits, so no row.
     exits = pd.read_csv(root / "reports/tables/per_exit.csv")
-    assert list(exits.config) == ["early_exit"] and {"block1", "block4", "final"} <= set(exits.columns)
+    assert list(exits.config) == ["early_exit"] * 2 and {"block1", "block4", "final"} <= set(exits.columns)
     assert (exits[["block1", "block2", "block3", "block4", "final"]] > 0).all(axis=None)
     assert (root / "reports/figures/per_exit.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("bp", "early_exit"):
-        assert json.loads((root / f"reports/eval/mnist5k-vgg-{name}-s0.json").read_text())["matches_training"]
+    for name in ("mnist5k-vgg-bp", "mnist5k-vgg-early_exit", "bbcnews-transformer-bp", "bbcnews-transformer-early_exit"):
+        assert json.loads((root / f"reports/eval/{name}-s0.json").read_text())["matches_training"]
     speed = pd.read_csv(root / "reports/tables/throughput.csv")
     wanted = {"method", "engine", "workers", "microbatches", "projector", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"}
     assert wanted <= set(speed.columns) and set(speed.engine) == {"sequential", "threads", "pipeline", "gpipe"}
+    text = speed[speed.model == "transformer"]  # the paper's text speed table: BP, SCPL, GPipe (M=4), the SCPL pipeline
+    assert list(zip(text.method, text.engine, text.workers)) == [("bp", "sequential", 1), ("scpl", "sequential", 1), ("bp", "gpipe", 2), ("scpl", "pipeline", 2)]
+    assert text.speedup_vs_bp1.iloc[0] == 1.0 and text.ideal_speedup.iloc[-1] > 1
     assert (speed.samples_per_s > 0).all()
     per_process = speed.engine != "threads"  # the threads engine's workers share one process: no per-worker memory
     assert (speed.peak_act_mem_mb[per_process] > 0).all() and speed.peak_act_mem_mb[~per_process].isna().all()
@@ -125,7 +139,10 @@ def test_one_more_seed_runs_only_that_seed(repo) -> None:
     params["grid"]["seeds"] = [0, 1]
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     ran = stages_run(sh(["dvc", "repro"], root, env))
-    assert ran == {"train@mnist5k-vgg-bp-1", "train@mnist5k-vgg-early_exit-1", "evaluate", "tables"}
+    assert ran == {
+        "train@mnist5k-vgg-bp-1", "train@mnist5k-vgg-early_exit-1",
+        "train_text@bbcnews-transformer-bp-1", "train_text@bbcnews-transformer-early_exit-1", "evaluate", "tables",
+    }
     assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {2}
 
 
@@ -141,7 +158,7 @@ def test_dvc_exp_run_with_set_param(repo) -> None:
 
 def test_the_paper_grid_is_one_parameter_away(repo) -> None:
     """`grid: *paper` in the repository's own params.yaml: every dataset × model × method × seed of the
-    paper's vision grid becomes a train stage (a dry run: no data, no GPU)."""
+    paper's vision and text grids becomes a train stage (a dry run: no data, no GPU)."""
     root, env = repo
     original = (root / "params.yaml").read_text()
     params_text = (REPO / "params.yaml").read_text()
@@ -152,9 +169,12 @@ def test_the_paper_grid_is_one_parameter_away(repo) -> None:
     finally:
         (root / "params.yaml").write_text(original)
     paper = yaml.safe_load(params_text)["grids"]["paper"]
-    assert paper["profile"] == "paper" and set(paper["datasets"]) == {"cifar10", "cifar100", "tinyimagenet"}
-    assert set(paper["models"]) == {"vgg", "resnet18"} and {"bp", "scpl", "early_exit", "al", "bp_gpipe"} <= set(paper["methods"])
-    assert len(paper["seeds"]) == 5
-    wanted = {f"train@{d}-{m}-{method}-{s}" for d in paper["datasets"] for m in paper["models"] for method in paper["methods"] for s in paper["seeds"]}
-    assert wanted <= planned and len(wanted) == 150
-    assert {f"prepare@{d}" for d in paper["datasets"]} <= planned
+    vision, text = paper["vision"], paper["text"]
+    assert vision["profile"] == "paper" and set(vision["datasets"]) == {"cifar10", "cifar100", "tinyimagenet"}
+    assert set(vision["models"]) == {"vgg", "resnet18"} and {"bp", "scpl", "early_exit", "al", "bp_gpipe"} <= set(paper["methods"])
+    assert text["profile"] == "paper_text" and set(text["datasets"]) == {"agnews", "dbpedia14", "imdb", "sst2"}
+    assert set(text["models"]) == {"lstm", "transformer"} and len(paper["seeds"]) == 5
+    for stage, part, runs in (("train", vision, 150), ("train_text", text, 200)):
+        wanted = {f"{stage}@{d}-{m}-{method}-{s}" for d in part["datasets"] for m in part["models"] for method in paper["methods"] for s in paper["seeds"]}
+        assert wanted <= planned and len(wanted) == runs
+    assert {f"prepare@{d}" for d in vision["datasets"]} | {f"prepare_text@{d}" for d in text["datasets"]} <= planned

@@ -92,6 +92,15 @@ def check_batch_fits(cfg: DictConfig, train_size: int) -> None:
         )
 
 
+def check_augmentation_fits(cfg: DictConfig, modality: str) -> None:
+    """Crops, flips and colour jitter are for images: a text run with them stops before it starts."""
+    if modality != "image" and cfg.trainer.augmentation != "none":
+        raise PreflightError(
+            f"trainer.augmentation={cfg.trainer.augmentation} transforms images, but {cfg.data.name} is {modality}; "
+            "set trainer.augmentation=none"
+        )
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
     """Create `path` if needed and prove a file can be written there (as root, os.access says yes to
     almost anything, so write one)."""

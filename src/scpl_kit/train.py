@@ -31,7 +31,7 @@ from scpl_kit.engines.base import LaunchError, PeerError
 from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
-from scpl_kit.preflight import check_batch_fits, check_values, check_writable_dir
+from scpl_kit.preflight import check_augmentation_fits, check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
 from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
@@ -63,6 +63,8 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
     """The model and its units under the configured method, each unit with its optimizer."""
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **options(cfg.model))
+    if getattr(data, "embeddings", None) is not None:  # text data prepared with pretrained word vectors (GloVe)
+        model.load_embeddings(data.embeddings)
     units = build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
     steps = (data.meta["sizes"]["train"] // cfg.trainer.batch_size) * cfg.trainer.epochs
     for unit in units:
@@ -128,6 +130,7 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
     check_batch_fits(cfg, data.meta["sizes"]["train"])
+    check_augmentation_fits(cfg, data.meta.get("modality", "image"))
     _, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
     try:
@@ -156,7 +159,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         log.info("resuming from %s after epoch %d", checkpoint.path, state["epoch"])
     trainer = Trainer(
         engine, data, cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
-        Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.hflip), cfg.seed,
+        Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.get("hflip", False)), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
         checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=(state or {}).get("best") or BestWeights(),
     )

@@ -1,9 +1,10 @@
-"""Read prepared splits (memory-mapped, checksum-verified) and serve batches of normalised tensors."""
+"""Read prepared splits (memory-mapped, checksum-verified) and serve batches: normalised image tensors,
+or for text dicts of token ids trimmed to the batch's longest document."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.prepare import SPLITS, sha256
+from scpl_kit.signal import FEATURES, LABELS, LENGTHS
 
 
 class SplitDataset(Dataset):
@@ -86,8 +88,9 @@ def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, exp
         checksums = dict(meta["sha256"])
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptDataError(f"{meta_path} is unreadable ({type(error).__name__}: {error}); {hint}") from None
+    strict = set(meta.get("source_options", ()))  # recorded options, compared even when null (glove=null vs a path)
     for key, wanted in (expect or {}).items():
-        if meta.get(key) is not None and meta[key] != wanted:
+        if (meta.get(key) is not None or key in strict) and meta.get(key) != wanted:
             hint = prepare_hint(name, processed_dir, {key: wanted})
             raise CorruptDataError(f"{folder} was prepared with {key}={meta[key]} but the config asks for {wanted}; {hint}")
     for file, recorded in checksums.items():
@@ -96,8 +99,71 @@ def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, exp
             raise DatasetNotFoundError(f"{path} is missing; {hint}")
         if verify and sha256(path) != recorded:
             raise CorruptDataError(f"{path} does not match its checksum (corrupt or edited); {hint}")
+    if meta.get("modality") == "text":
+        return TextPreparedData.from_folder(folder, meta)
     splits = {
         split: (np.load(folder / f"{split}_images.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy", mmap_mode="r"))
         for split in SPLITS
     }
     return PreparedData(meta, splits)
+
+
+class TextSplitDataset(Dataset):
+    """Indexed by a list of indices, as SplitDataset; a batch is cut to its longest document, since the
+    padding past it changes nothing (every model masks by `lengths`) but costs compute."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
+        self.tokens, self.lengths, self.labels = tokens, lengths, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        lengths = torch.from_numpy(self.lengths[indices].astype(np.int64))
+        steps = int(lengths.max())
+        features = torch.from_numpy(self.tokens[indices, :steps].astype(np.int64))
+        return {FEATURES: features, LENGTHS: lengths, LABELS: torch.from_numpy(np.asarray(self.labels[indices]))}
+
+
+@dataclass
+class TextPreparedData(PreparedData):
+    """`splits[split]` = (token ids [N, max_len], labels): as images, so code reading labels is shared."""
+
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    folder: Path = Path(".")
+
+    @classmethod
+    def from_folder(cls, folder: Path, meta: dict[str, Any]) -> TextPreparedData:
+        def load(file: str) -> np.ndarray:
+            return np.load(folder / file, mmap_mode="r")
+
+        splits = {split: (load(f"{split}_tokens.npy"), load(f"{split}_labels.npy")) for split in SPLITS}
+        return cls(meta, splits, {split: load(f"{split}_lengths.npy") for split in SPLITS}, folder)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return (self.folder / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:
+        """Pretrained word vectors [vocabulary, glove_dim] (row i = id i), when prepared with GloVe."""
+        if "embeddings.npy" not in self.meta["sha256"]:  # a stale file from an earlier prepare does not count
+            return None
+        return torch.from_numpy(np.load(self.folder / "embeddings.npy"))
+
+    def loader(
+        self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False,
+    ) -> DataLoader:
+        if augmentation is not None and augmentation.kind != "none":
+            raise ValueError(
+                f"trainer.augmentation={augmentation.kind} transforms images; {self.meta['dataset']} is text: "
+                f"set trainer.augmentation=none"
+            )
+        tokens, labels = self.splits[split]
+        dataset = TextSplitDataset(tokens, self.lengths[split], labels)
+        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(
+            dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
+            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        )

@@ -15,7 +15,7 @@ from scpl_kit.registry import Registry
 
 @dataclass(frozen=True)
 class DatasetFacts:
-    input_shape: tuple[int, int, int]  # C, H, W of the prepared images
+    input_shape: tuple[int, ...]  # C, H, W of the prepared images; (max_len,) of token ids for text
     num_classes: int
     modality: str = "image"
 

@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from scpl_kit.methods.units import FEATURES, LABELS, LocalUnit, Signal, readouts
+from scpl_kit.methods.units import LocalUnit, readouts
+from scpl_kit.signal import FEATURES, LABELS, Signal
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Signal  # (inputs, labels) from a loader, or already named tensors
 BatchCallback = Callable[[int], None]  # called with the number of samples just trained on

@@ -16,11 +16,40 @@ import torch.distributed as dist
 from torch import nn
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, LossMeter
+from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal
 from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, reports_peer_failures, wait_sent
-from scpl_kit.methods.units import FEATURES, LocalUnit, NonFiniteLossError, Signal
+from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
+from scpl_kit.models.base import run_block
+from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # classes of torch.distributed.pipelining
+
+
+class StageModule(nn.Module):
+    """One stage's blocks (and, on the last stage, the predictor) as torch.distributed.pipelining wants a
+    stage: positional tensors in and out. The signal's tensors travel in `keys` order (an image batch is
+    its features alone; a text batch adds its lengths), so blocks that read the whole signal work here too."""
+
+    def __init__(self, blocks: list[nn.Module], predictor: nn.Module | None, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.blocks, self.predictor, self.keys = nn.ModuleList(blocks), predictor, keys
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        signal = dict(zip(self.keys, tensors, strict=True))
+        for block in self.blocks:
+            signal = run_block(block, without_summary(signal))
+        if self.predictor is not None:
+            return self.predictor(summary(signal))
+        out = tuple(signal[key] for key in self.keys)
+        return out if len(out) > 1 else out[0]
+
+
+def padded_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`tensor` zero-padded at the end of every dim but the batch's up to `shape`. PyTorch's schedules
+    learn the shapes a stage exchanges from the first micro-batch and keep them, while a loader may
+    trim each batch (text batches end at their longest sequence); padding is what models mask anyway."""
+    pad = [p for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:])) for p in (0, want - have)]
+    return torch.nn.functional.pad(tensor, pad) if any(pad) else tensor
 
 
 class GPipeEngine(PipelineEngine):
@@ -46,8 +75,8 @@ class GPipeEngine(PipelineEngine):
         n_blocks = len(body.blocks)
         self.stages = self.stages or even_stages(n_blocks, self.world)
         check_stages(self.stages, n_blocks, self.world, "blocks")
-        own = [body.blocks[i] for i in self.stages[self.rank]] + ([body.predictor] if self.is_last else [])
-        self.stage_module = nn.Sequential(*own)
+        self.example = body.example_signal()  # the names and full shapes of what enters every stage
+        self.stage_module = StageModule([body.blocks[i] for i in self.stages[self.rank]], body.predictor if self.is_last else None, tuple(self.example))
         prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])
         self.own_keys = {k for k in self.unit.state_dict() if k.startswith(tuple(prefixes))}
         # Imported here: it loads torch._dynamo (a second per process), which no other engine needs.
@@ -78,12 +107,13 @@ class GPipeEngine(PipelineEngine):
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter, pending = LossMeter(), []
         self.stage_module.train()
-        source = iter(batches) if self.is_first else ((None, None) for _ in range(len(batches)))  # type: ignore[arg-type]
-        for inputs, labels in source:  # GPipe pipelines one tensor through nn.Modules: plain (inputs, labels) batches
+        source = (as_signal(batch) for batch in batches) if self.is_first else ({} for _ in range(len(batches)))  # type: ignore[arg-type]
+        for signal in source:
+            labels = signal.pop(LABELS, None)
             target = self._labels(labels, pending)
             self.unit.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
-            args = (inputs.to(self.device),) if self.is_first else ()
+            args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.is_first else ()
             self.schedule.step(*args, target=target, losses=losses)
             # Adam skips parameters without gradients, so each process updates exactly its stage.
             self.unit.optimizer.step()
@@ -101,7 +131,11 @@ class GPipeEngine(PipelineEngine):
 
     def _segments(self) -> list[tuple[int, list[Callable[[Signal], Signal]]]]:
         """Inference is the stages in rank order, each its share of the network (the last one ends in class scores)."""
-        own = [lambda signal: {FEATURES: self.stage_module(signal[FEATURES])}]
+        def own(signal: Signal) -> Signal:
+            out = self.stage_module(*(signal[key] for key in self.example))
+            return dict(zip(self.example, out if isinstance(out, tuple) else (out,)))
+
+        own = [own]
         return [(rank, own if rank == self.rank else []) for rank in range(self.world)]
 
     @reports_peer_failures

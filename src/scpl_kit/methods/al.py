@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
-from scpl_kit.methods.units import EXIT, FEATURES, LABELS, SCORES, LocalUnit, OptimizerFactory, Signal, UnitStep
-from scpl_kit.models.base import BlockModel
+from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, OptimizerFactory, UnitStep
+from scpl_kit.models.base import BlockModel, run_block
+from scpl_kit.signal import FEATURES, LABELS, Signal, summary, without_summary
 
 CODE = "code"  # the label code t_k handed from block k to block k+1
 BRIDGED = "al_bridge/"  # a block's bridge output, waiting for its own back phase to join the decoding
@@ -58,12 +59,12 @@ class AssociatedUnit(LocalUnit):
     def forward_train(self, signal: Signal) -> UnitStep:
         # The first block starts the label path from the labels themselves: t_0 = onehot(y).
         code_in = signal[CODE] if CODE in signal else F.one_hot(signal[LABELS], self.num_classes).float()
-        features = self.body(signal[FEATURES])  # engines hand inputs on detached: f_k's input is sg(x_k)
+        out = run_block(self.body, signal)  # engines hand inputs on detached: f_k's input is sg(x_k)
         code = self.label_encoder(code_in.detach())
-        return UnitStep({**signal, CODE: code_in}, {**signal, FEATURES: features, CODE: code})
+        return UnitStep({**signal, CODE: code_in}, {**out, CODE: code})
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
-        features, code, code_in = step.outputs[FEATURES], step.outputs[CODE], step.inputs[CODE]
+        features, code, code_in = summary(step.outputs), step.outputs[CODE], step.inputs[CODE]
         return {
             f"{self.name}/bridge_mse": F.mse_loss(self.bridge(features), code.detach()),
             f"{self.name}/inverse_mse": F.mse_loss(self.inverse(code), code_in.detach()),
@@ -74,8 +75,8 @@ class AssociatedUnit(LocalUnit):
         codes already decoding (from the blocks after this one) and h_k maps them all one level down.
         After h_1 every `exit/block<j>` is block j's readout, and `scores` is the last block's."""
         if phase == "forward":
-            features = self.body(signal[FEATURES])
-            return {**signal, FEATURES: features, BRIDGED + self.name: self.bridge(features)}
+            out = run_block(self.body, signal)
+            return {**without_summary(out), BRIDGED + self.name: self.bridge(summary(out))}
         out = dict(signal)
         guess = out.pop(BRIDGED + self.name)
         out[EXIT + self.name] = guess

@@ -2,7 +2,7 @@
 
 What travels between units is a `Signal`: a small dict of named tensors. Every method has
 `features` (the activations) and `labels`; a method adds what else its units need (Associated
-Learning's label code `code`; later a text batch's padding mask). Engines move, place and send a
+Learning's label code `code`; a text batch's `lengths`). Engines move, place and send a
 signal as a whole without reading the names, so a new method needs no engine change.
 
 A unit owns some blocks (its `body`), an optional local head that gives those blocks their loss,
@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scpl_kit.models.base import run_block
+from scpl_kit.signal import FEATURES, LABELS, Signal, summary, without_summary
+
 # Builds a unit's optimizer and schedule from its parameters, or from parameter groups (dicts; a group's
 # `lr_scale` multiplies the learning rate).
 OptimizerFactory = Callable[[Iterable[Any]], tuple[torch.optim.Optimizer, Any]]
-Signal = dict[str, torch.Tensor]
-FEATURES, LABELS, SCORES, EXIT = "features", "labels", "scores", "exit/"
+SCORES, EXIT = "scores", "exit/"
 
 
 def detached(signal: Signal) -> Signal:
@@ -82,7 +84,7 @@ class UnitStep:
     outputs: Signal
 
     def handoff(self) -> Signal:
-        return detached(self.outputs)
+        return detached(without_summary(self.outputs))
 
 
 class LocalUnit(nn.Module):
@@ -116,11 +118,11 @@ class LocalUnit(nn.Module):
 
     def forward_train(self, signal: Signal) -> UnitStep:
         """The body's forward, keeping the graph for `learn`."""
-        return UnitStep(signal, {**signal, FEATURES: self.body(signal[FEATURES])})
+        return UnitStep(signal, run_block(self.body, signal))
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
         """The losses this unit learns from; a method with another kind of unit overrides this."""
-        out, labels = step.outputs[FEATURES], step.outputs[LABELS]
+        out, labels = summary(step.outputs), step.outputs[LABELS]
         losses: dict[str, torch.Tensor] = {}
         if self.head is not None:
             losses[self.head_loss_name] = self.head(out, labels)
@@ -152,8 +154,9 @@ class LocalUnit(nn.Module):
     def infer(self, signal: Signal, phase: str = "forward") -> Signal:
         """The body, then the predictor if this unit has one; a classifier head adds this block's
         exit. Projectors are unused."""
-        features = self.body(signal[FEATURES])
-        out = {**signal, FEATURES: features}
+        out = run_block(self.body, signal)
+        features = summary(out)
+        out = without_summary(out)
         readout = self.head.readout(features) if self.head is not None else None
         if readout is not None:
             out[EXIT + self.name] = readout

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from scpl_kit.registry import Registry
+from scpl_kit.signal import FEATURES, SUMMARY, Signal, summary, without_summary
 
 ModelBuilder = Callable[..., "BlockModel"]
 MODELS: Registry[ModelBuilder] = Registry("model")
@@ -30,8 +31,32 @@ def check_image_input(model: str, input_shape: tuple[int, ...], min_side: int, f
         raise ModelInputError(f"model {model!r} needs inputs of at least {min_side}×{min_side}, got {height}×{width}; {fix}")
 
 
+class SignalBlock(nn.Module):
+    """A block that needs more than its input tensor: it takes the whole signal and returns it with new
+    `features` (and a `summary`, if its output is not what heads take as it is). Text blocks are these:
+    they read the batch's `lengths` beside the token features. Plain modules (tensor in, tensor out)
+    are blocks too."""
+
+    takes_signal = True
+
+    def forward(self, signal: Signal) -> Signal:
+        raise NotImplementedError
+
+
+def run_block(block: nn.Module, signal: Signal) -> Signal:
+    """One block on a signal, whichever kind of block it is."""
+    if getattr(block, "takes_signal", False):
+        return block(signal)
+    return {**signal, FEATURES: block(signal[FEATURES])}
+
+
 class BlockModel(nn.Module):
-    """`blocks[0..K-1]` then `predictor`. Methods decide how the blocks are trained; this only runs them."""
+    """`blocks[0..K-1]` then `predictor`. Methods decide how the blocks are trained; this only runs them.
+
+    Called on a tensor it returns class scores; called on a signal (as BP's unit calls it) it returns
+    the signal with the class scores as its features."""
+
+    takes_signal = True
 
     def __init__(self, blocks: list[nn.Module], predictor: nn.Module, input_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -39,24 +64,29 @@ class BlockModel(nn.Module):
         self.predictor = predictor
         self.input_shape = tuple(input_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Signal) -> torch.Tensor | Signal:
+        signal = x if isinstance(x, dict) else {FEATURES: x}
         for block in self.blocks:
-            x = block(x)
-        return self.predictor(x)
+            signal = run_block(block, without_summary(signal))
+        scores = self.predictor(summary(signal))
+        return {**without_summary(signal), FEATURES: scores} if isinstance(x, dict) else scores
+
+    def example_signal(self, batch: int = 1) -> Signal:
+        """A dummy input of the model's shape (zeros: images); a model of another modality overrides it."""
+        return {FEATURES: torch.zeros(batch, *self.input_shape)}
 
     @torch.no_grad()
     def block_output_shapes(self) -> list[tuple[int, ...]]:
-        """Shape (without batch) of each block's output, found by one dummy forward.
-
-        Heads (projectors, classifiers) are sized from this, so no layer width is hard-coded twice.
-        """
+        """Shape (without batch) of what heads see of each block's output (its `summary` if it leaves
+        one), found by one dummy forward. Heads (projectors, classifiers) are sized from this, so no
+        layer width is hard-coded twice."""
         was_training = self.training
         self.eval()
-        x = torch.zeros(1, *self.input_shape)
+        signal = self.example_signal()
         shapes = []
         for block in self.blocks:
-            x = block(x)
-            shapes.append(tuple(x.shape[1:]))
+            signal = run_block(block, without_summary(signal))
+            shapes.append(tuple(summary(signal).shape[1:]))
         self.train(was_training)
         return shapes
 

@@ -1,4 +1,4 @@
-"""The runs a DVC grid (params.yaml `grid`) trains, named as the train stage names their folders."""
+"""The runs a DVC grid (params.yaml `grid`) trains, named as the train stages name their folders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ from itertools import product
 from typing import Any
 
 
+def grid_parts(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """A grid's parts (`vision`, `text`): each a profile with its datasets and models, trained under
+    the grid's methods and seeds. A part set to null is skipped."""
+    return [part for part in grid.values() if isinstance(part, dict) and "datasets" in part]
+
+
 def run_names(grid: dict[str, Any]) -> list[str]:
-    """`<dataset>-<model>-<method>-s<seed>` for every combination, in the grid's order."""
-    combos = product(grid["datasets"], grid["models"], grid["methods"], grid["seeds"])
-    return [f"{dataset}-{model}-{method}-s{seed}" for dataset, model, method, seed in combos]
+    """`<dataset>-<model>-<method>-s<seed>` for every combination of every part, in the grid's order."""
+    return [
+        f"{dataset}-{model}-{method}-s{seed}"
+        for part in grid_parts(grid)
+        for dataset, model, method, seed in product(part["datasets"], part["models"], grid["methods"], grid["seeds"])
+    ]

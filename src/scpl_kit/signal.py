@@ -1,0 +1,26 @@
+"""A `Signal`: the small dict of named tensors that flows through blocks, units and engines.
+
+Models, methods and engines all speak it, so it lives below all three. Every signal has `features`
+(the activations); training adds `labels`. A text batch carries `lengths` (tokens before the padding)
+beside its features, so every block, on whatever device or process, knows which positions are real.
+A block may leave a `summary`: one vector per sample that stands for its output wherever a vector is
+wanted (local heads, the predictor), e.g. the mean over a sequence's real tokens. Blocks whose output
+heads take as it is (a vision block's feature map) leave none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Signal = dict[str, torch.Tensor]
+FEATURES, LABELS, LENGTHS, SUMMARY = "features", "labels", "lengths", "summary"
+
+
+def summary(signal: Signal) -> torch.Tensor:
+    """What local heads and the predictor see of a block's output."""
+    return signal.get(SUMMARY, signal[FEATURES])
+
+
+def without_summary(signal: Signal) -> Signal:
+    """A block's output as the next block takes it: the next block writes its own summary."""
+    return {name: tensor for name, tensor in signal.items() if name != SUMMARY}
