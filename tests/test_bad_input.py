@@ -37,19 +37,29 @@ CASES = {
     "one block for a decoupled method": ("train", ["method=al", "model.blocks=[[4,M]]"], {}, "method al trains blocks separately, but the model has 1 block"),
     "incomplete Tiny-ImageNet copy": ("prepare", ["data=tinyimagenet"], {"SCPL_DATA_DIR": "{tmp}/incomplete"}, "the tinyimagenet copy at {tmp}/incomplete/tiny-imagenet-200 is incomplete: words.txt is missing"),
     "unwritable sweep storage": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/a_file/optuna.db"], {}, "Optuna storage {tmp}/a_file/optuna.db"),
+    # Text: a GloVe file of the wrong width or none at all, and training against data prepared otherwise.
+    "GloVe file of the wrong dimension": ("prepare", ["data=bbcnews", "data.glove={tmp}/glove.6B.300d.txt", "data.processed_dir={tmp}/p"], {},
+                                          "{tmp}/glove.6B.300d.txt line 1 has 50 numbers after its word, not data.glove_dim=300"),
+    "missing GloVe file": ("prepare", ["data=bbcnews", "data.glove={tmp}/nonexistent/glove.txt", "data.processed_dir={tmp}/p"], {},
+                           "data.glove={tmp}/nonexistent/glove.txt is not a file"),
+    "text prepared with another max_len": ("train", ["profile=smoke_text", "data.processed_dir={text}", "data.max_len=64"], {},
+                                           "was prepared with max_len=32 but the config asks for 64; prepare it with `python -m scpl_kit.prepare data=bbcnews data.max_len=64"),
+    "image augmentation on text": ("train", ["profile=smoke_text", "data.processed_dir={text}", "trainer.augmentation=weak"], {},
+                                   "trainer.augmentation=weak transforms images, but bbcnews is text"),
 }
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, processed_dir: Path) -> dict[str, str]:
+def workspace(tmp_path: Path, processed_dir: Path, text_processed_dir: Path) -> dict[str, str]:
     (tmp_path / "a_file").write_text("a file where a folder is expected\n")
+    (tmp_path / "glove.6B.300d.txt").write_text("the " + " ".join(["0.1"] * 50) + "\n")  # named 300d, holds 50-d vectors
     truncated = tmp_path / "truncated"
     shutil.copytree(processed_dir / "mnist5k", truncated / "mnist5k")
     meta = truncated / "mnist5k" / "meta.json"
     meta.write_text(meta.read_text()[:100])
     (tmp_path / "incomplete" / "tiny-imagenet-200").mkdir(parents=True)  # unzipped only in part: nothing but wnids.txt
     (tmp_path / "incomplete" / "tiny-imagenet-200" / "wnids.txt").write_text("n01443537\n")
-    return {"tmp": str(tmp_path), "data": str(processed_dir), "port": str(free_port())}
+    return {"tmp": str(tmp_path), "data": str(processed_dir), "text": str(text_processed_dir), "port": str(free_port())}
 
 
 def fill(text: str, values: dict[str, str]) -> str:

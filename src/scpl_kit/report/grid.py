@@ -7,8 +7,8 @@ from typing import Any
 
 
 def grid_parts(grid: dict[str, Any]) -> list[dict[str, Any]]:
-    """A grid's parts (`vision`, `text`): each a profile with its datasets and models, trained under
-    the grid's methods and seeds. A part set to null is skipped."""
+    """A grid's parts (`vision`, `text`): each a profile with its datasets, models and seeds, trained
+    under the grid's methods. A part set to null is skipped."""
     return [part for part in grid.values() if isinstance(part, dict) and "datasets" in part]
 
 
@@ -17,5 +17,5 @@ def run_names(grid: dict[str, Any]) -> list[str]:
     return [
         f"{dataset}-{model}-{method}-s{seed}"
         for part in grid_parts(grid)
-        for dataset, model, method, seed in product(part["datasets"], part["models"], grid["methods"], grid["seeds"])
+        for dataset, model, method, seed in product(part["datasets"], part["models"], grid["methods"], part["seeds"])
     ]
