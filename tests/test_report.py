@@ -1,0 +1,37 @@
+"""The tables' bookkeeping: which runs a grid names, and which published numbers sit beside which rows."""
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+from scpl_kit.report.grid import run_names
+from scpl_kit.report.published import UNSPECIFIED_MODEL, published_columns
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "src/scpl_kit/report/published.csv"
+
+
+def test_run_names_cover_every_part_with_its_own_seeds() -> None:
+    grid = {
+        "vision": {"profile": "offline", "datasets": ["mnist5k"], "models": ["vgg", "resnet18"], "seeds": [0, 1]},
+        "text": {"profile": "offline_text", "datasets": ["bbcnews"], "models": ["lstm"], "seeds": [0]},
+        "off": None,  # a part set to null is skipped
+        "methods": ["bp", "scpl"],
+    }
+    expected = [f"mnist5k-{m}-{method}-s{s}" for m in ("vgg", "resnet18") for method in ("bp", "scpl") for s in (0, 1)]
+    expected += [f"bbcnews-lstm-{method}-s0" for method in ("bp", "scpl")]
+    assert run_names(grid) == expected
+
+
+def test_published_numbers_land_beside_their_rows() -> None:
+    """Text rows get the text papers' numbers: exact model matches, and a source that names no model
+    marked as such; a dataset no source reports (BBC News) gets none."""
+    with open(PUBLISHED, newline="") as f:
+        rows = list(csv.DictReader(f))
+    exact = next(r for r in rows if (r["dataset"], r["model"], r["method"]) == ("dbpedia14", "lstm", "al"))
+    unnamed = next(r for r in rows if (r["dataset"], r["model"], r["method"]) == ("agnews", "", "scpl"))
+    table = pd.DataFrame({"dataset": ["dbpedia14", "agnews", "bbcnews"], "model": ["lstm", "transformer", "lstm"], "method": ["al", "scpl", "bp"]})
+    columns = published_columns(table)
+    assert columns.loc[0, f"published_{exact['source']}"] == f"{float(exact['accuracy']):.2f}"
+    assert columns.loc[1, f"published_{unnamed['source']}"] == f"{float(unnamed['accuracy']):.2f}{UNSPECIFIED_MODEL}"
+    assert (columns.loc[2] == "").all()
