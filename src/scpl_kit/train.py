@@ -63,7 +63,7 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
     """The model and its units under the configured method, each unit with its optimizer."""
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **options(cfg.model))
-    if getattr(data, "embeddings", None) is not None:  # text data prepared with pretrained word vectors (GloVe)
+    if data.embeddings is not None:  # text data prepared with pretrained word vectors (GloVe)
         model.load_embeddings(data.embeddings)
     units = build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
     steps = (data.meta["sizes"]["train"] // cfg.trainer.batch_size) * cfg.trainer.epochs

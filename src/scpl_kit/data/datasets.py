@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ class PreparedData:
     @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:
+        """Pretrained word vectors to start a model from; images have none."""
+        return None
 
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
@@ -144,9 +150,10 @@ class TextPreparedData(PreparedData):
     def vocabulary(self) -> list[str]:
         return (self.folder / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
 
-    @property
+    @cached_property
     def embeddings(self) -> torch.Tensor | None:
-        """Pretrained word vectors [vocabulary, glove_dim] (row i = id i), when prepared with GloVe."""
+        """Pretrained word vectors [vocabulary, glove_dim] (row i = id i), when prepared with GloVe; read once
+        (evaluate builds every run of a grid from the same data)."""
         if "embeddings.npy" not in self.meta["sha256"]:  # a stale file from an earlier prepare does not count
             return None
         return torch.from_numpy(np.load(self.folder / "embeddings.npy"))
