@@ -35,6 +35,8 @@ CASES = {
     "option the method does not have": ("train", ["method=early_exit", "+method.temperature=0.1"], {}, "method 'early_exit' has no option 'temperature'; valid options: classifier, pool, hidden"),
     "model too deep for the input": ("train", ["model.blocks=[[4,M],[4,M],[4,M],[4,M],[4,M]]"], {}, "model 'vgg' needs inputs of at least 32×32, got 28×28"),
     "one block for a decoupled method": ("train", ["method=al", "model.blocks=[[4,M]]"], {}, "method al trains blocks separately, but the model has 1 block"),
+    "more modules than layers": ("train", ["method=dgl", "method.modules=7"], {}, "method.modules=7 does not fit this model: it has 6 layers, so K can be 1..6"),
+    "cut points out of order": ("train", ["method=scpl", "method.cuts=[4,2]"], {}, "method.cuts [4, 2] must be increasing layer indices in 1..5"),
     "incomplete Tiny-ImageNet copy": ("prepare", ["data=tinyimagenet"], {"SCPL_DATA_DIR": "{tmp}/incomplete"}, "the tinyimagenet copy at {tmp}/incomplete/tiny-imagenet-200 is incomplete: words.txt is missing"),
     "unwritable sweep storage": ("sweep", ["sweep=scpl_tau_lr", "sweep.storage=sqlite:///{tmp}/a_file/optuna.db"], {}, "Optuna storage {tmp}/a_file/optuna.db"),
     # Text: a GloVe file of the wrong width or none at all, and training against data prepared otherwise.
@@ -44,6 +46,8 @@ CASES = {
                            "data.glove={tmp}/nonexistent/glove.txt is not a file"),
     "text prepared with another max_len": ("train", ["profile=smoke_text", "data.processed_dir={text}", "data.max_len=64"], {},
                                            "was prepared with max_len=32 but the config asks for 64; prepare it with `python -m scpl_kit.prepare data=bbcnews data.max_len=64"),
+    "a method for image models on text": ("train", ["profile=smoke_text", "data.processed_dir={text}", "method=infopro"], {},
+                                          "method infopro needs an image model whose cut points are feature maps"),
     "image augmentation on text": ("train", ["profile=smoke_text", "data.processed_dir={text}", "trainer.augmentation=weak"], {},
                                    "trainer.augmentation=weak transforms images, but bbcnews is text"),
 }

@@ -121,13 +121,20 @@ def builder_arguments(registry, name: str, given: tuple[str, ...]) -> set[str]:
 ])
 def test_every_builder_argument_is_a_config_key(group: str, registry: str, given: tuple[str, ...]) -> None:
     """What a builder takes can be set from the command line: conf/<group>/<name>.yaml lists every
-    argument (a tuned or paired config, e.g. bp_gpipe, reuses its method's builder and is skipped)."""
+    argument (a tuned or paired config, e.g. bp_gpipe, reuses its method's builder and is skipped),
+    and every method config the keys `build_units` handles for all methods (modules, cuts)."""
+    import inspect
+
     import scpl_kit.engines
     import scpl_kit.methods
     import scpl_kit.models
+
+    every_method = set(inspect.signature(scpl_kit.methods.build_units).parameters) - {"name", "model", "num_classes", "options"}
+    assert every_method == {"modules", "cuts"}
+    shared = every_method if group == "method" else set()
 
     table = {"MODELS": scpl_kit.models.MODELS, "METHODS": scpl_kit.methods.METHODS, "ENGINES": scpl_kit.engines.ENGINES}[registry]
     for name in table.names():
         override = f"{group}={name}"
         keys = set(compose_config([*(["profile=offline_text"] if is_text_option(override) else []), override])[group]) - {"name"}
-        assert keys == builder_arguments(table, name, given), f"conf/{group}/{name}.yaml"
+        assert keys == builder_arguments(table, name, given) | shared, f"conf/{group}/{name}.yaml"

@@ -1,5 +1,6 @@
 """Every engine trains to the same weights and metrics as the sequential engine, same seed, on the CPU."""
 
+import json
 import os
 import time
 import traceback
@@ -11,14 +12,18 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
+from scpl_kit.engines.gpipe import block_step_times
 from scpl_kit.engines.launch import free_port, set_rank_env
-from scpl_kit.engines.pipeline import balanced_stages, even_stages
+from scpl_kit.engines.pipeline import PipelineEngine, balanced_stages, even_stages, unit_step_times
+from scpl_kit.methods import build_units
+from scpl_kit.models import build_model
 from scpl_kit.train import run
+from scpl_kit.trainer import adam_cosine
 
 from test_training import TIMES, history, same_weights, weights
 
 
-def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: str, fault_rank: int, fault: str) -> None:
+def _rank_main(rank: int, world: int, port: int, result_dir: str, cfg: DictConfig, fault_rank: int, fault: str) -> None:
     """One torchrun-like process: the env vars torchrun would set, then the normal training entry.
     `fault_rank` joins the group and then crashes without a word, or gets stuck (alive, silent)."""
     set_rank_env(rank, world, port)
@@ -40,9 +45,14 @@ def _rank_main(rank: int, world: int, port: int, cfg: DictConfig, result_dir: st
 def run_ranks(cfg: DictConfig, world: int, tmp: Path, fault_rank: int = -1, fault: str = "crash") -> dict[str, str]:
     """Start `world` processes as torchrun would, wait for all (never more than 3 minutes), and
     return what each rank reported: `rank<k>.ok`, or `rank<k>.err` with its error."""
+    return spawn_ranks(_rank_main, world, tmp, cfg, fault_rank, fault)
+
+
+def spawn_ranks(main, world: int, tmp: Path, *args) -> dict[str, str]:
+    """`main(rank, world, port, result_dir, *args)` in `world` processes; the files they left in result_dir."""
     results = tmp / "ranks"
     results.mkdir(exist_ok=True)
-    context = mp.start_processes(_rank_main, args=(world, free_port(), cfg, str(results), fault_rank, fault), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(main, args=(world, free_port(), str(results), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + 180
     while any(p.is_alive() for p in context.processes) and time.time() < deadline:
         time.sleep(0.5)
@@ -68,6 +78,84 @@ def test_stage_splits() -> None:
     assert balanced_stages([4.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
     assert balanced_stages([1.0, 1.0, 1.0, 3.0], 2) == [[0, 1, 2], [3]]
     assert balanced_stages([2.0, 2.0, 2.0, 2.0], 4) == [[0], [1], [2], [3]]
+
+
+# VGG blocks of which the first costs far more than the three others together (about 20× on a CPU):
+# a split by time puts it alone on a stage, where the even split by count pairs it with block 2.
+HEAVY_FIRST = [[48, 48, 48, 48, "M"], [2], [2], [2]]
+
+
+def heavy_first(method: str):
+    torch.manual_seed(0)
+    model = build_model("vgg", (1, 16, 16), 4, blocks=HEAVY_FIRST, predictor_hidden=16)
+    units = build_units(method, model, 4, **({"hidden": 16} if method == "early_exit" else {}))
+    for unit in units:
+        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
+    return model, units
+
+
+@pytest.mark.parametrize("method", ["early_exit", "bp"])
+def test_step_times_find_the_heavy_block_and_leave_the_run_untouched(method: str) -> None:
+    """One time per unit (pipeline) or per block (gpipe), all positive, the heavy block alone on a
+    stage; the units' weights, step counts and the random stream are as before (it times copies)."""
+    model, units = heavy_first(method)
+    before, rng = [{k: v.clone() for k, v in unit.state_dict().items()} for unit in units], torch.get_rng_state()
+    example = model.example_batch(32, 4)
+    times = unit_step_times(units, example, torch.device("cpu"))
+    assert len(times) == len(units) and all(t > 0 for t in times)
+    if method == "bp":
+        times = block_step_times(model, example, torch.device("cpu"), microbatches=2)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    assert balanced_stages(times, 2) == [[0], [1, 2, 3]] != even_stages(4, 2)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(unit.steps == 0 for unit in units)
+    for unit, state in zip(units, before):
+        assert all(torch.equal(value, state[key]) for key, value in unit.state_dict().items())
+
+
+def _stages_main(rank: int, world: int, port: int, result_dir: str) -> None:
+    """Each way of choosing stages, on every rank: what each rank got."""
+    from scpl_kit.engines.gpipe import GPipeEngine
+
+    set_rank_env(rank, world, port)
+    cases = {  # engine, method, options, whether setup gets an example batch
+        "time": (PipelineEngine, "early_exit", {}, True),
+        "count": (PipelineEngine, "early_exit", {"balance": "count"}, True),
+        "given": (PipelineEngine, "early_exit", {"stages": [[0, 1, 2], [3]]}, True),
+        "no example": (PipelineEngine, "early_exit", {}, False),
+        "gpipe time": (GPipeEngine, "bp", {}, True),
+        "gpipe count": (GPipeEngine, "bp", {"balance": "count"}, True),
+    }
+    try:
+        found = {}
+        for name, (engine_class, method, options, with_example) in cases.items():
+            model, units = heavy_first(method)
+            engine = engine_class(timeout_s=60, **options)
+            engine.setup(units, model.example_batch(32, 4) if with_example else None)
+            found[name] = engine.stages
+        engine.close()
+        Path(result_dir, f"rank{rank}.json").write_text(json.dumps(found))
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+def test_stages_by_time_by_default_by_count_on_request(tmp_path: Path) -> None:
+    """balance: time (the default) puts the heavy first block alone, and every rank gets rank 0's
+    split; balance: count is the even split; given stages are kept; without an example batch there
+    is nothing to time: the even split. The gpipe engine splits the BP network's blocks the same way."""
+    reports = spawn_ranks(_stages_main, 2, tmp_path)
+    assert sorted(reports) == ["rank0.json", "rank1.json"], reports
+    assert reports["rank0.json"] == reports["rank1.json"]
+    assert json.loads(reports["rank0.json"]) == {
+        "time": [[0], [1, 2, 3]], "count": [[0, 1], [2, 3]], "given": [[0, 1, 2], [3]], "no example": [[0, 1], [2, 3]],
+        "gpipe time": [[0], [1, 2, 3]], "gpipe count": [[0, 1], [2, 3]],
+    }
+
+
+def test_an_unknown_balance_is_refused() -> None:
+    with pytest.raises(ValueError, match="engine.balance='fast'; valid: time, count"):
+        PipelineEngine(balance="fast")
 
 
 DECOUPLED = ["scpl", "early_exit", "al"]
@@ -245,6 +333,7 @@ def test_under_torchrun_one_rank_speaks_for_the_job(processed_dir: Path, tmp_pat
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("epoch 1/1") == 1, done.stderr
+    assert done.stderr.count("set engine.stages to override") == 1, done.stderr  # stages balanced by time, by default
     assert done.stdout.count('"best_val_acc"') == 1, done.stdout
 
 

@@ -64,7 +64,7 @@ def test_resnet18_strided_shortcut_is_3x3_and_activations_leaky() -> None:
     assert isinstance(first_of_stage2, BasicBlock)
     conv = first_of_stage2.shortcut[0]
     assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (2, 2), (1, 1)) and conv.bias is None
-    assert isinstance(model.blocks[0][3].shortcut, nn.Identity)  # 64→64, stride 1: no conv
+    assert isinstance(model.blocks[0][0][3].shortcut, nn.Identity)  # layer 0 = stem + BasicBlock 64→64, stride 1: no conv
     kinds = {type(m) for m in model.modules()}
     assert nn.LeakyReLU in kinds and nn.ReLU not in kinds
     assert all(m.negative_slope == 0.01 for m in model.modules() if isinstance(m, nn.LeakyReLU))

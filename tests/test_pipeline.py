@@ -48,6 +48,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "vision": {"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"], "seeds": [0]},
             "text": {"profile": "smoke_text", "datasets": ["bbcnews"], "models": ["transformer"], "seeds": [0]},
             "methods": ["bp", "early_exit"],
+            "local_k": {"profile": "smoke", "dataset": "mnist5k", "model": "vgg", "ks": [2], "seeds": [0], "methods": ["cascade"]},
         },
         throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2, "text_dim": 12},
     )
@@ -69,7 +70,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     assert ran == {
         "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
         "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
-        "evaluate", "tables", "throughput",
+        "evaluate", "tables", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k",
     }
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
@@ -96,6 +97,10 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     per_process = speed.engine != "threads"  # the threads engine's workers share one process: no per-worker memory
     assert (speed.peak_act_mem_mb[per_process] > 0).all() and speed.peak_act_mem_mb[~per_process].isna().all()
     assert (root / "reports/figures/throughput.png").is_file()
+    local = pd.read_csv(root / "reports/tables/local_k.csv")  # BP at K = 1, then cascade at K = 2
+    assert list(zip(local.method, local.k)) == [("bp", 1), ("cascade", 2)] and local.mem_vs_bp.iloc[0] == 1.0
+    assert (local.error_mean < 100).all() and local.mem_vs_bp.iloc[1] < 1  # one module of two needs less than the network
+    assert (root / "reports/figures/local_k.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "runs/mnist5k-vgg-early_exit-s0/model.pt").is_file() and (root / "data/processed/mnist5k/meta.json").is_file()
     assert "train@mnist5k-vgg-early_exit-0" in sh([sys.executable, "-c", (
         "import sqlite3,sys; db=sqlite3.connect(sys.argv[1]);"
@@ -108,7 +113,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     assert f"Trained on: {cpu_model()}" in header and "Profile: smoke" in header and "best validation accuracy" in header
     assert f"Measured on {cpu_model()}" in (root / "reports/tables/throughput.md").read_text()
     # Figures fit the page `dvc plots show` writes (it shows images at their own size and crops the rest).
-    assert all(png_width(root / f"reports/figures/{name}.png") <= 1000 for name in ("throughput", "accuracy_curves", "per_exit"))
+    assert all(png_width(root / f"reports/figures/{name}.png") <= 1000 for name in ("throughput", "accuracy_curves", "per_exit", "local_k"))
     assert list((root / "src/scpl_kit").glob("__pycache__/*.pyc"))  # Python wrote bytecode beside the sources, as in a user's shell
 
 
@@ -178,3 +183,7 @@ def test_the_paper_grid_is_one_parameter_away(repo) -> None:
         wanted = {f"{stage}@{d}-{m}-{method}-{s}" for d in part["datasets"] for m in part["models"] for method in paper["methods"] for s in part["seeds"]}
         assert wanted <= planned and len(wanted) == runs
     assert {f"prepare@{d}" for d in vision["datasets"]} | {f"prepare_text@{d}" for d in text["datasets"]} <= planned
+    local = paper["local_k"]  # InfoPro's CIFAR-10 ResNet-32 at K = 2, 4, 8, 16, every local method, BP at K = 1
+    assert (local["dataset"], local["model"], local["ks"]) == ("cifar10", "resnet32", [2, 4, 8, 16]) and local["dataset"] in vision["datasets"]
+    wanted = {f"train_local@{method}-{k}-{s}" for method in local["methods"] for k in local["ks"] for s in local["seeds"]}
+    assert wanted | {f"train_local_e2e@{s}" for s in local["seeds"]} | {"local_k"} <= planned and len(wanted) == 96

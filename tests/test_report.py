@@ -35,3 +35,19 @@ def test_published_numbers_land_beside_their_rows() -> None:
     assert columns.loc[0, f"published_{exact['source']}"] == f"{float(exact['accuracy']):.2f}"
     assert columns.loc[1, f"published_{unnamed['source']}"] == f"{float(unnamed['accuracy']):.2f}{UNSPECIFIED_MODEL}"
     assert (columns.loc[2] == "").all()
+
+
+def test_local_k_table_puts_infopros_published_numbers_beside_the_matching_rows() -> None:
+    from scpl_kit.report.local_k import local_runs, local_table
+
+    part = {"profile": "paper_local", "dataset": "cifar10", "model": "resnet32", "ks": [2, 4], "seeds": [0, 1], "methods": ["dgl", "scpl"]}
+    assert local_runs(part)[:3] == [("bp", 1, 0), ("bp", 1, 1), ("dgl", 2, 0)] and len(local_runs(part)) == 2 + 2 * 2 * 2
+    runs = pd.DataFrame(
+        [{"method": m, "k": k, "seed": s, "test_error": 10.0 + k + s, "peak_module_mem_mb": 100.0 / k} for m, k, s in local_runs(part)]
+    )
+    published = pd.read_csv(Path(__file__).parents[1] / "src/scpl_kit/report/published_local.csv")
+    table = local_table(runs, part, published).set_index(["method", "k"])
+    assert table.loc[("bp", 1), "published_test_error"] == 7.37 and table.loc[("dgl", 4), "published_test_error"] == 11.48
+    assert pd.isna(table.loc[("scpl", 2), "published_test_error"])  # the InfoPro paper has no SCPL row
+    assert table.loc[("dgl", 2), "error_mean"] == 12.5 and table.loc[("dgl", 2), "error_std"] == round(2**0.5 / 2, 2)
+    assert table.loc[("dgl", 4), "mem_vs_bp"] == 0.25

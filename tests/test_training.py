@@ -17,7 +17,10 @@ TIMES = ("train_time_s", "epoch_time_s", "samples_per_s")
 
 
 def history(out: Path) -> list[dict]:
-    return pd.read_csv(out / "history.csv").drop(columns=list(TIMES)).to_dict("records")
+    """Every epoch's record but its timings; a loss an epoch did not have (a cascade module waiting
+    for its turn) is None, so two histories compare equal (NaN != NaN)."""
+    records = pd.read_csv(out / "history.csv").drop(columns=list(TIMES))
+    return records.astype(object).where(records.notna(), None).to_dict("records")
 
 
 def weights(out: Path) -> list[dict]:

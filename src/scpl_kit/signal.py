@@ -5,7 +5,8 @@ Models, methods and engines all speak it, so it lives below all three. Every sig
 beside its features, so every block, on whatever device or process, knows which positions are real.
 A block may leave a `summary`: one vector per sample that stands for its output wherever a vector is
 wanted (local heads, the predictor), e.g. the mean over a sequence's real tokens. Blocks whose output
-heads take as it is (a vision block's feature map) leave none.
+heads take as it is (a vision block's feature map) leave none. A method whose later units need the
+network's input (InfoPro reconstructs it, ContSup encodes it as context) carries it as `input`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 Signal = dict[str, torch.Tensor]
-FEATURES, LABELS, LENGTHS, SUMMARY = "features", "labels", "lengths", "summary"
+FEATURES, LABELS, LENGTHS, SUMMARY, INPUT = "features", "labels", "lengths", "summary", "input"
 
 
 def summary(signal: Signal) -> torch.Tensor:
@@ -24,3 +25,8 @@ def summary(signal: Signal) -> torch.Tensor:
 def without_summary(signal: Signal) -> Signal:
     """A block's output as the next block takes it: the next block writes its own summary."""
     return {name: tensor for name, tensor in signal.items() if name != SUMMARY}
+
+
+def network_input(signal: Signal) -> torch.Tensor:
+    """The network's input: carried as `input` after the first unit, the features themselves before it."""
+    return signal.get(INPUT, signal[FEATURES])

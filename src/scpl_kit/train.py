@@ -131,10 +131,10 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
     data = load_data(cfg)
     check_batch_fits(cfg, data.meta["sizes"]["train"])
     check_augmentation_fits(cfg, data.meta.get("modality", "image"))
-    _, units = build(cfg, data)
+    model, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
     try:
-        engine.setup(units)
+        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
         return train_with(cfg, data, engine, listeners)
     finally:
         engine.close()

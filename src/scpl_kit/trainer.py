@@ -38,13 +38,14 @@ class TrainingStopped(Exception):
 
 def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
     """The paper's optimiser: Adam, learning rate cosine-decayed per step from `lr` to `lr_min`.
-    A parameter group may carry `lr_scale` (a method's part that learns faster, e.g. AL's label path)."""
+    A parameter group may carry `lr_scale` (a method's part that learns faster, e.g. AL's label path);
+    `share` < 1 decays over that share of the run's steps (a unit that trains in one stage of them)."""
 
-    def make(params: Iterable[Any]) -> tuple[torch.optim.Optimizer, Any]:
+    def make(params: Iterable[Any], share: float = 1.0) -> tuple[torch.optim.Optimizer, Any]:
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
         optimizer = torch.optim.Adam([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], lr=lr)
-        # Each group decays from its own starting rate to lr_min.
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1), eta_min=lr_min)
+        # Each group decays from its own starting rate to lr_min, over the steps this unit trains in.
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(round(total_steps * share), 1), eta_min=lr_min)
 
     return make
 
@@ -156,6 +157,8 @@ class Trainer:
         torch.manual_seed(epoch_seed(self.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True)
+        for unit in self.engine.units:  # this process's units
+            unit.start_epoch(epoch, self.epochs)
         samples = len(train) * self.batch_size * self.augmentation.views
         start = time.perf_counter()
         with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, mininterval=1.0, disable=not (self.progress and self.engine.is_main)) as bar:

@@ -61,8 +61,11 @@ class Engine(ABC):
     units: list[LocalUnit]  # the units this process trains
 
     @abstractmethod
-    def setup(self, units: list[LocalUnit]) -> None:
-        """Take ownership of the units (place them on their devices)."""
+    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+        """Take ownership of the units (place them on their devices). `example` is one training batch
+        of dummy input (`features`, `labels`, and what else the model's batches carry, e.g. text's
+        `lengths`) that an engine may time the units on to decide where they run; it must not change
+        the units (nor the random streams)."""
 
     @abstractmethod
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:

@@ -2,14 +2,17 @@
 each mini-batch cut into M micro-batches that flow through PyTorch's own pipeline schedules
 (torch.distributed.pipelining: ScheduleGPipe, or Schedule1F1B). Gradients of the micro-batches are
 accumulated (and averaged by the schedule) and every stage steps once per mini-batch.
-M = 1 is naive model parallelism: the "BP on K devices" baseline.
+M = 1 is naive model parallelism: the "BP on K devices" baseline. Unless `stages` are given, the
+blocks are split by their measured forward+backward times (`balance: time`), as the pipeline engine
+splits its units.
 
     torchrun --nproc-per-node 2 -m scpl_kit.train engine=gpipe method=bp engine.microbatches=4
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import copy
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,9 +20,9 @@ from torch import nn
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal
-from scpl_kit.engines.pipeline import PipelineEngine, check_stages, even_stages, reports_peer_failures, wait_sent
-from scpl_kit.methods.units import LocalUnit, NonFiniteLossError
-from scpl_kit.models.base import run_block
+from scpl_kit.engines.pipeline import PipelineEngine, check_stages, reports_peer_failures, time_chain, wait_sent
+from scpl_kit.methods.units import LocalUnit, NonFiniteLossError, moved
+from scpl_kit.models.base import BlockModel, run_block
 from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # classes of torch.distributed.pipelining
@@ -44,6 +47,33 @@ class StageModule(nn.Module):
         return out if len(out) > 1 else out[0]
 
 
+def block_step_times(model: BlockModel, example: Signal, device: torch.device, microbatches: int) -> list[float]:
+    """Seconds of each block's forward and backward on one micro-batch of `example`, each block fed the
+    one before's output, run as a one-block StageModule (the predictor joins the last block, as it
+    joins the last stage). A stand-in loss (the output's sum): the real one's cost is the head's,
+    small beside a block's. Timed on copies, as `unit_step_times` does, so the model does not change."""
+    size = max(1, len(example[LABELS]) // microbatches)
+    signal = {key: tensor[:size] for key, tensor in example.items() if key != LABELS}
+    keys, last = tuple(signal), len(model.blocks) - 1
+
+    def trials() -> Iterator[Callable[[Signal], Signal]]:
+        for i, block in enumerate(model.blocks):
+            stage = StageModule([copy.deepcopy(block)], copy.deepcopy(model.predictor) if i == last else None, keys).to(device).train()
+
+            def step(signal: Signal, stage: StageModule = stage, i: int = i) -> Signal:
+                # A later stage also sends its input's gradient back, so it is part of the time.
+                inputs = [t.detach().requires_grad_(i > 0 and t.is_floating_point()) for t in signal.values()]
+                out = stage(*inputs)
+                outs = out if isinstance(out, tuple) else (out,)
+                if outs[0].requires_grad:
+                    outs[0].float().sum().backward()
+                return dict(zip(keys, (t.detach() for t in outs)))
+
+            yield step
+
+    return time_chain(trials(), moved(signal, device), device)
+
+
 def padded_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """`tensor` zero-padded at the end of every dim but the batch's up to `shape`. PyTorch's schedules
     learn the shapes a stage exchanges from the first micro-batch and keep them, while a loader may
@@ -56,14 +86,14 @@ class GPipeEngine(PipelineEngine):
     """Reuses the pipeline engine's processes and point-to-point inference; training goes through
     PyTorch's schedule. `stages` group the model's *blocks* (the predictor joins the last stage)."""
 
-    def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
+    def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None, balance: str = "time",
                  backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
-        super().__init__(stages, backend, device, timeout_s, processes)
+        super().__init__(stages, balance, backend, device, timeout_s, processes)
         self.microbatches, self.schedule_name = microbatches, schedule
 
-    def setup(self, units: list[LocalUnit]) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
         body = units[0].body if len(units) == 1 else None
         if body is None or not hasattr(body, "blocks"):
             raise ValueError(
@@ -71,10 +101,11 @@ class GPipeEngine(PipelineEngine):
                 "Decoupled methods run across processes with engine=pipeline."
             )
         (self.unit,) = units
-        self.units = [self.unit.to(self.device)]
         n_blocks = len(body.blocks)
-        self.stages = self.stages or even_stages(n_blocks, self.world)
+        measure = (lambda: block_step_times(body, example, self.device, self.microbatches)) if example is not None else None
+        self.stages = self.stages or self._split(n_blocks, "blocks", measure)
         check_stages(self.stages, n_blocks, self.world, "blocks")
+        self.units = [self.unit.to(self.device)]
         self.example = body.example_signal()  # the names and full shapes of what enters every stage
         self.stage_module = StageModule([body.blocks[i] for i in self.stages[self.rank]], body.predictor if self.is_last else None, tuple(self.example))
         prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])
@@ -163,6 +194,6 @@ class GPipeEngine(PipelineEngine):
 
 
 @ENGINES.register("gpipe")
-def gpipe(microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None,
+def gpipe(microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None, balance: str = "time",
           backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> GPipeEngine:
-    return GPipeEngine(microbatches, schedule, stages, backend, device, timeout_s, processes)
+    return GPipeEngine(microbatches, schedule, stages, balance, backend, device, timeout_s, processes)

@@ -10,16 +10,24 @@ several) and talk through torch.distributed point-to-point ops: gloo on CPU, NCC
 Why not torch.distributed.pipelining (used by the gpipe engine): its schedules split one
 mini-batch and send gradients back between stages; here no gradient crosses a stage and every
 stage steps on every batch, so the schedule is just forward sends, which a few isend/recv calls express.
+
+Stages: a pipeline runs at the pace of its slowest stage, and units differ in cost (a VGG's first
+block can take several times its last one's time), so an even split by count can waste most of the
+speed-up. Unless `stages` are given, rank 0 times one training step of each unit at start-up
+(`balance: time`) and every rank takes the split that minimises the slowest stage's time.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import os
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +37,9 @@ from scpl_kit.engines.base import (
     Batch, BatchCallback, Engine, LaunchError, LossMeter, PeerError, ReadoutCollector, as_signal, batch_size,
 )
 from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
+
+log = logging.getLogger(__name__)
+BALANCES = ("time", "count")
 
 # How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
 PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
@@ -87,6 +98,62 @@ def balanced_stages(times: Sequence[float], n_stages: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_chain(steps: Iterable[Callable[[Signal], Signal]], signal: Signal, device: torch.device, repeats: int = 2) -> list[float]:
+    """Seconds per call of each step in turn, each fed what the step before returned: one warm-up
+    call (it also makes the next step's input, and lazy state such as Adam's moments), then the mean
+    of `repeats` timed calls. Under fork_rng, so the run's random streams (dropout, say) come out as
+    they went in and the run trains exactly as it would without the measurement."""
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        for step in steps:
+            out = step(signal)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step(signal)
+            synchronize(device)
+            times.append((time.perf_counter() - start) / repeats)
+            signal = out
+    return times
+
+
+def unit_step_times(units: Sequence[LocalUnit], example: Signal, device: torch.device) -> list[float]:
+    """Seconds of one training step (forward, local loss, backward, optimizer step) of each unit on
+    `example`, each unit fed the one before's handoff. Each unit is timed on a copy of it (its
+    optimizer too), one at a time on `device`: the units themselves do not change."""
+
+    def trials() -> Iterator[Callable[[Signal], Signal]]:
+        for unit in units:
+            trial = copy.deepcopy(unit).to(device).train()
+            # A copied optimizer loses its scheduler's wrapper of `step`, so the copied scheduler would
+            # warn that it was overridden; a schedule's step costs next to nothing anyway.
+            trial.scheduler = None
+            yield lambda signal, trial=trial: trial.train_step(signal)[0]
+
+    return time_chain(trials(), moved(example, device), device)
+
+
+def stage_time(times: Sequence[float], stages: list[list[int]]) -> float:
+    """The slowest stage's total time: the pipeline's time per batch, transfers aside."""
+    return max(sum(times[i] for i in stage) for stage in stages)
+
+
+def split_by_time(what: str, times: list[float], n_stages: int) -> list[list[int]]:
+    """`balanced_stages` of measured times, logged with the speed-up it promises over the even split."""
+    stages, even = balanced_stages(times, n_stages), even_stages(len(times), n_stages)
+    log.info(
+        "%s' step times %s ms -> stages %s, ideal speed-up %.2fx (sum / slowest stage; the even split %s: %.2fx); "
+        "set engine.stages to override",
+        what, [round(t * 1e3, 1) for t in times], stages, sum(times) / stage_time(times, stages), even, sum(times) / stage_time(times, even),
+    )
+    return stages
+
+
 def wait_sent(pending: list) -> None:
     """Wait for the sends of the batch before, so what they carried is freed before this batch's step.
 
@@ -130,12 +197,15 @@ def check_processes(processes: int | None, world: int) -> None:
 
 
 class PipelineEngine(Engine):
-    def __init__(self, stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
-                 processes: int | None = None) -> None:
+    def __init__(self, stages: list[list[int]] | None = None, balance: str = "time", backend: str = "auto", device: str = "auto",
+                 timeout_s: float = 300.0, processes: int | None = None) -> None:
+        if balance not in BALANCES:
+            raise ValueError(f"engine.balance={balance!r}; valid: {', '.join(BALANCES)}")
         init_distributed(backend, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
         self.stages = [list(s) for s in stages] if stages else None
+        self.balance = balance
         self.device = stage_device(device)
         self.units = []
 
@@ -151,16 +221,36 @@ class PipelineEngine(Engine):
     def is_last(self) -> bool:
         return self.rank == self.world - 1
 
-    def setup(self, units: list[LocalUnit]) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
         if len(units) < self.world:
             raise ValueError(
                 f"this method gives {len(units)} unit(s), fewer than the {self.world} pipeline stages: the pipeline "
                 "engine is for decoupled methods. For end-to-end BP across devices use engine=gpipe."
             )
-        self.stages = self.stages or even_stages(len(units), self.world)
+        measure = (lambda: unit_step_times(units, example, self.device)) if example is not None else None
+        self.stages = self.stages or self._split(len(units), "units", measure)
         check_stages(self.stages, len(units), self.world, "units")
         self.units = [units[i].to(self.device) for i in self.stages[self.rank]]
         self.route = inference_route(units)
+
+    @reports_peer_failures
+    def _split(self, n: int, what: str, measure: Callable[[], list[float]] | None) -> list[list[int]]:
+        """Stages for `n` units (or blocks) when none were given: `balance: time` has rank 0 time each
+        of them (`measure`) and sends every rank the split that minimises the slowest stage, so all
+        ranks agree even though timings differ from process to process; `count` splits evenly."""
+        if self.balance == "count" or self.world == 1:
+            return even_stages(n, self.world)
+        if measure is None:
+            log.info("no example batch to time the %s on; splitting them evenly by count", what)
+            return even_stages(n, self.world)
+        chosen: list[Any] = [even_stages(n, self.world)]
+        if self.is_main:
+            try:
+                chosen[0] = split_by_time(what, measure(), self.world)
+            except Exception as error:  # the split only guides speed: a run whose timing fails may still train
+                log.warning("could not time the %s (%s: %s); splitting them evenly by count", what, type(error).__name__, error)
+        dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
 
     # -- point-to-point: a signal's description (names, dtypes, shapes), then each tensor ------------
 
@@ -293,6 +383,6 @@ class PipelineEngine(Engine):
 
 
 @ENGINES.register("pipeline")
-def pipeline(stages: list[list[int]] | None = None, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
-             processes: int | None = None) -> PipelineEngine:
-    return PipelineEngine(stages, backend, device, timeout_s, processes)
+def pipeline(stages: list[list[int]] | None = None, balance: str = "time", backend: str = "auto", device: str = "auto",
+             timeout_s: float = 300.0, processes: int | None = None) -> PipelineEngine:
+    return PipelineEngine(stages, balance, backend, device, timeout_s, processes)

@@ -9,6 +9,7 @@ import torch
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size, resolve_device
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
+from scpl_kit.signal import Signal
 
 
 class SequentialEngine(Engine):
@@ -20,7 +21,7 @@ class SequentialEngine(Engine):
         """Where unit `index` runs (one device here; subclasses spread units over several)."""
         return self.device
 
-    def setup(self, units: list[LocalUnit]) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
         self.units = [unit.to(self.device_of(i)) for i, unit in enumerate(units)]
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:

@@ -78,3 +78,31 @@ class ClassifierHead(nn.Module):
 
     def readout(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
+
+
+def spatial_classifier(in_shape: tuple[int, ...], num_classes: int, hidden: int | None = None, mlp_layers: int = 3,
+                       conv_layers: int = 3, side: int = 2) -> nn.Sequential:
+    """DGL's auxiliary classifier ('mlp-sr' in the authors' CIFAR code, github.com/eugenium/DGL): average
+    pooling to a quarter of the side (rounded up), `conv_layers` 1×1 convs (+ BN + ReLU) at the map's
+    width, average pooling to `side`×`side`, `mlp_layers` Linear layers (+ BN + ReLU) at the pooled width
+    (or `hidden`), then a Linear to class scores. Vector features (a pooled or text summary) go
+    straight to the MLP."""
+    layers: list[nn.Module] = []
+    channels = in_shape[0]
+    if len(in_shape) == 3:
+        if conv_layers:
+            layers.append(nn.AdaptiveAvgPool2d((-(-in_shape[1] // 4), -(-in_shape[2] // 4))))  # cheaper 1×1 convs
+            for _ in range(conv_layers):
+                layers += [nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        pooled = min(side, in_shape[1]), min(side, in_shape[2])  # a map already smaller stays as it is
+        layers.append(nn.AdaptiveAvgPool2d(pooled))
+        width = channels * pooled[0] * pooled[1]
+    else:
+        width = int(torch.Size(in_shape).numel())
+    layers.append(nn.Flatten())
+    hidden = hidden or width
+    for _ in range(mlp_layers):
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.models.base import run_block
-from scpl_kit.signal import FEATURES, LABELS, Signal, summary, without_summary
+from scpl_kit.signal import FEATURES, INPUT, LABELS, Signal, network_input, summary, without_summary
 
 # Builds a unit's optimizer and schedule from its parameters, or from parameter groups (dicts; a group's
-# `lr_scale` multiplies the learning rate).
-OptimizerFactory = Callable[[Iterable[Any]], tuple[torch.optim.Optimizer, Any]]
+# `lr_scale` multiplies the learning rate), and the share of the run's steps the unit trains in
+# (1.0, or 1/K for a deep-cascade module, so its schedule decays over its own stage).
+OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 SCORES, EXIT = "scores", "exit/"
 
 
@@ -92,22 +93,33 @@ class LocalUnit(nn.Module):
 
     def __init__(
         self, name: str, body: nn.Module, head: LocalHead | None = None, predictor: nn.Module | None = None,
-        head_scope: str | None = None,
+        head_scope: str | None = None, predictor_trains_body: bool = False, carries_input: bool = False,
     ) -> None:
         """`head_scope`: where the head's loss is filed (default: the unit's name). BP's head is the
-        end-to-end cross-entropy on the predictor's output, so BP files it under `predictor`."""
+        end-to-end cross-entropy on the predictor's output, so BP files it under `predictor`.
+        `predictor_trains_body`: the predictor's cross-entropy also trains this unit's blocks (the last
+        module of DGL, InfoPro and ContSup has the network's classifier as its local head); otherwise
+        the predictor learns from a detached copy (SCPL, Early Exit).
+        `carries_input`: the unit hands the network's input on as the signal's `input` (for a method
+        whose later units read it: InfoPro's reconstruction, ContSup's context)."""
         super().__init__()
         self.name = name
         self.head_scope = head_scope or name
         self.body = body
         self.head = head
         self.predictor = predictor
+        self.predictor_trains_body = predictor_trains_body
+        self.carries_input = carries_input
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.steps = 0
 
     def configure_optimizer(self, make: OptimizerFactory) -> None:
         self.optimizer, self.scheduler = make(self.parameters())
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called on every unit before each training epoch (1-based, of `epochs`). A method whose units
+        take turns (deep cascade learning) switches them here; the others need nothing."""
 
     # -- training --------------------------------------------------------------------------------
 
@@ -118,7 +130,12 @@ class LocalUnit(nn.Module):
 
     def forward_train(self, signal: Signal) -> UnitStep:
         """The body's forward, keeping the graph for `learn`."""
-        return UnitStep(signal, run_block(self.body, signal))
+        return UnitStep(signal, self.run_body(signal))
+
+    def run_body(self, signal: Signal) -> Signal:
+        """The body on `signal`, the network's input carried along when the method needs it later."""
+        out = run_block(self.body, signal)
+        return {**out, INPUT: network_input(signal)} if self.carries_input else out
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
         """The losses this unit learns from; a method with another kind of unit overrides this."""
@@ -127,8 +144,9 @@ class LocalUnit(nn.Module):
         if self.head is not None:
             losses[self.head_loss_name] = self.head(out, labels)
         if self.predictor is not None:
-            # The predictor learns from a detached copy, so its gradient never reaches the backbone.
-            losses["predictor/ce"] = F.cross_entropy(self.predictor(out.detach()), labels)
+            # From a detached copy, unless the predictor is this unit's local head: then its gradient
+            # reaches this unit's blocks (never an earlier unit's: inputs arrive detached).
+            losses["predictor/ce"] = F.cross_entropy(self.predictor(out if self.predictor_trains_body else out.detach()), labels)
         return losses
 
     @property
@@ -154,7 +172,7 @@ class LocalUnit(nn.Module):
     def infer(self, signal: Signal, phase: str = "forward") -> Signal:
         """The body, then the predictor if this unit has one; a classifier head adds this block's
         exit. Projectors are unused."""
-        out = run_block(self.body, signal)
+        out = self.run_body(signal)
         features = summary(out)
         out = without_summary(out)
         readout = self.head.readout(features) if self.head is not None else None

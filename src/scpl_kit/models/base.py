@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scpl_kit.registry import Registry
-from scpl_kit.signal import FEATURES, SUMMARY, Signal, summary, without_summary
+from scpl_kit.signal import FEATURES, LABELS, SUMMARY, Signal, summary, without_summary
 
 ModelBuilder = Callable[..., "BlockModel"]
 MODELS: Registry[ModelBuilder] = Registry("model")
@@ -50,19 +50,84 @@ def run_block(block: nn.Module, signal: Signal) -> Signal:
     return {**signal, FEATURES: block(signal[FEATURES])}
 
 
+class Chain(nn.Sequential):
+    """Consecutive layers run as one block (the layers' own kinds decide how: tensors or signals).
+
+    A model's *layers* are the finest places it can be cut (a VGG conv with its BatchNorm, ReLU and
+    pool; a ResNet BasicBlock; a text model's embedding or sequence layer); a block of several
+    layers is a Chain of them, so `BlockModel.recut` can regroup them into any K modules."""
+
+    @property
+    def takes_signal(self) -> bool:
+        return any(getattr(layer, "takes_signal", False) for layer in self)
+
+    def forward(self, x: torch.Tensor | Signal) -> torch.Tensor | Signal:
+        if not self.takes_signal:
+            return super().forward(x)
+        signal = x
+        for i, layer in enumerate(self):
+            signal = run_block(layer, signal if i == 0 else without_summary(signal))
+        return signal
+
+
+def chain(layers: list[nn.Module]) -> nn.Module:
+    """One block of `layers`: the layer itself when it is alone (its parameter names stay short)."""
+    return layers[0] if len(layers) == 1 else Chain(*layers)
+
+
+class CutError(ValueError):
+    """K modules or cut points that do not fit the model; the message gives the valid range."""
+
+
+def even_cuts(n_layers: int, modules: int) -> list[int]:
+    """Where modules 2..K start when `n_layers` layers are cut into `modules` consecutive groups as
+    evenly as possible (the first groups take one more when it does not divide): VGG8's 6 convs
+    into 4 gives the paper's blocks [2, 2, 1, 1]; ResNet-18's 8 BasicBlocks into 4 gives 2 each."""
+    size, extra = divmod(n_layers, modules)
+    cuts, start = [], 0
+    for k in range(modules - 1):
+        start += size + (k < extra)
+        cuts.append(start)
+    return cuts
+
+
 class BlockModel(nn.Module):
     """`blocks[0..K-1]` then `predictor`. Methods decide how the blocks are trained; this only runs them.
 
-    Called on a tensor it returns class scores; called on a signal (as BP's unit calls it) it returns
-    the signal with the class scores as its features."""
+    `blocks` are given as modules (a block of one layer) or lists of layers (a `Chain`); `recut`
+    regroups the same layers into other blocks. Called on a tensor it returns class scores; called on
+    a signal (as BP's unit calls it) it returns the signal with the class scores as its features."""
 
     takes_signal = True
 
-    def __init__(self, blocks: list[nn.Module], predictor: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, blocks: list[nn.Module | list[nn.Module]], predictor: nn.Module, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(chain(block) if isinstance(block, list) else block for block in blocks)
         self.predictor = predictor
         self.input_shape = tuple(input_shape)
+
+    def layers(self) -> list[nn.Module]:
+        """The model's layers in order: the finest cut points, each in exactly one block."""
+        return [layer for block in self.blocks for layer in (block if isinstance(block, Chain) else [block])]
+
+    def recut(self, modules: int | None = None, cuts: list[int] | None = None) -> None:
+        """Regroup the layers into `modules` blocks of even size, or start a new block at each layer
+        index in `cuts`. The layers (and their parameters) stay the same objects."""
+        layers = self.layers()
+        n = len(layers)
+        if cuts is None and modules is None:
+            return
+        if cuts is None:
+            if not 1 <= modules <= n:
+                raise CutError(f"method.modules={modules} does not fit this model: it has {n} layers, so K can be 1..{n}")
+            cuts = even_cuts(n, modules)
+        cuts = list(cuts)
+        if modules is not None and len(cuts) != modules - 1:
+            raise CutError(f"method.cuts {cuts} make {len(cuts) + 1} modules but method.modules={modules}; give one of them")
+        if any(not 1 <= c < n for c in cuts) or cuts != sorted(set(cuts)):
+            raise CutError(f"method.cuts {cuts} must be increasing layer indices in 1..{n - 1}: the model has {n} layers (0..{n - 1})")
+        bounds = [0, *cuts, n]
+        self.blocks = nn.ModuleList(chain(layers[a:b]) for a, b in zip(bounds, bounds[1:]))
 
     def forward(self, x: torch.Tensor | Signal) -> torch.Tensor | Signal:
         signal = x if isinstance(x, dict) else {FEATURES: x}
@@ -75,20 +140,29 @@ class BlockModel(nn.Module):
         """A dummy input of the model's shape (zeros: images); a model of another modality overrides it."""
         return {FEATURES: torch.zeros(batch, *self.input_shape)}
 
+    def example_batch(self, batch: int, num_classes: int) -> Signal:
+        """A training batch of dummy input (engines time units on it, the memory table measures on it);
+        labels cycle through the classes, so a contrastive loss sees positives as on real batches."""
+        return {**self.example_signal(batch), LABELS: torch.arange(batch) % num_classes}
+
     @torch.no_grad()
     def block_output_shapes(self) -> list[tuple[int, ...]]:
         """Shape (without batch) of what heads see of each block's output (its `summary` if it leaves
         one), found by one dummy forward. Heads (projectors, classifiers) are sized from this, so no
         layer width is hard-coded twice."""
+        return [tuple(summary(signal).shape[1:]) for signal in self.block_outputs()]
+
+    @torch.no_grad()
+    def block_outputs(self, batch: int = 1) -> list[Signal]:
+        """Each block's output signal on `example_signal(batch)`, in eval mode (BatchNorm untouched)."""
         was_training = self.training
         self.eval()
-        signal = self.example_signal()
-        shapes = []
+        signal, outputs = self.example_signal(batch), []
         for block in self.blocks:
             signal = run_block(block, without_summary(signal))
-            shapes.append(tuple(summary(signal).shape[1:]))
+            outputs.append(signal)
         self.train(was_training)
-        return shapes
+        return outputs
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> BlockModel:

@@ -17,16 +17,21 @@ from scpl_kit.models.base import MODELS, BlockModel, check_image_input
 PAPER_BLOCKS: list[list[int | str]] = [[128, 256, "M"], [256, 512, "M"], [512, "M"], [512, "M"]]
 
 
-def conv_block(in_channels: int, spec: list[int | str], batchnorm: bool = True) -> tuple[nn.Sequential, int]:
-    layers: list[nn.Module] = []
+def conv_layers(in_channels: int, spec: list[int | str], batchnorm: bool = True) -> tuple[list[nn.Module], int]:
+    """One layer per conv (3×3 conv + BatchNorm + ReLU), a MaxPool joining the conv before it: the
+    places VGG8 can be cut (6 of them: one module per conv at K = 6)."""
+    layers: list[list[nn.Module]] = []
     for item in spec:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            if layers:
+                layers[-1].append(nn.MaxPool2d(2))
+            else:
+                layers.append([nn.MaxPool2d(2)])
         else:
             norm = nn.BatchNorm2d(int(item)) if batchnorm else nn.Identity()
-            layers += [nn.Conv2d(in_channels, int(item), 3, padding=1, bias=not batchnorm), norm, nn.ReLU(inplace=True)]
+            layers.append([nn.Conv2d(in_channels, int(item), 3, padding=1, bias=not batchnorm), norm, nn.ReLU(inplace=True)])
             in_channels = int(item)
-    return nn.Sequential(*layers), in_channels
+    return [nn.Sequential(*layer) for layer in layers], in_channels
 
 
 def check_input_fits(spec: list[list[int | str]], input_shape: tuple[int, ...]) -> None:
@@ -51,15 +56,15 @@ def vgg(
     spec = blocks or PAPER_BLOCKS
     check_input_fits(spec, input_shape)
     channels = input_shape[0]
-    built = []
+    built: list[list[nn.Module]] = []
     for block_spec in spec:
         scaled = [item if item == "M" else max(1, round(int(item) * width)) for item in block_spec]
-        block, channels = conv_block(channels, scaled, batchnorm)
-        built.append(block)
+        layers, channels = conv_layers(channels, scaled, batchnorm)
+        built.append(layers)
     # The flattened size depends on the input's spatial size (28×28 MNIST vs 32×32 CIFAR). Probe in
     # eval mode so BatchNorm's running statistics stay untouched, then hand the blocks back in
     # training mode like any freshly built module.
-    probe = nn.Sequential(*built).eval()
+    probe = nn.Sequential(*(layer for layers in built for layer in layers)).eval()
     with torch.no_grad():
         features = probe(torch.zeros(1, *input_shape))
     probe.train()

@@ -1,0 +1,118 @@
+"""InfoPro, information propagation (Wang et al., ICLR 2021; methods.md §5).
+
+Greedy local learning whose local loss also asks each module to keep what it was given: module k
+(all but the last) learns from
+
+    λ₁ₖ · reconstruction(decoder(hₖ), x)  +  λ₂ₖ · (cross-entropy of a classifier | SupCon of a projection)(hₖ)
+
+where the decoder reconstructs the network's input x from the module's output (so x travels with
+the activations, as the signal's `input`). The last module learns from the network's own classifier
+(the model's predictor), as in the authors' code. λ moves linearly over the modules from
+(recon_weight[0], head_weight[0]) at module 1 to (recon_weight[1], head_weight[1]) at module K−1:
+early modules mostly keep information, later ones mostly separate classes.
+
+Facts from the authors' code (github.com/blackfeather-wang/InfoPro-Pytorch, CIFAR experiments):
+the decoder upsamples the feature bilinearly to the image's side, then conv3×3 → 12 (bias) → BN →
+ReLU → conv3×3 → image channels (bias); the auxiliary net '1c2f' is a conv3×3 (doubling the channels
+at stride 2 on maps wider than 8, else keeping them at stride 1; no bias) → BN → ReLU → global
+average pooling → Linear(·, 128) → ReLU → Linear(128, classes, or 128 for SupCon at τ 0.07);
+λ moves as i / (K − 2) over the local modules. Their cut points are the even ones
+(`BlockModel.recut`) for ResNet-32 at every K, and within one layer of them for ResNet-110.
+One departure: InfoPro's decoder ends in a sigmoid and its loss is binary cross-entropy against
+the image in [0, 1]; here it is the mean squared error against the normalised input the network
+sees, because the normalisation belongs to the data, not to the method. λ defaults are InfoPro's
+ResNet-32 K = 2 pair at module 1 and no reconstruction at module K − 1; the paper tunes them per K
+(conf/method/infopro.yaml lists its values).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scpl_kit.methods import METHODS, check_decouplable
+from scpl_kit.methods.heads import ClassifierHead, SupConHead
+from scpl_kit.methods.units import LocalUnit, UnitStep
+from scpl_kit.models.base import BlockModel
+from scpl_kit.signal import network_input, summary
+
+LOSSES = ("ce", "contrast")
+
+
+def require_images(method: str, shapes: list[tuple[int, ...]], input_shape: tuple[int, ...]) -> None:
+    """Decoders and context encoders are convolutions over feature maps of an image model."""
+    if len(input_shape) != 3 or any(len(shape) != 3 for shape in shapes):
+        raise ValueError(f"method {method} needs an image model whose cut points are feature maps (channels, height, width); "
+                         f"got input {tuple(input_shape)} and module outputs {shapes}. Use method=dgl or early_exit for this model")
+
+
+class Decoder(nn.Module):
+    """Upsample the feature map to the input's side (bilinear), then conv3×3 → BN → ReLU → conv3×3 back
+    to the input's channels: InfoPro's decoder, less its final sigmoid."""
+
+    def __init__(self, in_channels: int, image_shape: tuple[int, int, int], hidden: int = 12) -> None:
+        super().__init__()
+        self.size = tuple(image_shape[1:])
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, image_shape[0], 3, padding=1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if tuple(features.shape[2:]) != self.size:
+            features = F.interpolate(features, size=self.size, mode="bilinear", align_corners=True)
+        return self.net(features)
+
+
+def aux_classifier(shape: tuple[int, ...], out_dim: int, hidden: int) -> nn.Sequential:
+    """InfoPro's auxiliary net ('1c2f'): conv3×3 → BN → ReLU → global average pool → Linear(·, hidden) →
+    ReLU → Linear(hidden, out_dim). The conv doubles the channels at stride 2 on maps wider than 8
+    (InfoPro's 16- and 32-channel stages) and keeps them at stride 1 on the rest (its 64-channel 8×8 stage)."""
+    channels, side = shape[0], shape[-1]
+    out, stride = (2 * channels, 2) if side > 8 else (channels, 1)
+    return nn.Sequential(
+        nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim),
+    )
+
+
+class InfoProUnit(LocalUnit):
+    def __init__(self, name: str, body: nn.Module, head: nn.Module, decoder: Decoder, recon_weight: float, head_weight: float) -> None:
+        super().__init__(name, body, head=head, carries_input=True)
+        self.decoder, self.recon_weight, self.head_weight = decoder, recon_weight, head_weight
+
+    def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
+        """Both terms logged as weighted (their sum is what the module descends)."""
+        losses = {name: self.head_weight * loss for name, loss in super().local_losses(step).items()}
+        image = network_input(step.inputs)
+        losses[f"{self.name}/reconstruction"] = self.recon_weight * F.mse_loss(self.decoder(summary(step.outputs)), image)
+        return losses
+
+
+def interpolated(pair: tuple[float, float] | list[float], k: int, count: int) -> float:
+    """Linear from pair[0] at the first local module to pair[1] at the last one."""
+    share = k / (count - 1) if count > 1 else 0.0
+    return float(pair[0] + (pair[1] - pair[0]) * share)
+
+
+@METHODS.register("infopro")
+def build_infopro(model: BlockModel, num_classes: int, loss: Literal["ce", "contrast"] = "contrast", recon_weight: list[float] = (5.0, 0.0),
+                  head_weight: list[float] = (1.0, 1.0), hidden: int = 128, decoder_width: int = 12, temperature: float = 0.07) -> list[LocalUnit]:
+    if loss not in LOSSES:
+        raise ValueError(f"unknown infopro loss {loss!r}; valid losses: {', '.join(LOSSES)}")
+    check_decouplable("infopro", model)
+    shapes, local = model.block_output_shapes(), len(model.blocks) - 1
+    require_images("infopro", shapes[:-1], model.input_shape)
+    units: list[LocalUnit] = []
+    for k, (block, shape) in enumerate(zip(model.blocks[:-1], shapes)):
+        if loss == "ce":
+            head = ClassifierHead(aux_classifier(shape, num_classes, hidden))
+        else:
+            head = SupConHead(aux_classifier(shape, hidden, hidden), temperature, "standard")
+        units.append(InfoProUnit(f"block{k + 1}", block, head, Decoder(shape[0], model.input_shape, decoder_width),
+                                 interpolated(recon_weight, k, local), interpolated(head_weight, k, local)))
+    units.append(LocalUnit(f"block{local + 1}", model.blocks[-1], predictor=model.predictor, predictor_trains_body=True))
+    return units

@@ -1,0 +1,152 @@
+"""Accuracy and memory against K, the number of gradient-isolated modules (the local-learning figure).
+
+    python -m scpl_kit.report.local_k --params params.yaml --runs runs_local --out reports
+
+Reads `runs_local/<dataset>-<model>-<method>-k<K>-s<seed>/metrics.json` for the grid's `local_k` part
+(BP at K = 1 and every method at every K) and writes reports/tables/local_k.{md,csv} and
+reports/figures/local_k.png:
+  - test error (%) of the saved (best-validation) model, mean ± std over seeds;
+  - peak activation memory of the largest module: one training step of each module, on a batch of
+    the run's size, measured with the profiler (scpl_kit.memory) on units rebuilt from the run's
+    config; `mem_vs_bp` divides it by BP's (the whole network's) on the same batch;
+  - published numbers (methods.md §5: InfoPro's CIFAR-10 ResNet-32 / ResNet-110 table, and its memory
+    ratios) beside the rows they match; in the offline default none match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
+from omegaconf import OmegaConf
+
+LABELS = {
+    "bp": "BP (end to end)", "early_exit": "Early Exit (greedy SL)", "dgl": "DGL", "infopro": "InfoPro", "contsup": "ContSup",
+    "contsup_e": "ContSup E", "contsup_r1": "ContSup R1", "contsup_r1e": "ContSup R1E", "scpl": "SCPL", "cascade": "Deep cascade",
+}
+SOURCE = "InfoPro paper (Wang et al. 2021), CIFAR-10; its memory ratios are ResNet-110's at batch 1024 (GPU memory of the whole training)"
+
+
+def run_name(part: dict[str, Any], method: str, k: int, seed: int) -> str:
+    return f"{part['dataset']}-{part['model']}-{method}-k{k}-s{seed}"
+
+
+def local_runs(part: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(method config, K, seed) of every run of the part: BP at K = 1, then each method at each K."""
+    return [("bp", 1, seed) for seed in part["seeds"]] + [
+        (method, k, seed) for method in part["methods"] for k in part["ks"] for seed in part["seeds"]
+    ]
+
+
+def module_memory(run_dir: Path) -> list[float]:
+    """Peak activation memory (MB) of each module of the run's configuration, rebuilt from its config.yaml."""
+    from scpl_kit.evaluate import data_for
+    from scpl_kit.memory import unit_peak_memory
+    from scpl_kit.train import build
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    data = data_for(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True))
+    model, units = build(cfg, data)
+    return unit_peak_memory(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
+
+
+def collect(part: dict[str, Any], runs: Path) -> pd.DataFrame:
+    rows, memory = [], {}
+    for config, k, seed in local_runs(part):
+        run_dir = runs / run_name(part, config, k, seed)
+        if not (run_dir / "metrics.json").is_file():
+            raise FileNotFoundError(f"{run_dir} has no metrics.json; run `dvc repro` first")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if (config, k) not in memory:  # memory does not depend on the seed
+            memory[config, k] = max(module_memory(run_dir))
+        rows.append({"method": config, "k": k, "seed": seed, "test_error": 100 * (1 - metrics["test_acc"]), "peak_module_mem_mb": memory[config, k]})
+    return pd.DataFrame(rows)
+
+
+def local_table(runs: pd.DataFrame, part: dict[str, Any], published: pd.DataFrame) -> pd.DataFrame:
+    table = runs.groupby(["method", "k"], sort=False).agg(
+        n_runs=("seed", "count"), error_mean=("test_error", "mean"), error_std=("test_error", "std"), peak_module_mem_mb=("peak_module_mem_mb", "first"),
+    ).reset_index()
+    table["error_std"] = table.error_std.fillna(0.0)
+    table["mem_vs_bp"] = table.peak_module_mem_mb / table.loc[table.method == "bp", "peak_module_mem_mb"].iloc[0]
+    here = published[(published.dataset == part["dataset"]) & (published.model == part["model"])]
+    for metric in ("test_error", "mem_vs_bp"):
+        values = here[here.metric == metric].set_index(["method", "k"]).value
+        table[f"published_{metric}"] = [values.get((m, k), float("nan")) for m, k in zip(table.method, table.k)]
+    return table.round({"error_mean": 2, "error_std": 2, "peak_module_mem_mb": 2, "mem_vs_bp": 3})
+
+
+def markdown(table: pd.DataFrame, part: dict[str, Any]) -> str:
+    shown = table.assign(
+        method=table.method.map(lambda m: LABELS.get(m, m)),
+        test_error=[f"{m:.2f} ± {s:.2f}" for m, s in zip(table.error_mean, table.error_std)],
+        **{c: table[c].map(lambda v: "" if pd.isna(v) else f"{v:g}") for c in ("published_test_error", "published_mem_vs_bp")},
+    )
+    columns = ["method", "k", "n_runs", "test_error", "published_test_error", "peak_module_mem_mb", "mem_vs_bp", "published_mem_vs_bp"]
+    shown = shown[columns].rename(columns={"k": "K"})
+    return (
+        f"# Test error (%) and memory against K, {part['dataset']} / {part['model']} (profile {part['profile']})\n\n"
+        "K gradient-isolated modules cut evenly at layer boundaries (method.modules); K = 1 is BP. `test_error`: 100 − the test "
+        "accuracy of the saved, best-validation model (mean ± std over seeds). `peak_module_mem_mb`: peak activation memory of "
+        "the largest module during one training step at the run's batch size (profiler); `mem_vs_bp`: ÷ BP's for the whole "
+        f"network. Published: {SOURCE}; empty where the source has no number for this dataset and model.\n\n"
+        + shown.to_markdown(index=False) + "\n"
+    )
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Test error and memory ratio against K, one line per method; published numbers dashed."""
+    fig, (error, memory) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    bp = table[table.method == "bp"].iloc[0]
+    for ax, column in ((error, "error_mean"), (memory, "mem_vs_bp")):
+        ax.axhline(bp[column], color="black", lw=0.8, ls=":", label=LABELS["bp"])
+    for method, rows in table[table.method != "bp"].groupby("method", sort=False):
+        line, = error.plot(rows.k, rows.error_mean, marker="o", label=LABELS.get(method, method))
+        memory.plot(rows.k, rows.mem_vs_bp, marker="o", color=line.get_color())
+        if rows.published_test_error.notna().any():
+            error.plot(rows.k, rows.published_test_error, ls="--", marker="x", color=line.get_color(), label=f"{LABELS.get(method, method)} (published)")
+    for ax in (error, memory):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(table.k)), [str(k) for k in sorted(set(table.k))])
+        ax.grid(alpha=0.3)
+    error.set(xlabel="K (modules)", ylabel="test error (%)", title="accuracy against K")
+    memory.set(xlabel="K (modules)", ylabel="largest module ÷ BP", title="peak activation memory against K")
+    error.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_report(part: dict[str, Any], runs: Path, out: Path) -> str:
+    published = pd.read_csv(Path(__file__).with_name("published_local.csv"))
+    table = local_table(collect(part, runs), part, published)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "tables" / "local_k.csv", index=False)
+    text = markdown(table, part)
+    (out / "tables" / "local_k.md").write_text(text)
+    plot(table, out / "figures" / "local_k.png")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scpl_kit.report.local_k", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--runs", type=Path, default=Path("runs_local"))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    print(build_report(yaml.safe_load(args.params.read_text())["grid"]["local_k"], args.runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
