@@ -8,40 +8,73 @@ CIFAR-shaped batches for VGG8, AG-News-shaped ones for the Transformer (60 token
 speed-table setting; 4 classes, a 30,000-word vocabulary); throughput depends on shapes, not values.
 Writes reports/tables/throughput.{csv,md} and reports/figures/throughput.png.
 
-Columns: samples_per_s (training samples per second of wall time in steady state: the batches
-after the warm-up ones, timed between completions within one epoch, so a pipeline's once-an-epoch
-fill and drain are left out; the slowest rank's rate),
-speedup_vs_bp1 (÷ BP on one worker, same run), ideal_speedup (for the pipeline: sum of the
-per-stage step times measured on one worker ÷ the largest, i.e. the best a K-stage pipeline can do),
-peak_act_mem_mb (the largest worker's high-water mark of tensor memory allocated during training
-above what it held before, from the profiler's memory accounting: activations, gradient and
-optimizer temporaries, batches queued for or received from other stages; not the process's RSS;
-not given for the threads engine, whose workers share one process).
+Cuts. VGG8 is cut at layer granularity (6 layers, one per conv) and each pipeline gets its own best
+split for `--workers` stages: BP (under gpipe) is cut into its 6 layers and split by BP's own
+forward+backward time per layer, measured on one worker at the micro-batch size of each row (M = 1:
+the whole batch; M = 4: a quarter), so each GPipe row has the split that suits its M; SCPL is cut
+into K modules, K = 4 (the paper's blocks) or 6 (one module per conv), whichever split's slowest
+stage is the fastest (the highest predicted pipeline throughput), and split by the per-module
+training-step times (the `modules` column says which K). The Transformer keeps its 4 blocks; BP
+and SCPL each split them by their own times. All step times come from one calibration process
+(one thread) before the measurements: the median of 3 timings of each block or module. VGG8 rows use the pooled projector only (global
+average pool, then the MLP): the paper's MLP on the flattened map ("flat") is left out to keep the
+whole stage within a few minutes on a 2-core machine.
+
+Rounds. A shared machine's load comes and goes, so every configuration is measured in `--rounds`
+interleaved rounds: round r runs every configuration once, in the same order, each in fresh
+processes. A row gives the median of its rounds and their spread ((max - min) / median); a row
+whose spread exceeds 10% is flagged (`flag`) and a warning printed: its ratios are not to be trusted.
+
+Columns: modules (the K blocks the model is cut into), samples_per_s (median over rounds of the
+training samples per second of wall time in steady state: the batches after the warm-up ones, timed
+between completions within one epoch, so a pipeline's once-an-epoch fill and drain are left out; the
+slowest rank's rate), spread, flag, speedup_vs_bp1 (÷ BP on one worker of the same model, medians),
+vs_gpipe_m4 (the SCPL pipeline's ÷ GPipe M=4's of the same model), ideal_speedup (the SCPL
+pipeline: the sum of the per-module step times measured on one worker ÷ the slowest stage's, the
+best a K-stage pipeline can do over SCPL on one worker; GPipe: the sum of BP's per-layer
+forward+backward times on a whole batch ÷ (M + K - 1) times the slowest stage's on one micro-batch,
+i.e. over BP on one worker, with the bubble and the micro-batches' own speed in it), peak_act_mem_mb
+(measured once, in the first round: the largest worker's high-water mark of tensor memory allocated
+during training above what it held before, from the profiler's memory accounting: activations,
+gradient and optimizer temporaries, batches queued for or received from other stages; not the
+process's RSS; not given for the threads engine, whose workers share one process), mem_vs_bp1
+(÷ BP on one worker's).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
 from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
+from scpl_kit.memory import peak_memory_mb
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Workers are forked from a server process that has imported this module (and torch) once, instead
+# of each importing them anew (spawn): ~2 s less per configuration and round, and still a fresh
+# process with nothing trained or allocated in it. pandas and matplotlib are imported only by the
+# parent, where the table and figure are made.
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
 # AG News as the paper's speed tables feed it: 60 tokens per document, 4 classes, 30,000 words.
 TEXT_LENGTH, TEXT_CLASSES, VOCABULARY = 60, 4, 30_000
+VGG_LAYERS, SCPL_KS = 6, (4, 6)  # VGG8's convs (its finest cut); the SCPL module counts to choose from
+GPIPE_MICROBATCHES = {"vgg": (1, 4), "transformer": (4,)}  # M = 1: naive model parallelism
+SPREAD_LIMIT = 0.10
+TIMING_REPEATS = 3  # calibration: the median of this many timings of each block or module
 
 
 @dataclass(frozen=True)
@@ -50,9 +83,10 @@ class Case:
     engine: str
     workers: int
     microbatches: int = 0
-    projector: str = "-"  # VGG8: "flat" (the paper's MLP on the flattened map) or "pooled"; Transformer: "identity"
+    projector: str = "-"  # VGG8: "pooled" (SupCon's MLP on the globally pooled map); Transformer: "identity"
     stages: tuple[tuple[int, ...], ...] | None = None
     model: str = "vgg"
+    modules: int | None = None  # recut the model into this many blocks (None: its own)
 
 
 @dataclass(frozen=True)
@@ -64,37 +98,29 @@ class Setup:
     text_dim: int = 120
 
 
-def cases(projector: str, k: int, stages: tuple[tuple[int, ...], ...], model: str = "vgg") -> list[Case]:
-    if model == "transformer":  # the paper's text speed table: BP, SCPL, GPipe and the SCPL pipeline
-        return [
-            Case("bp", "sequential", 1, model=model),
-            Case("scpl", "sequential", 1, projector=projector, model=model),
-            Case("bp", "gpipe", k, microbatches=4, stages=stages, model=model),
-            Case("scpl", "pipeline", k, projector=projector, stages=stages, model=model),
-        ]
-    return [
-        Case("bp", "sequential", 1),
-        Case("scpl", "sequential", 1, projector=projector),
-        Case("bp", "gpipe", k, microbatches=1, stages=stages),  # naive model parallelism: BP on K workers
-        Case("bp", "gpipe", k, microbatches=4, stages=stages),
-        Case("scpl", "threads", k, projector=projector),
-        Case("scpl", "pipeline", k, projector=projector, stages=stages),
-    ]
+def as_stages(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(g) for g in groups)
+
+
+def build_model(model: str, setup: Setup):
+    from scpl_kit.models import build_model as from_registry
+
+    if model == "transformer":
+        return from_registry("transformer", (TEXT_LENGTH,), TEXT_CLASSES, vocab_size=VOCABULARY, dim=setup.text_dim, ff_dim=setup.text_dim)
+    return from_registry("vgg", (3, 32, 32), 10, width=setup.width)
 
 
 def build_units(case: Case, setup: Setup):
     from scpl_kit.methods import build_units as from_method
-    from scpl_kit.models import build_model
     from scpl_kit.trainer import adam_cosine
 
     torch.manual_seed(0)
-    if case.model == "transformer":
-        model = build_model("transformer", (TEXT_LENGTH,), TEXT_CLASSES, vocab_size=VOCABULARY, dim=setup.text_dim, ff_dim=setup.text_dim)
-        options = {"projector": "i"} if case.method == "scpl" else {}  # the paper's text SCPL: SupCon on the block's summary itself
+    model = build_model(case.model, setup)
+    if case.method == "scpl":  # the paper's text SCPL: SupCon on the block's summary itself
+        options = {"projector": "i"} if case.model == "transformer" else {"projector": "m", "pool": case.projector == "pooled"}
     else:
-        model = build_model("vgg", (3, 32, 32), 10, width=setup.width)
-        options = {"projector": "m", "pool": case.projector == "pooled"} if case.method == "scpl" else {}
-    units = from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, **options)
+        options = {}
+    units = from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, modules=case.modules, **options)
     for unit in units:
         unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10_000))
     return units
@@ -113,32 +139,7 @@ def build_engine(case: Case):
     return from_registry("pipeline", stages=stages, backend="gloo", device="cpu", timeout_s=120)
 
 
-def peak_memory_mb(engine, batches) -> float:
-    """High-water mark of tensor memory allocated while training on `batches`, above the start.
-
-    The profiler attributes each allocation and free to the op that made it (`self` memory, so
-    nested ops are not counted twice) or, outside any op, to a `[memory]` event; their running sum
-    in time order is the memory held, and its maximum the peak. It sees the threads that run the
-    training (engines allocate the buffers they receive into there), not oneDNN's internal scratch
-    buffers. The resident-set high-water mark (VmHWM) was tried instead: repeating the same
-    4-batch window in one BP process gave 270 to 346 MB, a spread as large as the differences
-    this table is about.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        engine.train_epoch(batches)
-    changes = sorted(
-        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()
-    )
-    level = peak = 0
-    for _, change in changes:
-        level += change
-        peak = max(peak, level)
-    return peak / 2**20
-
-
-def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) -> None:
+def worker(rank: int, world: int, port: int, case: Case, setup: Setup, with_memory: bool, results) -> None:
     set_rank_env(rank, world, port)
     retain_freed_memory()  # as training does (scpl_kit.trainer.configure_torch)
     torch.set_num_threads(1)
@@ -153,12 +154,11 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, results) 
     # at batch 128) amortises them, a window of a few batches would not. GPipe's bubble is inside
     # every step, so it is in. Ranks that see no labels (later GPipe stages) report no rate.
     rate = (len(done) - setup.warmup) * setup.batch / (done[-1] - done[setup.warmup - 1]) if done else float("nan")
-    unit_times = time_units(units, batches[:3]) if case.engine == "sequential" and case.method == "scpl" else None
     # The threads engine holds both workers in one process, and the profiler's accounting of memory
     # freed on other threads is unreliable: no per-worker figure for it. Four batches, so a stage
     # holds what it would hold in steady state (a batch queued for, or received from, a neighbour).
-    memory = float("nan") if case.engine == "threads" else peak_memory_mb(engine, batches[:4])
-    results.put((rank, rate, memory, unit_times))
+    memory = float("nan") if case.engine == "threads" or not with_memory else peak_memory_mb(lambda: engine.train_epoch(batches[:4]))
+    results.put((rank, rate, memory))
     engine.close()
 
 
@@ -174,69 +174,187 @@ def synthetic_batches(model: str, setup: Setup, generator: torch.Generator) -> l
     return [batch() for _ in range(setup.steps)]
 
 
-def time_units(units, batches) -> list[float]:
-    """Seconds per training step of each unit alone (forward, loss, backward, step), one thread."""
-    times = [0.0] * len(units)
-    for batch in batches:
-        signal = dict(batch)
-        for i, unit in enumerate(units):
-            start = time.perf_counter()
-            signal, _ = unit.train_step(signal)
-            times[i] += time.perf_counter() - start
-    return [t / len(batches) for t in times]
+# -- calibration: per-block and per-module step times on one worker, for the stage splits ----------------
+
+def median_times(measure, repeats: int = TIMING_REPEATS) -> list[float]:
+    """Each entry's median over `repeats` calls of `measure` (a list of seconds per block or module)."""
+    return [statistics.median(ts) for ts in zip(*(measure() for _ in range(repeats)))]
 
 
-def measure(case: Case, setup: Setup) -> dict:
-    processes = 1 if case.engine in ("sequential", "threads") else case.workers
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(worker, args=(processes, free_port(), case, setup, results), nprocs=processes, join=True, start_method="spawn")
-    reports = sorted(results.get() for _ in range(processes))
-    return {
-        **asdict(case),
-        "stages": str([list(s) for s in case.stages]) if case.stages else "-",
-        "samples_per_s": min(r[1] for r in reports if r[1] == r[1]),  # the slowest rank sets the pace (NaN: no rate)
-        "peak_act_mem_mb": max(r[2] for r in reports),
-        "rank_mem_mb": [round(r[2], 1) for r in reports],
-        "unit_times": reports[0][3],
-    }
+def bp_block_times(model: str, setup: Setup, example, microbatches: int, modules: int | None) -> list[float]:
+    """Seconds of each of BP's blocks' forward and backward on one micro-batch of `example` (the
+    predictor with the last block), each fed the one before's output: what the gpipe engine's stages
+    run (gpipe.block_step_times, the engine's own `balance: time` measurement)."""
+    from scpl_kit.engines.gpipe import block_step_times
+
+    (unit,) = build_units(Case("bp", "sequential", 1, model=model, modules=modules), setup)
+    return median_times(lambda: block_step_times(unit.body, example, torch.device("cpu"), microbatches))
 
 
-def run_all(setup: Setup, k: int) -> pd.DataFrame:
+def scpl_unit_times(case: Case, setup: Setup, example) -> list[float]:
+    """Seconds of one training step (forward, loss, backward, optimizer step) of each SCPL module,
+    each fed the one before's output (pipeline.unit_step_times, the pipeline engine's own measurement)."""
+    from scpl_kit.engines.pipeline import unit_step_times
+
+    units = build_units(case, setup)
+    return median_times(lambda: unit_step_times(units, example, torch.device("cpu")))
+
+
+def calibration_worker(rank: int, setup: Setup, results) -> None:
+    retain_freed_memory()
+    torch.set_num_threads(1)
+    times: dict = {}
+    for model in ("vgg", "transformer"):
+        example = synthetic_batches(model, replace(setup, steps=1), torch.Generator().manual_seed(0))[0]
+        modules = VGG_LAYERS if model == "vgg" else None
+        for m in (1, *GPIPE_MICROBATCHES[model]):
+            times[model, "bp", m] = bp_block_times(model, setup, example, m, modules)
+        for k in SCPL_KS if model == "vgg" else (None,):
+            projector = "pooled" if model == "vgg" else "identity"
+            times[model, "scpl", k] = scpl_unit_times(Case("scpl", "sequential", 1, projector=projector, model=model, modules=k), setup, example)
+    results.put(times)
+
+
+def calibrate(setup: Setup) -> dict:
+    results = mp.get_context(START_METHOD).SimpleQueue()
+    mp.start_processes(calibration_worker, args=(setup, results), nprocs=1, join=True, start_method=START_METHOD)
+    return results.get()
+
+
+def slowest(times: list[float], stages) -> float:
+    return max(sum(times[i] for i in s) for s in stages)
+
+
+def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
+    """The configurations to measure, each pipeline with its own balanced split, and their ideal speed-ups."""
     from scpl_kit.engines.pipeline import balanced_stages
 
+    started = time.perf_counter()
+    times = calibrate(setup)
+    ms = lambda ts: [round(t * 1e3, 1) for t in ts]  # noqa: E731
+    print(f"calibration ({time.perf_counter() - started:.0f} s, one thread, median of {TIMING_REPEATS}):", flush=True)
+    cases: list[Case] = []
+    ideal: dict[Case, float] = {}
+    for model in ("vgg", "transformer"):
+        modules = VGG_LAYERS if model == "vgg" else None
+        projector = "pooled" if model == "vgg" else "identity"
+        # SCPL: the K whose slowest stage is the fastest, i.e. the pipeline that trains the most samples
+        # per second. (Not the better ideal speed-up, sum ÷ slowest stage: that is over each K's own
+        # one-worker time, so it favours a K whose modules are slower one after another.)
+        options = {}
+        for scpl_k in SCPL_KS if model == "vgg" else (None,):
+            ts = times[model, "scpl", scpl_k]
+            stages = as_stages(balanced_stages(ts, k))
+            options[scpl_k] = (sum(ts) / slowest(ts, stages), stages, slowest(ts, stages))
+            print(f"  {model} scpl K={scpl_k or len(ts)}: module step times {ms(ts)} ms (sum {sum(ts) * 1e3:.0f}) → stages {stages}, "
+                  f"slowest stage {slowest(ts, stages) * 1e3:.0f} ms, ideal speed-up {options[scpl_k][0]:.2f}", flush=True)
+        scpl_k = min(options, key=lambda key: options[key][2]) if model == "vgg" else None
+        scpl_ideal, scpl_stages, _ = options[scpl_k]
+        whole = times[model, "bp", 1]  # BP's per-block times on a whole batch
+        gpipe_rows = []
+        for m in GPIPE_MICROBATCHES[model]:
+            ts = times[model, "bp", m]
+            stages = as_stages(balanced_stages(ts, k))
+            gpipe_ideal = sum(whole) / ((m + k - 1) * slowest(ts, stages))
+            print(f"  {model} bp gpipe M={m}: block fwd+bwd times per micro-batch {ms(ts)} ms → stages {stages}, "
+                  f"ideal speed-up {gpipe_ideal:.2f} (bubble bound {k * m / (m + k - 1):.2f})", flush=True)
+            case = Case("bp", "gpipe", k, microbatches=m, stages=stages, model=model, modules=modules)
+            gpipe_rows.append(case)
+            ideal[case] = gpipe_ideal
+        pipeline = Case("scpl", "pipeline", k, projector=projector, stages=scpl_stages, model=model, modules=scpl_k)
+        ideal[pipeline] = scpl_ideal
+        cases += [
+            Case("bp", "sequential", 1, model=model, modules=modules),
+            Case("scpl", "sequential", 1, projector=projector, model=model, modules=scpl_k),
+            *gpipe_rows,
+            *([Case("scpl", "threads", k, projector=projector, model=model, modules=scpl_k)] if model == "vgg" else []),
+            pipeline,
+        ]
+    return cases, ideal
+
+
+# -- measurement -----------------------------------------------------------------------------------------
+
+def measure(case: Case, setup: Setup, with_memory: bool) -> tuple[float, float]:
+    """(samples/s of the slowest rank, peak memory of the largest rank or NaN) of one run of `case`."""
+    processes = 1 if case.engine in ("sequential", "threads") else case.workers
+    results = mp.get_context(START_METHOD).SimpleQueue()
+    mp.start_processes(worker, args=(processes, free_port(), case, setup, with_memory, results), nprocs=processes, join=True, start_method=START_METHOD)
+    reports = sorted(results.get() for _ in range(processes))
+    rate = min(r[1] for r in reports if r[1] == r[1])  # the slowest rank sets the pace (NaN: no rate)
+    return rate, max(r[2] for r in reports)
+
+
+def label(case: Case) -> str:
+    return (f"{case.model} {case.method} {case.engine} workers={case.workers}" + (f" M={case.microbatches}" if case.microbatches else "")
+            + f" K={case.modules or '-'}")
+
+
+def run_all(setup: Setup, k: int, rounds: int) -> pd.DataFrame:
+    import pandas as pd
+
+    cases, ideal = plan(setup, k)
+    rates: dict[Case, list[float]] = {case: [] for case in cases}
+    memory: dict[Case, float] = {}
+    for r in range(rounds):
+        started = time.perf_counter()
+        for case in cases:
+            rate, mem = measure(case, setup, with_memory=r == 0)  # memory does not depend on load: measured once
+            rates[case].append(rate)
+            memory.setdefault(case, mem)
+            print(f"  round {r + 1}/{rounds}  {label(case):52s} {rate:8.1f} samples/s" + (f"  peak {mem:7.1f} MB" if r == 0 else ""), flush=True)
+        print(f"round {r + 1} took {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
-    for model, projector in (("vgg", "flat"), ("vgg", "pooled"), ("transformer", "identity")):
-        # Stage split balanced from per-block times measured on one worker, as the engine docs advise.
-        scpl1 = measure(Case("scpl", "sequential", 1, projector=projector, model=model), setup)
-        times = scpl1["unit_times"]
-        stages = tuple(tuple(s) for s in balanced_stages(times, k))
-        ideal = sum(times) / max(sum(times[i] for i in s) for s in stages)
-        print(f"[{model} {projector}] unit step times {[round(t * 1000, 1) for t in times]} ms → stages {stages}, ideal speed-up {ideal:.2f}", flush=True)
-        for case in cases(projector, k, stages, model):
-            if projector == "pooled" and case.method == "bp":
-                continue  # BP has no projector: measured once
-            row = scpl1 if case == Case("scpl", "sequential", 1, projector=projector, model=model) else measure(case, setup)
-            row["ideal_speedup"] = ideal if case.engine == "pipeline" else float("nan")
-            rows.append(row)
-            print(f"  {model:11s} {case.method:5s} {case.engine:10s} workers={case.workers} M={case.microbatches} {case.projector:8s} "
-                  f"{row['samples_per_s']:8.1f} samples/s  peak {row['peak_act_mem_mb']:7.1f} MB (per rank {row['rank_mem_mb']})", flush=True)
-    table = pd.DataFrame(rows).drop(columns=["unit_times", "rank_mem_mb"])
-    # Each model's rows against BP on one worker of the same model.
-    bp1 = table.query("method == 'bp' and engine == 'sequential'").set_index("model").samples_per_s
-    table["speedup_vs_bp1"] = table.samples_per_s / table.model.map(bp1)
-    return table[["model", "method", "engine", "workers", "microbatches", "projector", "stages", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"]]
+    for case in cases:
+        median = statistics.median(rates[case])
+        spread = (max(rates[case]) - min(rates[case])) / median
+        rows.append({
+            **asdict(case),
+            "modules": case.modules or 4,  # the Transformer's own 4 blocks
+            "stages": str([list(s) for s in case.stages]) if case.stages else "-",
+            "samples_per_s": median, "spread": spread, "flag": spread > SPREAD_LIMIT,
+            "rate_min": min(rates[case]), "rate_max": max(rates[case]),
+            "ideal_speedup": ideal.get(case, float("nan")), "peak_act_mem_mb": memory[case],
+        })
+    table = pd.DataFrame(rows)
+    # Each model's rows against BP on one worker (and the pipeline against GPipe M=4) of the same model.
+    bp1 = table.query("method == 'bp' and engine == 'sequential'").set_index("model")
+    gpipe4 = table.query("engine == 'gpipe' and microbatches == 4").set_index("model").samples_per_s
+    table["speedup_vs_bp1"] = table.samples_per_s / table.model.map(bp1.samples_per_s)
+    table["vs_gpipe_m4"] = (table.samples_per_s / table.model.map(gpipe4)).where(table.engine == "pipeline")
+    table["mem_vs_bp1"] = table.peak_act_mem_mb / table.model.map(bp1.peak_act_mem_mb)
+    return table
+
+
+COLUMNS = ["model", "method", "engine", "workers", "microbatches", "modules", "projector", "stages", "samples_per_s", "spread", "flag",
+           "speedup_vs_bp1", "vs_gpipe_m4", "ideal_speedup", "peak_act_mem_mb", "mem_vs_bp1"]
+
+
+def warnings(table: pd.DataFrame) -> list[str]:
+    return [f"WARNING: {label(Case(r.method, r.engine, r.workers, r.microbatches, model=r.model, modules=r.modules))}: samples/s spread "
+            f"{r.spread:.0%} over rounds ({r.rate_min:.0f}..{r.rate_max:.0f}) exceeds {SPREAD_LIMIT:.0%}: the machine's load changed; "
+            "its ratios are unreliable" for r in table.itertuples() if r.flag]
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     """Two horizontal bar charts, one above the other: 880 px wide, so `dvc plots show`, which
-    shows an image at its own size and crops what does not fit, shows all of it."""
-    labels = [f"{r.model} {r.method} {r.engine} K={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + (f" {r.projector}" if r.projector != "-" else "") for r in table.itertuples()]
+    shows an image at its own size and crops what does not fit, shows all of it. The speed bars'
+    whiskers span the rounds' slowest to fastest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.model} {r.method} {r.engine} W={r.workers}" + (f" M={r.microbatches}" if r.microbatches else "") + f" K={r.modules}"
+              for r in table.itertuples()]
     fig, (speed, memory) = plt.subplots(2, 1, figsize=(8, 8), sharey=True)
     colors = [("tab:blue" if m == "bp" else "tab:orange") if model == "vgg" else ("tab:cyan" if m == "bp" else "tab:red") for m, model in zip(table.method, table.model)]
     rows = range(len(table))
-    speed.barh(rows, table.speedup_vs_bp1, color=colors)
+    base = table.samples_per_s / table.speedup_vs_bp1  # BP-1's median, per row
+    whiskers = [(table.samples_per_s - table.rate_min) / base, (table.rate_max - table.samples_per_s) / base]
+    speed.barh(rows, table.speedup_vs_bp1, color=colors, xerr=whiskers, capsize=2)
     speed.axvline(1.0, color="gray", lw=0.8)
-    speed.set(xlabel="speed-up over BP on 1 worker (of the same model)", title="training throughput (1 thread per worker)")
+    speed.set(xlabel="speed-up over BP on 1 worker (of the same model; medians over rounds)", title="training throughput (1 thread per worker)")
     memory.barh(rows, table.peak_act_mem_mb, color=colors)
     memory.set(xlabel="peak activation memory of the largest worker (MB)", title="memory (threads engine: one shared process, not measured)")
     memory.set_yticks(rows, labels)
@@ -254,22 +372,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--width", type=float, default=0.25, help="VGG8 width multiplier")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=24, help="batches per measurement, warm-up included")
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="batches per measurement, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="K")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds: every configuration once per round; rows give the median")
     parser.add_argument("--text-dim", type=int, default=120, help="the Transformer's width (the paper's is 300), divisible by its 6 heads")
     args = parser.parse_args()
     if not 1 <= args.warmup < args.steps:
         parser.error(f"need 1 <= --warmup < --steps (got warmup {args.warmup}, steps {args.steps})")
-    table = run_all(Setup(args.width, args.batch, args.steps, args.warmup, args.text_dim), args.workers)
+    if args.rounds < 1:
+        parser.error(f"need --rounds >= 1 (got {args.rounds})")
+    started = time.perf_counter()
+    table = run_all(Setup(args.width, args.batch, args.steps, args.warmup, args.text_dim), args.workers, args.rounds)
+    flagged = warnings(table)
+    shown = table[COLUMNS].round(3)
     (args.out / "tables").mkdir(parents=True, exist_ok=True)
-    table.round(3).to_csv(args.out / "tables" / "throughput.csv", index=False)
+    shown.to_csv(args.out / "tables" / "throughput.csv", index=False)
     header = (f"# Training throughput, batch {args.batch}, {args.workers} workers of one thread each: VGG8 width {args.width} on "
-              f"CIFAR-shaped inputs; Transformer width {args.text_dim} (4 blocks) on AG-News-shaped inputs ({TEXT_LENGTH} tokens)\n\nMeasured on {one_line({**describe(), 'torch_threads': '1'})} (per worker).\n\n")
-    (args.out / "tables" / "throughput.md").write_text(header + table.round(3).to_markdown(index=False) + "\n")
+              f"CIFAR-shaped inputs (pooled projector); Transformer width {args.text_dim} (4 blocks) on AG-News-shaped inputs ({TEXT_LENGTH} tokens)\n\n"
+              f"Measured on {one_line({**describe(), 'torch_threads': '1'})} (per worker). Medians of {args.rounds} interleaved rounds "
+              f"of {args.steps} batches ({args.warmup} warm-up); `spread` = (max - min) / median over the rounds, `flag`: spread > {SPREAD_LIMIT:.0%}.\n\n")
+    notes = "".join(f"\n- {w}" for w in flagged)
+    (args.out / "tables" / "throughput.md").write_text(header + shown.to_markdown(index=False) + "\n" + (notes + "\n" if notes else ""))
     plot(table, args.out / "figures" / "throughput.png")
-    print(table.round(3).to_markdown(index=False))
+    print(shown.to_markdown(index=False))
+    for line in flagged:
+        print(line, flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 

@@ -50,7 +50,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "methods": ["bp", "early_exit"],
             "local_k": {"profile": "smoke", "dataset": "mnist5k", "model": "vgg", "ks": [2], "seeds": [0], "methods": ["cascade"]},
         },
-        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "workers": 2, "text_dim": 12},
+        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "rounds": 1, "workers": 2, "text_dim": 12},
     )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the grid's parts in their order
     (root / "dvc.lock").unlink(missing_ok=True)

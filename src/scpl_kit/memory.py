@@ -1,4 +1,5 @@
-"""Peak activation memory of training work, from PyTorch's profiler (any device, the CPU included).
+"""Peak activation memory of training work on the CPU, from PyTorch's profiler (the tables measure there:
+the ratios between methods are what they compare, and they need no GPU).
 
 The profiler attributes each allocation and free to the op that made it (`self` memory, so nested
 ops are not counted twice) or, outside any op, to a `[memory]` event; their running sum in time
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from scpl_kit.signal import Signal
 
 
@@ -21,7 +20,7 @@ def peak_memory_mb(work: Callable[[], object]) -> float:
     """High-water mark (MB) of tensor memory allocated while `work()` runs, above the start."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
     changes = sorted(
         (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()

@@ -90,11 +90,13 @@ def spatial_classifier(in_shape: tuple[int, ...], num_classes: int, hidden: int 
     layers: list[nn.Module] = []
     channels = in_shape[0]
     if len(in_shape) == 3:
+        height, width_px = in_shape[1:]
         if conv_layers:
-            layers.append(nn.AdaptiveAvgPool2d((-(-in_shape[1] // 4), -(-in_shape[2] // 4))))  # cheaper 1×1 convs
+            height, width_px = -(-height // 4), -(-width_px // 4)  # a quarter of the side, rounded up: cheaper 1×1 convs
+            layers.append(nn.AdaptiveAvgPool2d((height, width_px)))
             for _ in range(conv_layers):
                 layers += [nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
-        pooled = min(side, in_shape[1]), min(side, in_shape[2])  # a map already smaller stays as it is
+        pooled = min(side, height), min(side, width_px)  # a map already smaller stays as it is
         layers.append(nn.AdaptiveAvgPool2d(pooled))
         width = channels * pooled[0] * pooled[1]
     else:
