@@ -45,4 +45,4 @@ dashboard: setup
 
 # `dvc exp show` lists every dependency's hash too (40 columns); this keeps each row's mean accuracy and the parameters.
 exps: setup
-	dvc exp show --md --drop '^(bench|conf|data|reports|runs|src)(/|$$)|^Created$$|^grids\..*|.*\.(mlflow_run_ids\..*|acc_std|n_runs)'
+	dvc exp show --md --drop '^(bench|conf|data|reports|runs|runs_local|src)(/|$$)|^Created$$|^grids\..*|.*\.(mlflow_run_ids\..*|acc_std|n_runs)'

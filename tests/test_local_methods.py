@@ -230,3 +230,16 @@ def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, method
 def test_cascade_under_gpipe_is_refused(smoke_config, tmp_path: Path) -> None:
     reports = run_ranks(smoke_config("method=cascade", "engine=gpipe", "engine.timeout_s=30"), 2, tmp_path)
     assert sorted(reports) == ["rank0.err", "rank1.err"] and all("engine=pipeline" in text for text in reports.values())
+
+
+def test_one_modules_peak_memory_is_a_share_of_the_whole_networks() -> None:
+    """The memory column of the local_k table: a module of K = 6 holds one conv's activations, BP all six."""
+    from scpl_kit.memory import unit_peak_memory
+
+    peaks = {}
+    for method, k in (("bp", None), ("dgl", 6)):
+        _, units = units_of(method, modules=k)
+        x, y = tiny_batch(64)
+        peaks[method] = unit_peak_memory(units, {"features": x, "labels": y})
+    assert len(peaks["bp"]) == 1 and len(peaks["dgl"]) == 6
+    assert 0 < max(peaks["dgl"]) < peaks["bp"][0]

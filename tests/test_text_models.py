@@ -156,6 +156,8 @@ STEP_OPTIONS = {
     "scpl": [{"projector": "i"}, {"projector": "m", "projector_hidden": 16, "projector_dim": 8}],
     "early_exit": [{"hidden": 16}],
     "al": [{"bridge_hidden": 16, "code_dim": 8}],
+    "contsup": [{"context": "R0"}],  # its context encoders are convolutions: image models only
+    "infopro": [],  # reconstructs an image: image models only (test_methods.py checks the error)
 }
 
 
