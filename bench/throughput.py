@@ -221,13 +221,9 @@ def calibrate(setup: Setup) -> dict:
     return results.get()
 
 
-def slowest(times: list[float], stages) -> float:
-    return max(sum(times[i] for i in s) for s in stages)
-
-
 def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
     """The configurations to measure, each pipeline with its own balanced split, and their ideal speed-ups."""
-    from scpl_kit.engines.pipeline import balanced_stages
+    from scpl_kit.engines.pipeline import balanced_stages, stage_time
 
     started = time.perf_counter()
     times = calibrate(setup)
@@ -245,9 +241,9 @@ def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
         for scpl_k in SCPL_KS if model == "vgg" else (None,):
             ts = times[model, "scpl", scpl_k]
             stages = as_stages(balanced_stages(ts, k))
-            options[scpl_k] = (sum(ts) / slowest(ts, stages), stages, slowest(ts, stages))
+            options[scpl_k] = (sum(ts) / stage_time(ts, stages), stages, stage_time(ts, stages))
             print(f"  {model} scpl K={scpl_k or len(ts)}: module step times {ms(ts)} ms (sum {sum(ts) * 1e3:.0f}) → stages {stages}, "
-                  f"slowest stage {slowest(ts, stages) * 1e3:.0f} ms, ideal speed-up {options[scpl_k][0]:.2f}", flush=True)
+                  f"slowest stage {stage_time(ts, stages) * 1e3:.0f} ms, ideal speed-up {options[scpl_k][0]:.2f}", flush=True)
         scpl_k = min(options, key=lambda key: options[key][2]) if model == "vgg" else None
         scpl_ideal, scpl_stages, _ = options[scpl_k]
         whole = times[model, "bp", 1]  # BP's per-block times on a whole batch
@@ -255,7 +251,7 @@ def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
         for m in GPIPE_MICROBATCHES[model]:
             ts = times[model, "bp", m]
             stages = as_stages(balanced_stages(ts, k))
-            gpipe_ideal = sum(whole) / ((m + k - 1) * slowest(ts, stages))
+            gpipe_ideal = sum(whole) / ((m + k - 1) * stage_time(ts, stages))
             print(f"  {model} bp gpipe M={m}: block fwd+bwd times per micro-batch {ms(ts)} ms → stages {stages}, "
                   f"ideal speed-up {gpipe_ideal:.2f} (bubble bound {k * m / (m + k - 1):.2f})", flush=True)
             case = Case("bp", "gpipe", k, microbatches=m, stages=stages, model=model, modules=modules)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import build_units
-from scpl_kit.methods.cascade import CascadeUnit
 from scpl_kit.methods.contsup import PREVIOUS
 from scpl_kit.models import build_model
 from scpl_kit.models.base import Chain, CutError, even_cuts
@@ -166,7 +165,6 @@ def test_contsup_context_encoders_learn_from_the_module_they_feed() -> None:
 def test_cascade_freezes_each_module_bit_for_bit_once_its_turn_is_over() -> None:
     _, units = units_of("cascade", modules=3)
     batches = [tiny_batch(16) for _ in range(2)]
-    snapshots = []
     epochs = 3
     for epoch in range(1, epochs + 1):
         for unit in units:
@@ -183,7 +181,6 @@ def test_cascade_freezes_each_module_bit_for_bit_once_its_turn_is_over() -> None
         for k, unit in enumerate(units):
             same = all(torch.equal(before[k][name], after[k][name]) for name in before[k])
             assert same == (unit.role != "active"), (epoch, k)  # BatchNorm statistics included
-        snapshots.append(after)
     assert all(int(u.trained) == 1 for u in units)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
@@ -31,7 +30,7 @@ from scpl_kit.methods.heads import ClassifierHead, SupConHead
 from scpl_kit.methods.infopro import aux_classifier, require_images
 from scpl_kit.methods.units import LocalUnit
 from scpl_kit.models.base import BlockModel
-from scpl_kit.signal import FEATURES, INPUT, Signal, network_input
+from scpl_kit.signal import FEATURES, Signal, network_input
 
 MODES: dict[str, tuple[str, ...]] = {"R0": (), "E": ("E",), "R1": ("R1",), "R1E": ("R1", "E")}
 PREVIOUS = "contsup/previous"  # the feature that entered the unit before: R1's context for the next one
