@@ -164,7 +164,7 @@ class Trainer:
         with tqdm(total=samples, desc=f"epoch {epoch}/{self.epochs}", unit="img", leave=False, mininterval=1.0, disable=not (self.progress and self.engine.is_main)) as bar:
             losses = self.engine.train_epoch(train, on_batch=bar.update)
         train_time = time.perf_counter() - start
-        record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}}
+        record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}, **self.engine.epoch_stats()}
         for split in ("val", "test") if self.eval_test else ("val",):
             record.update(split_accuracies(split, self.engine.predict(self.data.loader(split, self.eval_batch_size)), self.data.splits[split][1]))
         record.update(train_time_s=train_time, epoch_time_s=time.perf_counter() - start, samples_per_s=samples / train_time)

@@ -80,6 +80,11 @@ class Engine(ABC):
     def is_main(self) -> bool:
         return True
 
+    def epoch_stats(self) -> dict[str, float]:
+        """What the engine measured in the last training epoch, logged with the epoch's record
+        (e.g. bytes sent per step); nothing for engines that measure nothing."""
+        return {}
+
     def training_state(self) -> list[dict[str, Any]]:
         """Every unit's state, in unit order. Multi-process engines: collective, and the states
         arrive on the main process only (the one that writes checkpoints and outputs)."""

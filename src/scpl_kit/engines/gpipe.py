@@ -20,7 +20,8 @@ from torch import nn
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal
-from scpl_kit.engines.pipeline import PipelineEngine, check_stages, reports_peer_failures, time_chain, wait_sent
+from scpl_kit.engines.distributed import gather_to_main, reports_peer_failures
+from scpl_kit.engines.pipeline import PipelineEngine, check_stages, time_chain, wait_sent
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError, moved
 from scpl_kit.models.base import BlockModel, run_block
 from scpl_kit.signal import LABELS, Signal, summary, without_summary
@@ -182,7 +183,7 @@ class GPipeEngine(PipelineEngine):
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
             "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
         }
-        gathered = self.gather_to_main(mine)
+        gathered = gather_to_main(mine)
         if not gathered:
             return []
         state["module"] = {k: v for part in gathered for k, v in part["module"].items()}

@@ -22,47 +22,23 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import (
-    Batch, BatchCallback, Engine, LaunchError, LossMeter, PeerError, ReadoutCollector, as_signal, batch_size,
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size
+from scpl_kit.engines.distributed import (  # noqa: F401  (re-exported: gpipe and tests import them from here)
+    check_processes, close_distributed, gather_to_main, init_distributed, reports_peer_failures, stage_device,
 )
 from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
 
 log = logging.getLogger(__name__)
 BALANCES = ("time", "count")
-
-# How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
-PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def reports_peer_failures(method: F) -> F:
-    """Turn the backend's error for a silent or vanished peer (a raw gloo/NCCL message and traceback)
-    into a PeerError that says what happened and where to look."""
-
-    @functools.wraps(method)
-    def guarded(self: "PipelineEngine", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except RuntimeError as error:
-            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
-                raise
-            raise PeerError(
-                f"rank {self.rank}: another rank stopped answering (stuck for engine.timeout_s={self.timeout_s:g} s, or crashed; "
-                f"its own log says why). Backend: {str(error).splitlines()[0][:200]}"
-            ) from None
-
-    return guarded  # type: ignore[return-value]
 
 
 def even_stages(n_units: int, n_stages: int) -> list[list[int]]:
@@ -170,30 +146,6 @@ def wait_sent(pending: list) -> None:
 def check_stages(stages: list[list[int]], n: int, world: int, what: str) -> None:
     if len(stages) != world or [i for stage in stages for i in stage] != list(range(n)):
         raise ValueError(f"engine.stages {stages} must split {what} 0..{n - 1} into {world} consecutive groups")
-
-
-def init_distributed(backend: str, timeout_s: float) -> None:
-    """Join the process group torchrun described in the environment (once per process)."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        raise LaunchError("this engine runs one process per stage, started by torchrun")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # The timeout turns a crashed or stuck peer into an error here instead of a hang.
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-
-
-def stage_device(device: str) -> torch.device:
-    """auto: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
-
-
-def check_processes(processes: int | None, world: int) -> None:
-    """`engine.processes` asks for that many stages; torchrun must have started exactly that many."""
-    if processes is not None and processes != world:
-        raise ValueError(f"engine.processes={processes} but torchrun started {world} processes; make them agree (or set engine.processes=null)")
 
 
 class PipelineEngine(Engine):
@@ -362,24 +314,17 @@ class PipelineEngine(Engine):
         dist.broadcast_object_list(result, src=segments[-1][0])  # every rank computes the same accuracy
         return result[0]
 
-    def gather_to_main(self, obj: Any) -> list[Any]:
-        """Each rank's `obj`, in rank order, on the main rank; [] on the others (collective)."""
-        gathered: list[Any] | None = [None] * self.world if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0)
-        return gathered or []
-
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere."""
-        return [state for part in self.gather_to_main([unit.training_state() for unit in self.units]) for state in part]
+        return [state for part in gather_to_main([unit.training_state() for unit in self.units]) for state in part]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
         for index, unit in zip(self.stages[self.rank], self.units):
             unit.load_training_state(states[index])
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 @ENGINES.register("pipeline")

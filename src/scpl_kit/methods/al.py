@@ -56,9 +56,14 @@ class AssociatedUnit(LocalUnit):
         rest = [p for p in self.parameters() if id(p) not in ids]
         self.optimizer, self.scheduler = make([{"params": rest}, {"params": label_path, "lr_scale": self.label_lr_scale}])
 
+    @property
+    def bridge_dtype(self) -> torch.dtype:
+        """The label path's floating type (float32 unless the model was cast)."""
+        return next(self.label_encoder.parameters()).dtype
+
     def forward_train(self, signal: Signal) -> UnitStep:
         # The first block starts the label path from the labels themselves: t_0 = onehot(y).
-        code_in = signal[CODE] if CODE in signal else F.one_hot(signal[LABELS], self.num_classes).float()
+        code_in = signal[CODE] if CODE in signal else F.one_hot(signal[LABELS], self.num_classes).to(self.bridge_dtype)
         out = run_block(self.body, signal)  # engines hand inputs on detached: f_k's input is sg(x_k)
         code = self.label_encoder(code_in.detach())
         return UnitStep({**signal, CODE: code_in}, {**out, CODE: code})

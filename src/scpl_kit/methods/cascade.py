@@ -35,18 +35,22 @@ class CascadeUnit(LocalUnit):
     def __init__(self, name: str, body: torch.nn.Module, index: int, modules: int, head: ClassifierHead | None,
                  predictor: torch.nn.Module | None) -> None:
         super().__init__(name, body, head=head, predictor=predictor, predictor_trains_body=True)
-        self.index, self.modules = index, modules
+        self.index, self.module_count = index, modules
         self.role: Role = "active"  # until an epoch says otherwise (a bare train_step trains every unit)
         # Saved with the weights: inference must know which modules have trained, wherever it runs.
         self.register_buffer("trained", torch.zeros((), dtype=torch.uint8))
 
     def configure_optimizer(self, make: OptimizerFactory) -> None:
-        self.optimizer, self.scheduler = make(self.parameters(), share=1 / self.modules)
+        self.optimizer, self.scheduler = make(self.parameters(), share=1 / self.module_count)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Epochs are shared out evenly: module k (0-based) trains in epochs where (epoch−1)·K // epochs = k."""
-        turn = min((epoch - 1) * self.modules // epochs, self.modules - 1)
+        turn = min((epoch - 1) * self.module_count // epochs, self.module_count - 1)
         self.role = "frozen" if self.index < turn else "active" if self.index == turn else "waiting"
+
+    @property
+    def trains(self) -> bool:
+        return self.role == "active"
 
     def train(self, mode: bool = True) -> "CascadeUnit":
         return super().train(mode and self.role != "frozen")  # a frozen module's BatchNorm keeps its statistics

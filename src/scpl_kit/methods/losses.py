@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from scpl_kit.batch_group import spread, whole_batch
+
 Variant = Literal["paper", "standard"]
 VARIANTS: tuple[str, ...] = ("paper", "standard")
 
@@ -27,10 +29,15 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     if variant not in VARIANTS:
         raise ValueError(f"unknown SupCon variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
     z = F.normalize(features.flatten(1), dim=1)
-    logits = z @ z.T / temperature
+    # Under a data-parallel engine this process holds a slice of the batch: its anchors are compared
+    # with every sample of the whole batch, and the mean is taken so that the replicas' averaged
+    # gradients equal one process's (each process's share of the anchors, times the processes).
+    (z_all, labels_all), offset = whole_batch(z, labels)
+    logits = z @ z_all.T / temperature
     n = logits.shape[0]
-    is_self = torch.eye(n, dtype=torch.bool, device=logits.device)
-    same_label = labels[:, None] == labels[None, :]
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[torch.arange(n), offset + torch.arange(n, device=logits.device)] = True
+    same_label = labels[:, None] == labels_all[None, :]
     positive = same_label & ~is_self
     # logsumexp subtracts the row max internally, which is the stability trick the paper applies by hand.
     log_denominator = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
@@ -40,6 +47,8 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
         return -(positive_sum / same_label.sum(dim=1)).mean()
     count = positive.sum(dim=1)
     has_positive = count > 0
+    # The mean over the whole batch's anchors with a positive, as one process would take it.
+    global_count = ((labels_all[:, None] == labels_all[None, :]).sum(dim=1) > 1).sum() / spread()
     if not has_positive.any():
         return (logits * 0).sum()  # 0, still attached to the graph so backward() works as usual
-    return -(positive_sum[has_positive] / count[has_positive]).mean()
+    return -(positive_sum[has_positive] / count[has_positive]).sum() / global_count

@@ -132,6 +132,18 @@ class LocalUnit(nn.Module):
         """The body's forward, keeping the graph for `learn`."""
         return UnitStep(signal, self.run_body(signal))
 
+    def forward(self, signal: Signal) -> UnitStep:
+        """The training forward, as `forward_train`: a unit's nn.Module call, so that a data-parallel
+        engine can wrap the unit in DistributedDataParallel (which must see the forward to average the
+        gradients of the backward that follows)."""
+        return self.forward_train(signal)
+
+    @property
+    def trains(self) -> bool:
+        """Whether this epoch's steps compute gradients (a deep-cascade module's do only on its turn).
+        A data-parallel engine averages only the gradients of units that compute them."""
+        return True
+
     def run_body(self, signal: Signal) -> Signal:
         """The body on `signal`, the network's input carried along when the method needs it later."""
         out = run_block(self.body, signal)

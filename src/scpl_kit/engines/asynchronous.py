@@ -1,0 +1,339 @@
+"""Asynchronous data parallelism for workers of unequal speed (BPT-CNN; methods.md §5).
+
+Every process is a worker holding every unit, and rank 0 also hosts a parameter server: the global
+weights (every floating-point tensor of every unit's state: parameters, and buffers such as
+BatchNorm's running statistics). A worker trains each unit on a whole batch exactly as the
+sequential engine does (the unit's own loss and optimizer), then pushes its update (its weights
+minus the ones it last pulled) and pulls the current global weights, without waiting for any other
+worker. The server applies an update only if it is at most `max_staleness` global updates behind
+(updates by others since that worker's last pull); a staler one is dropped, and counted.
+
+Incremental data partitioning: each epoch's batches are shared out in proportion to the workers'
+measured speeds (samples/s of their training steps in the epoch before; for the first epoch, one
+timed step at start-up), so a slow worker gets fewer batches and the fast ones do not wait for it.
+
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async method=scpl
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async engine.slow_rank=1 engine.slowdown=3   # simulate a slow worker
+
+Communication: torch.distributed.rpc (TensorPipe) for the pushes and pulls, which rank 0 answers on
+RPC threads while its own worker trains, and the default process group (gloo/NCCL, as every engine
+here) for the collectives at epoch boundaries. Both rendezvous through torchrun's MASTER_ADDR/PORT
+(RPC's env:// store shares the process group's). The server's copy lives on the CPU: RPC then needs
+no device maps, and a GPU worker copies one model's worth each way per step.
+
+At the end of every epoch rank 0 takes the global weights and every rank takes rank 0's state, so
+evaluation and checkpoints see one model. Each worker keeps its own optimizer state (Adam's moments);
+checkpoints save rank 0's, and a resumed run gives it to every worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import threading
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+
+from scpl_kit.engines import ENGINES
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, ReadoutCollector, as_signal, batch_size
+from scpl_kit.engines.data_parallel import slice_of
+from scpl_kit.engines.distributed import check_processes, close_distributed, init_distributed, reports_peer_failures, stage_device
+from scpl_kit.engines.pipeline import synchronize, unit_step_times
+from scpl_kit.methods.units import LocalUnit, inference_route, moved
+from scpl_kit.signal import Signal
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+SERVER_RANK = 0
+
+
+def worker_name(rank: int) -> str:
+    return f"worker{rank}"
+
+
+class ParameterServer:
+    """The global weights (on the CPU) and the bookkeeping of staleness. Thread-safe: rank 0's own
+    worker calls it directly while RPC threads serve the others."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], workers: int, max_staleness: int) -> None:
+        self.lock = threading.Lock()
+        self.workers, self.max_staleness = workers, max_staleness
+        self.reset(weights)
+
+    def reset(self, weights: Sequence[torch.Tensor]) -> None:
+        """New global weights that every worker holds (start-up, resume)."""
+        with self.lock:
+            self.weights = [w.detach().to("cpu", copy=True) for w in weights]
+            self.version = 0  # global updates applied so far
+            self.pulled = [0] * self.workers  # the version each worker last pulled
+            self.updates: list[tuple[int, int, bool]] = []  # (worker, staleness, applied) since take_updates
+
+    def push_pull(self, worker: int, update: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply `update` unless it is too stale; return (a copy of) the current global weights."""
+        with self.lock:
+            staleness = self.version - self.pulled[worker]
+            applied = staleness <= self.max_staleness
+            if applied:
+                torch._foreach_add_(self.weights, list(update))
+                self.version += 1
+            self.pulled[worker] = self.version
+            self.updates.append((worker, staleness, applied))
+            log.debug("update from rank %d: staleness %d, %s (global version %d)", worker, staleness, "applied" if applied else "dropped", self.version)
+            # Copies: RPC serialises the answer after this returns, when other updates may be landing.
+            return [w.clone() for w in self.weights]
+
+    def take_updates(self) -> list[tuple[int, int, bool]]:
+        with self.lock:
+            updates, self.updates = self.updates, []
+            return updates
+
+    def all_pulled(self) -> None:
+        """Every worker now holds the current weights (the end of an epoch): nothing is stale."""
+        with self.lock:
+            self.pulled = [self.version] * self.workers
+
+
+_server: ParameterServer | None = None  # rank 0's; what the RPCs below reach
+
+
+def _push_pull(worker: int, update: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Runs on rank 0, on an RPC thread, for the worker `worker` (module-level: RPC sends it by name)."""
+    assert _server is not None, "the parameter server is not set up on rank 0"
+    return _server.push_pull(worker, update)
+
+
+def interleaved_owners(shares: Sequence[float]) -> Iterator[int]:
+    """The worker that trains each batch of the epoch, in turn: the one furthest behind its share
+    (smooth weighted round robin). Each worker's batches spread over the whole epoch, so every worker
+    is at about the same point of the epoch at any time, and so is its learning-rate schedule."""
+    counts = [0] * len(shares)
+    for position in itertools.count(1):
+        owner = max(range(len(shares)), key=lambda k: shares[k] * position - counts[k])
+        counts[owner] += 1
+        yield owner
+
+
+def notes_failure(method: F) -> F:
+    """Remember that this process failed in a call, so `close` does not wait for peers that may be gone."""
+
+    @functools.wraps(method)
+    def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.failed = True
+            raise
+
+    return noted  # type: ignore[return-value]
+
+
+class AsyncEngine(Engine):
+    def __init__(self, max_staleness: int = 4, slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto",
+                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"engine.max_staleness={max_staleness} must be >= 0 (global updates an applied update may lag behind)")
+        if slowdown < 1:
+            raise ValueError(f"engine.slowdown={slowdown} must be >= 1 (how many times slower engine.slow_rank runs)")
+        init_distributed(backend, timeout_s)
+        self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
+        check_processes(processes, self.world)
+        if slow_rank is not None and not 0 <= slow_rank < self.world:
+            raise ValueError(f"engine.slow_rank={slow_rank} is not a rank of the {self.world} processes")
+        self.max_staleness = max_staleness
+        self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
+        self.device = stage_device(device)
+        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s)
+        with warnings.catch_warnings():  # RPC's start-up uses a deprecated call of its own; nothing to act on
+            warnings.simplefilter("ignore", UserWarning)
+            rpc.init_rpc(worker_name(self.rank), rank=self.rank, world_size=self.world, rpc_backend_options=options)
+        self.failed = False
+        self.units, self.shared, self.base = [], [], []
+        self.speed = 1.0  # samples/s of this worker's steps; equal shares until measured
+        self.stats: dict[str, float] = {}
+        self.last_updates: list[tuple[int, int, bool]] = []  # rank 0: the server's record of the last epoch
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @notes_failure
+    @reports_peer_failures
+    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+        global _server
+        self.units = [unit.to(self.device) for unit in units]
+        self.route = inference_route(self.units)
+        # What is shared: every floating tensor of the units' state. state_dict's tensors alias the
+        # live ones, so copying into them updates the units.
+        self.shared = [t for unit in self.units for t in unit.state_dict().values() if t.is_floating_point()]
+        if example is not None:  # first epoch's shares: one timed step on copies of the units
+            self.speed = batch_size(example) / (sum(unit_step_times(self.units, example, self.device)) * self.slowdown)
+        self._take_rank0_state()
+        if self.rank == SERVER_RANK:
+            _server = ParameterServer(self.shared, self.world, self.max_staleness)
+        dist.barrier()  # the server is up before any worker pushes
+
+    def _take_rank0_state(self) -> None:
+        """Every rank takes rank 0's whole state (integer buffers too): one model everywhere."""
+        for unit in self.units:
+            for tensor in unit.state_dict().values():
+                dist.broadcast(tensor, 0)
+        self.base = [t.detach().to("cpu", copy=True) for t in self.shared]
+
+    @notes_failure
+    @reports_peer_failures
+    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
+        speeds: list[Any] = [None] * self.world
+        dist.all_gather_object(speeds, self.speed)  # doubles as the epoch's start line
+        shares = [s / sum(speeds) for s in speeds]
+        if self.is_main:
+            log.info("async shares of the epoch's batches: %s", ", ".join(
+                f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(shares, speeds))))
+        meter, steps, samples, busy = LossMeter(), 0, 0, 0.0
+        for unit in self.units:
+            unit.train()
+        # Every rank reads every batch and keeps its own: the kit's loaders index tensors held in
+        # memory, so reading is cheap, and all ranks see the same shuffled sequence without a sampler.
+        for batch, owner in zip(batches, interleaved_owners(shares)):
+            if owner != self.rank:
+                self._follow_schedules()
+                continue
+            start = time.perf_counter()
+            signal = moved(as_signal(batch), self.device)
+            size, losses = batch_size(signal), {}
+            for unit in self.units:
+                step = unit.forward_train(signal)
+                losses.update(unit.learn(step))
+                signal = step.handoff()
+            synchronize(self.device)
+            if self.slowdown > 1:  # simulate a heterogeneous worker: this step took `slowdown` times as long
+                time.sleep((self.slowdown - 1) * (time.perf_counter() - start))
+            self._push_pull()
+            busy += time.perf_counter() - start
+            meter.add(losses)
+            steps, samples = steps + 1, samples + size
+            if on_batch is not None:
+                on_batch(size)
+        if steps:
+            self.speed = samples / busy  # next epoch's share
+        return self._end_epoch(meter, steps, shares[self.rank], time.time())
+
+    def _follow_schedules(self) -> None:
+        """Another worker trains this batch. Each unit's learning-rate schedule still steps, so every
+        worker's rate follows the run's progress (as under any other engine), not its own step count.
+        A worker whose first batches are others' steps a schedule before its optimizer ever has,
+        which is intended here, hence the warning about that is silenced."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+            for unit in self.units:
+                if unit.trains and unit.scheduler is not None:
+                    unit.scheduler.step()
+
+    def _push_pull(self) -> None:
+        """Push this step's update, pull the global weights; no waiting for other workers."""
+        update = [t.detach().cpu() - b for t, b in zip(self.shared, self.base)]
+        if self.rank == SERVER_RANK:
+            weights = _server.push_pull(self.rank, update)
+        else:
+            try:
+                weights = rpc.rpc_sync(worker_name(SERVER_RANK), _push_pull, args=(self.rank, update), timeout=self.timeout_s)
+            except RuntimeError as error:
+                if "On WorkerInfo" in str(error):  # the server's own error, raised there: not a lost peer
+                    raise
+                raise PeerError(
+                    f"rank {self.rank}: the parameter server (rank {SERVER_RANK}) stopped answering (stuck for "
+                    f"engine.timeout_s={self.timeout_s:g} s, or crashed; its own log says why). RPC: {str(error).splitlines()[0][:200]}"
+                ) from None
+        for tensor, weight in zip(self.shared, weights):
+            tensor.copy_(weight)
+        self.base = weights
+
+    def _end_epoch(self, meter: LossMeter, steps: int, share: float, finished: float) -> dict[str, float]:
+        """Wait for every worker, make rank 0's units the global model on every rank, and sum up."""
+        report = {"losses": meter.means(), "steps": steps, "share": share, "speed": self.speed, "finished": finished}
+        reports: list[Any] = [None] * self.world
+        dist.all_gather_object(reports, report)  # every push of the epoch has landed
+        if self.rank == SERVER_RANK:
+            for tensor, weight in zip(self.shared, _server.weights):
+                tensor.copy_(weight)
+            _server.all_pulled()
+            self.last_updates = _server.take_updates()
+        self._take_rank0_state()
+        self.stats = self._stats(reports)
+        counted = [(r["losses"], r["steps"]) for r in reports if r["steps"]]
+        names = {name for losses, _ in counted for name in losses}
+        return {
+            name: sum(losses[name] * n for losses, n in counted if name in losses) / sum(n for losses, n in counted if name in losses)
+            for name in names
+        }
+
+    def _stats(self, reports: list[dict[str, Any]]) -> dict[str, float]:
+        """Each worker's share, steps and speed; how long the first to finish waited for the last;
+        on rank 0 also the staleness of the applied updates and how many were dropped."""
+        stats: dict[str, float] = {"async/idle_s": max(r["finished"] for r in reports) - min(r["finished"] for r in reports)}
+        for k, r in enumerate(reports):
+            stats.update({f"async/rank{k}/share": r["share"], f"async/rank{k}/steps": r["steps"], f"async/rank{k}/samples_per_s": r["speed"]})
+        if self.rank == SERVER_RANK:
+            applied = [staleness for _, staleness, ok in self.last_updates if ok]
+            stats.update({
+                "async/updates": len(applied), "async/dropped": len(self.last_updates) - len(applied),
+                "async/staleness_mean": sum(applied) / max(len(applied), 1), "async/staleness_max": max(applied, default=0),
+            })
+        return stats
+
+    def epoch_stats(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    @notes_failure
+    @reports_peer_failures
+    @torch.no_grad()
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """Every rank holds the same weights after an epoch: each answers its slice of every batch,
+        and the slices come back together in order on every rank."""
+        for unit in self.units:
+            unit.eval()
+        parts = []
+        for batch in batches:
+            signal, collected = slice_of(as_signal(batch, with_labels=False), self.rank, self.world), ReadoutCollector()
+            for i, phase in self.route:
+                signal = self.units[i].infer(moved(signal, self.device), phase)
+            collected.add(signal)
+            parts.append(collected.result())
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, parts)
+        names = gathered[0][0].keys() if parts else ()
+        return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
+
+    def training_state(self) -> list[dict[str, Any]]:
+        """Rank 0's units (the global weights, rank 0's optimizer state); [] elsewhere."""
+        return super().training_state() if self.is_main else []
+
+    @notes_failure
+    def load_training_state(self, states: list[dict[str, Any]]) -> None:
+        """Every rank loads the checkpoint; the server starts from its weights. (The next epoch's
+        first collective keeps any worker from pushing before the server has them.)"""
+        super().load_training_state(states)
+        self.base = [t.detach().to("cpu", copy=True) for t in self.shared]
+        if self.rank == SERVER_RANK:
+            _server.reset(self.shared)
+
+    def close(self) -> None:
+        """A graceful RPC shutdown waits for every worker; after a failure, peers may be gone: local only."""
+        global _server
+        try:
+            rpc.shutdown(graceful=not self.failed, timeout=self.timeout_s)
+        except RuntimeError as error:
+            log.warning("rank %d: RPC shutdown: %s", self.rank, str(error).splitlines()[0][:200])
+        _server = None
+        close_distributed()
+
+
+@ENGINES.register("async")
+def asynchronous(max_staleness: int = 4, slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto",
+                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> AsyncEngine:
+    return AsyncEngine(max_staleness, slow_rank, slowdown, backend, device, timeout_s, processes)

@@ -1,0 +1,73 @@
+"""What every multi-process engine shares: joining torchrun's process group, this process's device,
+and turning a silent or vanished peer into one clear error."""
+
+from __future__ import annotations
+
+import functools
+import os
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from scpl_kit.engines.base import LaunchError, PeerError
+
+# How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
+PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_peer_failures(method: F) -> F:
+    """Turn the backend's error for a silent or vanished peer (a raw gloo/NCCL message and traceback)
+    into a PeerError that says what happened and where to look. The engine has `rank` and `timeout_s`."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
+                raise
+            raise PeerError(
+                f"rank {self.rank}: another rank stopped answering (stuck for engine.timeout_s={self.timeout_s:g} s, or crashed; "
+                f"its own log says why). Backend: {str(error).splitlines()[0][:200]}"
+            ) from None
+
+    return guarded  # type: ignore[return-value]
+
+
+def init_distributed(backend: str, timeout_s: float) -> None:
+    """Join the process group torchrun described in the environment (once per process)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise LaunchError("this engine runs one process per stage, started by torchrun")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # The timeout turns a crashed or stuck peer into an error here instead of a hang.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def stage_device(device: str) -> torch.device:
+    """auto: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+
+
+def check_processes(processes: int | None, world: int) -> None:
+    """`engine.processes` asks for that many processes; torchrun must have started exactly that many."""
+    if processes is not None and processes != world:
+        raise ValueError(f"engine.processes={processes} but torchrun started {world} processes; make them agree (or set engine.processes=null)")
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """Each rank's `obj`, in rank order, on rank 0; [] on the others (collective)."""
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered or []
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,217 @@
+"""The `async` engine (BPT-CNN): speed-proportional shares of each epoch, asynchronous pushes and pulls
+to a parameter server with bounded staleness, one model at every epoch's end. Two ranks on the CPU."""
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scpl_kit.engines import build_engine
+from scpl_kit.engines.asynchronous import interleaved_owners
+from scpl_kit.engines.launch import set_rank_env
+from scpl_kit.methods import build_units
+from scpl_kit.models import build_model
+from scpl_kit.train import run
+from scpl_kit.trainer import adam_cosine
+
+from test_engines import spawn_ranks
+
+CLASSES, BATCH, TRAIN, TEST = 4, 16, 512, 256
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable 16×16 images: class c lights up quadrant c, under noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % CLASSES
+    images = 0.5 * torch.randn(n, 1, 16, 16, generator=g)
+    for c in range(CLASSES):
+        rows, cols = divmod(c, 2)
+        images[labels == c, :, rows * 8:(rows + 1) * 8, cols * 8:(cols + 1) * 8] += 1.0
+    return images, labels
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, epoch: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's shuffled batches, the same on every rank (as the trainer's seeded loader gives them)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch)) if epoch is not None else torch.arange(len(labels))
+    return [(images[i], labels[i]) for i in order.split(BATCH) if len(i) == BATCH]
+
+
+def digest(units) -> str:
+    h = hashlib.sha256()
+    for unit in units:
+        for name, tensor in unit.state_dict().items():
+            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _train_main(rank: int, world: int, port: int, result_dir: str, method: str, epochs: int, options: dict) -> None:
+    """One rank: the trainer's loop over epochs, reduced to the engine calls; what it saw, as JSON."""
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
+        units = build_units(method, model, CLASSES)
+        for unit in units:
+            unit.configure_optimizer(adam_cosine(3e-3, 1e-5, epochs * (TRAIN // BATCH)))
+        engine = build_engine("async", timeout_s=60, **options)
+        engine.setup(units, model.example_batch(BATCH, CLASSES))
+        train, test = synthetic(TRAIN, 1), synthetic(TEST, 2)
+        records = []
+        for epoch in range(1, epochs + 1):
+            for unit in engine.units:
+                unit.start_epoch(epoch, epochs)
+            trained = []
+            losses = engine.train_epoch(batches(*train, epoch), on_batch=trained.append)
+            scores = engine.predict(batches(*test))["scores"]
+            accuracy = float((scores.argmax(1) == test[1][: len(scores)]).float().mean())
+            records.append({"losses": losses, "stats": engine.epoch_stats(), "trained": sum(trained), "acc": accuracy, "digest": digest(engine.units)})
+        report = {"records": records, "updates": engine.last_updates}
+        engine.close()
+        Path(result_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+def train_two_ranks(tmp_path: Path, method: str, epochs: int, **options) -> tuple[dict, dict]:
+    reports = spawn_ranks(_train_main, 2, tmp_path, method, epochs, options)
+    assert sorted(reports) == ["rank0.json", "rank1.json"], reports
+    return json.loads(reports["rank0.json"]), json.loads(reports["rank1.json"])
+
+
+def test_shares_follow_the_speeds_interleaved() -> None:
+    owners = list(zip(range(100), interleaved_owners([0.75, 0.25])))
+    assert sum(1 for _, k in owners if k == 1) == 25
+    assert [k for _, k in owners[:8]] == [0, 0, 1, 0, 0, 0, 1, 0]  # spread over the epoch, not in one run
+    assert [k for _, k in zip(range(6), interleaved_owners([0.5, 0.5]))] == [0, 1, 0, 1, 0, 1]
+
+
+def test_a_slow_worker_gets_a_smaller_share_and_the_model_converges(tmp_path: Path) -> None:
+    """Rank 1 slowed 3×: from its measured speed it gets a smaller share of each epoch, and rank 0
+    trains more steps meanwhile; staleness stays within the bound and is reported; the ranks hold
+    one model after every epoch; SCPL learns the easy data."""
+    rank0, rank1 = train_two_ranks(tmp_path, "scpl", 3, max_staleness=4, slow_rank=1, slowdown=3.0)
+    second = rank0["records"][1]["stats"]
+    assert second["async/rank1/share"] < 0.4 < 0.6 < second["async/rank0/share"], second
+    assert second["async/rank0/steps"] > 1.5 * second["async/rank1/steps"] > 0, second
+    assert second["async/rank0/steps"] + second["async/rank1/steps"] == TRAIN // BATCH
+    assert rank0["records"][1]["trained"] == BATCH * second["async/rank0/steps"]  # on_batch: this rank's samples
+    assert rank1["records"][1]["trained"] == BATCH * second["async/rank1/steps"]
+    for record in rank0["records"]:
+        stats = record["stats"]
+        assert 0 <= stats["async/staleness_mean"] <= stats["async/staleness_max"] <= 4 and stats["async/updates"] > 0
+        assert stats["async/updates"] + stats["async/dropped"] == TRAIN // BATCH
+    assert all(staleness <= 4 for _, staleness, applied in rank0["updates"] if applied)
+    assert any(staleness > 0 for _, staleness, _ in rank0["updates"])  # asynchronous: the slow worker's pulls go stale
+    assert [r["digest"] for r in rank0["records"]] == [r["digest"] for r in rank1["records"]]  # one model
+    assert [r["acc"] for r in rank0["records"]] == [r["acc"] for r in rank1["records"]]
+    assert rank0["records"][-1]["losses"]["predictor/ce"] < rank0["records"][0]["losses"]["predictor/ce"]
+    assert rank0["records"][-1]["acc"] > 0.9
+
+
+def test_too_stale_updates_are_dropped_and_bp_runs(tmp_path: Path) -> None:
+    """max_staleness=0: only updates made on the current global weights land; the slow worker's
+    are mostly too stale and dropped (counted). BP trains under the engine as SCPL does."""
+    rank0, rank1 = train_two_ranks(tmp_path, "bp", 2, max_staleness=0, slow_rank=1, slowdown=3.0)
+    stats = rank0["records"][-1]["stats"]
+    assert stats["async/dropped"] > 0 and stats["async/staleness_max"] == 0, stats
+    assert all(staleness == 0 for _, staleness, applied in rank0["updates"] if applied)
+    assert all(staleness > 0 for _, staleness, applied in rank0["updates"] if not applied)
+    assert rank0["records"][-1]["digest"] == rank1["records"][-1]["digest"]
+    assert set(rank0["records"][-1]["losses"]) == {"predictor/ce"} and rank0["records"][-1]["acc"] > 0.9
+
+
+def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int) -> None:
+    """Rank `dies` crashes without a word in the middle of the first epoch; the other must say so."""
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
+        units = build_units("bp", model, CLASSES)
+        for unit in units:
+            unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 100))
+        engine = build_engine("async", timeout_s=10)
+        engine.setup(units, model.example_batch(BATCH, CLASSES))
+
+        def step(samples: int) -> None:
+            if rank == dies and engine.units[0].steps == 3:
+                os._exit(3)
+
+        started = time.time()
+        try:
+            for _ in range(20):  # far more than the timeout when nobody fails
+                engine.train_epoch(batches(*synthetic(TRAIN, 1), 1), on_batch=step)
+        finally:
+            Path(result_dir, f"rank{rank}.time").write_text(str(time.time() - started))
+            engine.close()
+        Path(result_dir, f"rank{rank}.ok").write_text("ok")
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_dead_worker_stops_the_job_with_a_clear_error(tmp_path: Path, dies: int) -> None:
+    """The parameter server's rank or a plain worker dies: the other fails with PeerError within the timeout."""
+    reports = spawn_ranks(_dying_main, 2, tmp_path, dies)
+    survivor = 1 - dies
+    assert f"rank{survivor}.err" in reports, reports
+    assert reports[f"rank{survivor}.err"].startswith(f"PeerError: rank {survivor}: "), reports[f"rank{survivor}.err"]
+    assert float(reports[f"rank{survivor}.time"]) < 40
+
+
+def _run_main(rank: int, world: int, port: int, result_dir: str, cfg, stop_after: int | None) -> None:
+    """The CLI's entry on each rank; `stop_after`: rank 0 dies (an exception) after that epoch's checkpoint."""
+    from scpl_kit.tracking import TrainingListener
+
+    class Crash(TrainingListener):
+        def on_epoch_end(self, epoch: int, record: dict) -> None:
+            if epoch == stop_after + 1:  # the epoch before has been checkpointed
+                raise RuntimeError("simulated crash")
+
+    set_rank_env(rank, world, port)
+    try:
+        run(cfg, listeners=[Crash()] if stop_after is not None else [])
+        Path(result_dir, f"rank{rank}.ok").write_text("ok")
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.slow
+def test_through_the_cli_with_tracking_checkpoints_and_resume(smoke_config, tmp_path: Path) -> None:
+    """`run(cfg)` on two ranks, as torchrun starts them: an interrupted run resumes from its
+    checkpoint to a complete one, whose epochs are logged to MLflow with the engine's statistics."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true", f"tracking.uri={uri}")
+    (tmp_path / "first").mkdir()
+    reports = spawn_ranks(_run_main, 2, tmp_path / "first", cfg, 1)
+    assert "rank0.err" in reports and "simulated crash" in reports["rank0.err"], reports
+    interrupted = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert list(interrupted["epoch"]) == [1]
+
+    resumed = smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true",
+                           f"tracking.uri={uri}", "trainer.resume=true")
+    (tmp_path / "second").mkdir()
+    reports = spawn_ranks(_run_main, 2, tmp_path / "second", resumed, None)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["engine"] == "async" and metrics["engine_detail"] == "async K=2" and metrics["test_acc"] > 0.5
+    done = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert list(done["epoch"]) == [1, 2]
+    assert done.iloc[0].drop(["train_time_s", "epoch_time_s", "samples_per_s"]).equals(interrupted.iloc[0].drop(["train_time_s", "epoch_time_s", "samples_per_s"]))
+    assert {"async/staleness_max", "async/dropped", "async/rank0/share", "async/rank1/steps"} <= set(done.columns)
+    client = MlflowClient(uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # resumed into the same run
+    assert only.data.tags["engine"] == "async" and only.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(only.info.run_id, "async/staleness_max")] == [1, 2]
