@@ -3,6 +3,8 @@ and node-based averaging against plain DDP, on the CPU (gloo)."""
 
 from __future__ import annotations
 
+import functools
+import traceback
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,21 @@ def train(engine, method: str, epochs: int = 1, **options) -> list[dict]:
         torch.set_default_dtype(default)
 
 
-def _ddp_every_method(rank: int, world: int, port: int, result_dir: str) -> None:
-    set_rank_env(rank, world, port)
+def _guarded(main, rank: int, world: int, port: int, result_dir: str) -> None:
+    try:
+        set_rank_env(rank, world, port)
+        main(rank, result_dir)
+    except BaseException as error:
+        Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+
+
+def reporting_errors(main):
+    """A rank's main that leaves its error where spawn_ranks looks (rank<k>.err), so a test shows it."""
+    return functools.partial(_guarded, main)
+
+
+def _ddp_every_method(rank: int, result_dir: str) -> None:
     from scpl_kit.engines.data_parallel import DataParallelEngine
 
     engine = DataParallelEngine(sync_batchnorm=True, timeout_s=60)
@@ -75,7 +90,7 @@ def _ddp_every_method(rank: int, world: int, port: int, result_dir: str) -> None
 def test_ddp_on_two_processes_computes_what_one_process_computes_for_every_method(tmp_path: Path) -> None:
     """Two ranks, each with half of every batch, end with the weights one process gets from the whole
     batches (Adam, 2 epochs of 3 steps; heads' BatchNorm over the whole batch; SupCon over it too)."""
-    outcome = spawn_ranks(_ddp_every_method, 2, tmp_path)
+    outcome = spawn_ranks(reporting_errors(_ddp_every_method), 2, tmp_path)
     assert not outcome, outcome  # ranks write errors there
     ranks = [torch.load(tmp_path / f"states{r}.pt") for r in range(2)]
     for method in METHODS:
@@ -84,3 +99,68 @@ def test_ddp_on_two_processes_computes_what_one_process_computes_for_every_metho
             for unit, expected in zip(replica[method], single, strict=True):
                 for key, value in expected.items():
                     assert torch.allclose(unit[key].float(), value.float(), atol=1e-5, rtol=0), (method, key)
+
+
+def _hierarchical_against_ddp(rank: int, result_dir: str) -> None:
+    from scpl_kit.engines.data_parallel import DataParallelEngine
+
+    out = {}
+    for method in ("bp", "early_exit"):
+        ddp = DataParallelEngine(ranks_per_node=1, timeout_s=60)
+        out[method, "ddp"] = train(ddp, method, sgd=True)
+        hierarchical = DataParallelEngine(ranks_per_node=1, average_every=1, timeout_s=60)
+        out[method, "hierarchical"] = train(hierarchical, method, sgd=True)
+    torch.save(out, Path(result_dir).parent / f"states{rank}.pt")
+
+
+def test_hierarchical_averaging_every_step_equals_ddp(tmp_path: Path) -> None:
+    """K' = 1 on 2 simulated nodes: each node steps on its own gradient and the parameters are averaged
+    right after, which with SGD is one step on the average gradient, what DDP takes. (With Adam it is
+    not: Adam's step is not linear in the gradient. Nor with SupCon: a node's batch is its own share.)"""
+    assert not spawn_ranks(reporting_errors(_hierarchical_against_ddp), 2, tmp_path)
+    for rank in range(2):
+        states = torch.load(tmp_path / f"states{rank}.pt")
+        for method in ("bp", "early_exit"):
+            for a, b in zip(states[method, "ddp"], states[method, "hierarchical"], strict=True):
+                assert all(torch.allclose(a[k], b[k], atol=1e-10, rtol=0) for k in a), method
+
+
+def _nodes_drift_and_agree(rank: int, result_dir: str) -> None:
+    """4 ranks in 2 nodes of 2, parameters averaged every 3 steps: every rank's weights after each step."""
+    from scpl_kit.engines.data_parallel import DataParallelEngine
+
+    torch.set_default_dtype(torch.float64)
+    engine = DataParallelEngine(ranks_per_node=2, average_every=3, timeout_s=60)
+    engine.setup(units_for("scpl"))
+    after_step = []
+    x, y = tiny_batch(5 * BATCH)
+    steps = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(5)]
+    engine.train_epoch(steps, on_batch=lambda n: after_step.append(torch.nn.utils.parameters_to_vector(engine.units[0].parameters()).clone()))
+    end = torch.nn.utils.parameters_to_vector(engine.units[0].parameters())
+    torch.save({"steps": after_step, "end": end, "stats": engine.epoch_stats(),
+                "params": sum(p.numel() * p.element_size() for unit in engine.units for p in unit.parameters())},
+               Path(result_dir).parent / f"states{rank}.pt")
+    ddp = DataParallelEngine(ranks_per_node=2, timeout_s=60)
+    ddp.setup(units_for("scpl"))
+    ddp.train_epoch(steps)
+    torch.save(ddp.epoch_stats(), Path(result_dir).parent / f"ddp{rank}.pt")
+
+
+def test_nodes_drift_between_averages_and_agree_after_one(tmp_path: Path) -> None:
+    """Within a node the replicas agree after every step (gradients averaged there); the two nodes' differ
+    between averages and agree right after one (steps 1 and 4 of 5, as the averager counts from 0) and at
+    the epoch's end. Bytes: gradients stay within nodes, and across them go 3 parameter averages in 5
+    steps, against DDP's every gradient every step."""
+    assert not spawn_ranks(reporting_errors(_nodes_drift_and_agree), 4, tmp_path)
+    runs = [torch.load(tmp_path / f"states{r}.pt") for r in range(4)]
+    for step in range(5):
+        w = [run["steps"][step] for run in runs]
+        assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3])  # one node, one model
+        averaged = step in (0, 3)
+        assert torch.allclose(w[0], w[2], atol=1e-12) == averaged, step  # the nodes drift, then agree
+    assert all(torch.allclose(runs[0]["end"], run["end"], atol=1e-12) for run in runs)
+    stats, params, ddp = runs[0]["stats"], runs[0]["params"], torch.load(tmp_path / "ddp0.pt")
+    assert stats["comm/inter_node_bytes_per_step"] == pytest.approx(3 * params / 5)
+    assert stats["comm/intra_node_bytes_per_step"] == pytest.approx(ddp["comm/inter_node_bytes_per_step"])
+    assert ddp["comm/inter_node_bytes_per_step"] >= params > stats["comm/inter_node_bytes_per_step"]  # a gradient per parameter
+    assert ddp["comm/intra_node_bytes_per_step"] == 0

@@ -9,13 +9,11 @@ batch is the process's own and nothing is sent.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 _group: dist.ProcessGroup | None = None
@@ -35,18 +33,36 @@ def spread_over(group: dist.ProcessGroup | None) -> Iterator[None]:
 
 def whole_batch(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     """Every process's slice of each tensor, concatenated in rank order, and where this process's
-    slice starts. Gradients flow back to the process each slice came from (torch.distributed.nn)."""
+    slice starts. Gradients flow back to the process each slice came from."""
     if _group is None:
         return list(tensors), 0
     global _sent_bytes
     rank = dist.get_rank(_group)
     _sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
-    with warnings.catch_warnings():
-        # Deprecated for torch.distributed._functional_collectives, a private module; this is the public,
-        # differentiable all-gather, and its backward also runs on gloo (as an all-to-all).
-        warnings.simplefilter("ignore", FutureWarning)
-        gathered = [torch.cat(dist_fn.all_gather(tensor.contiguous(), group=_group)) for tensor in tensors]
+    gathered = [_AllGather.apply(tensor.contiguous(), _group) for tensor in tensors]
     return gathered, rank * len(tensors[0])
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenated slices of every process; the backward sums each slice's gradient over the processes
+    and hands each its own. Written here because torch.distributed.nn's all_gather sends its backward
+    through an all-to-all that gloo runs as scatters addressed by group rank, which fails on a subgroup
+    (a node's group: "Global rank 0 is not part of group", torch 2.14). An all-reduce of the whole
+    gradient works on every backend and group, at the cost of sending all of it (activations of one
+    batch, small beside the gradients DDP sends)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), len(tensor)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
 def spread() -> int:

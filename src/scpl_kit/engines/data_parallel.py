@@ -12,7 +12,9 @@ each slice by itself unless `sync_batchnorm` (torch.nn.SyncBatchNorm) is on.
 and parameters across all ranks every `average_every` steps: post-local SGD, from
 torch.distributed.algorithms (the post_localSGD_hook on the intra-node group, and a
 PeriodicModelAverager). At the end of every epoch the parameters are averaged too, so evaluation and
-checkpoints see one model.
+checkpoints see one model. A node's share of each batch is its batch: SupCon compares the samples
+of the node's slices, so with K' = 1 this equals DDP for per-sample losses (and SGD, whose step is
+linear in the gradient), not for SupCon.
 
     torchrun --nproc-per-node 2 -m scpl_kit.train engine=ddp method=scpl
     torchrun --nnodes 2 --nproc-per-node 4 ... -m scpl_kit.train engine=hierarchical engine.average_every=50
@@ -96,6 +98,10 @@ class DataParallelEngine(Engine):
         self.ranks_per_node, self.node_group = node_groups(ranks_per_node, self.world)
         self.nodes = self.world // self.ranks_per_node
         self.sync_batchnorm, self.average_every = sync_batchnorm, average_every
+        # The processes whose slices make one batch: all of them under DDP; a node's under hierarchical
+        # averaging, where each node learns on its own between averages (SupCon and whole-batch
+        # BatchNorm then see the node's batch, and nothing crosses nodes between averages).
+        self.batch_group = self.node_group if average_every else dist.group.WORLD
         self.device = stage_device(device)
         self.sent: Counter = Counter()  # bytes this process contributed to collectives, by where they went
         self.units, self.replicas, self.averagers = [], [], []
@@ -146,10 +152,11 @@ class DataParallelEngine(Engine):
 
     @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        meter, self.sent, self.steps = LossMeter(), Counter(), 0
+        meter, self.steps = LossMeter(), 0
+        self.sent.clear()  # the same counter: the communication hooks hold it
         for unit in self.units:
             unit.train()
-        with batch_group.spread_over(dist.group.WORLD):
+        with batch_group.spread_over(self.batch_group):
             for batch in batches:
                 whole = as_signal(batch)
                 signal = moved(slice_of(whole, self.rank, self.world), self.device)
@@ -169,7 +176,7 @@ class DataParallelEngine(Engine):
             for unit in self.units:
                 self.sent[self.everywhere] += tensor_bytes(unit.parameters())
                 average_parameters(iter(unit.parameters()), dist.group.WORLD)
-        self.sent[self.everywhere] += batch_group.take_sent_bytes()
+        self.sent[INTRA if self.average_every else self.everywhere] += batch_group.take_sent_bytes()
         return self._epoch_losses(meter)
 
     def _average(self, averager: PeriodicModelAverager, unit: LocalUnit) -> None:
