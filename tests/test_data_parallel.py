@@ -7,6 +7,8 @@ import functools
 import traceback
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from scpl_kit.models import build_model
 from scpl_kit.trainer import adam_cosine
 
 from test_engines import spawn_ranks
+from test_training import history, same_weights, weights
 from test_methods import tiny_batch
 
 # Every method of the kit, each with the options that let it run on the tiny model below.
@@ -61,10 +64,10 @@ def train(engine, method: str, epochs: int = 1, **options) -> list[dict]:
         torch.set_default_dtype(default)
 
 
-def _guarded(main, rank: int, world: int, port: int, result_dir: str) -> None:
+def _guarded(main, rank: int, world: int, port: int, result_dir: str, *args) -> None:
     try:
         set_rank_env(rank, world, port)
-        main(rank, result_dir)
+        main(rank, result_dir, *args)
     except BaseException as error:
         Path(result_dir, f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
@@ -164,3 +167,68 @@ def test_nodes_drift_between_averages_and_agree_after_one(tmp_path: Path) -> Non
     assert stats["comm/intra_node_bytes_per_step"] == pytest.approx(ddp["comm/inter_node_bytes_per_step"])
     assert ddp["comm/inter_node_bytes_per_step"] >= params > stats["comm/inter_node_bytes_per_step"]  # a gradient per parameter
     assert ddp["comm/intra_node_bytes_per_step"] == 0
+
+
+def _replicated_pipeline(rank: int, result_dir: str) -> None:
+    """2 replicas × 2 stages: each rank's units after 2 epochs, keyed by the units' indices."""
+    from scpl_kit.engines.pipeline import PipelineEngine
+
+    engine = PipelineEngine(stages=[[0, 1], [2, 3]], timeout_s=60, replicas=2)
+    out = {}
+    for method in ("scpl", "early_exit"):
+        out[method] = dict(zip(engine.stages[engine.stage], train(engine, method, epochs=2)))
+    torch.save(out, Path(result_dir).parent / f"states{rank}.pt")
+
+
+def test_two_replicas_of_a_two_stage_pipeline_compute_what_one_process_computes(tmp_path: Path) -> None:
+    """4 ranks: replica r's stages are ranks 2r and 2r+1, each replica trains on half of every batch, and
+    each stage's two copies average gradients in their own group. The weights equal one process's on
+    the whole batches (a single pipeline computes exactly those: test_engines), SupCon included."""
+    assert not spawn_ranks(reporting_errors(_replicated_pipeline), 4, tmp_path)
+    ranks = [torch.load(tmp_path / f"states{r}.pt") for r in range(4)]
+    for method in ("scpl", "early_exit"):
+        single = train(SequentialEngine("cpu"), method, epochs=2)
+        for rank, states in enumerate(ranks):
+            for index, state in states[method].items():
+                assert index in ([0, 1] if rank % 2 == 0 else [2, 3])
+                assert all(torch.allclose(state[k], single[index][k], atol=1e-5, rtol=0) for k in state), (method, rank, index)
+
+
+def _run_killed_in_epoch(rank: int, result_dir: str, cfg: DictConfig, killed_in: int | None) -> None:
+    """The CLI's `run` on this rank; every rank stopped as the job would be, at the start of epoch `killed_in`."""
+    from scpl_kit.train import run
+    from scpl_kit.trainer import Trainer
+
+    real_run_epoch = Trainer.run_epoch
+
+    def run_epoch(self, epoch):
+        if epoch == killed_in:
+            raise KeyboardInterrupt
+        return real_run_epoch(self, epoch)
+
+    Trainer.run_epoch = run_epoch
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        Path(result_dir).parent.joinpath(f"killed{rank}").touch()
+
+
+@pytest.mark.slow
+def test_ddp_run_is_tracked_checkpointed_and_resumes_to_the_uninterrupted_result(smoke_config, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ("method=scpl", "engine=ddp", "engine.timeout_s=120", "trainer.threads=1")
+    killed = smoke_config(*common, "tracking.enabled=true", f"tracking.uri={uri}")
+    uninterrupted = smoke_config(*common, f"out_dir={tmp_path / 'ref'}", f"trainer.checkpoint_dir={tmp_path / 'ref_ckpt'}")
+    assert not spawn_ranks(reporting_errors(_run_killed_in_epoch), 2, tmp_path, killed, 2)
+    assert (tmp_path / "killed0").exists() and list((tmp_path / "checkpoints").glob("*.pt"))
+    for cfg in (killed, uninterrupted):  # the same command again resumes; the reference runs start to end
+        assert not spawn_ranks(reporting_errors(_run_killed_in_epoch), 2, tmp_path, cfg, None)
+    assert history(tmp_path / "out") == history(tmp_path / "ref")
+    assert same_weights(weights(tmp_path / "out"), weights(tmp_path / "ref"))
+    client = MlflowClient(uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # one run, resumed
+    assert only.data.tags["engine"] == "ddp" and only.data.tags["outcome"] == "completed"
+    sent = client.get_metric_history(only.info.run_id, "comm/intra_node_bytes_per_step")
+    assert [m.step for m in sent] == [1, 2] and all(m.value > 0 for m in sent)

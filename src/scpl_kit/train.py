@@ -162,6 +162,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.get("hflip", False)), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
         checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=(state or {}).get("best") or BestWeights(),
+        stop_at_val_acc=cfg.trainer.get("stop_at_val_acc"),
     )
     history = state["history"] if state else []
     try:

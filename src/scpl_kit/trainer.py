@@ -136,6 +136,7 @@ class Trainer:
     run_id: str | None = None
     eval_test: bool = True  # off in sweeps: model selection must never see the test split
     best: BestWeights = field(default_factory=BestWeights)  # filled on the main process only
+    stop_at_val_acc: float | None = None  # end after the first epoch reaching it (every process sees the same accuracy)
 
     def fit(self, start_epoch: int = 1, history: list[dict[str, float]] | None = None) -> list[dict[str, float]]:
         history = list(history or [])
@@ -151,6 +152,10 @@ class Trainer:
                 self.best.offer(epoch, record["val_acc"], units)
                 if self.checkpoint is not None:
                     self.checkpoint.save(epoch, units, history, self.run_id, self.best)
+            if self.stop_at_val_acc is not None and record["val_acc"] >= self.stop_at_val_acc:
+                if self.engine.is_main:
+                    log.info("val_acc %.4f reached trainer.stop_at_val_acc=%g: stopping after epoch %d", record["val_acc"], self.stop_at_val_acc, epoch)
+                break
         return history
 
     def run_epoch(self, epoch: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
@@ -44,7 +45,7 @@ from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size
 from scpl_kit.engines.distributed import (
-    check_processes, close_distributed, init_distributed, reports_peer_failures, stage_device,
+    check_processes, check_slowdown, close_distributed, init_distributed, reports_peer_failures, simulate_slowness, stage_device,
 )
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
@@ -56,6 +57,27 @@ INTRA, INTER = "intra_node", "inter_node"
 def slice_of(signal: Signal, rank: int, world: int) -> Signal:
     """Rank `rank`'s share of every sample-indexed tensor of the batch (equal slices, in rank order)."""
     return {name: tensor.tensor_split(world)[rank] for name, tensor in signal.items()}
+
+
+def check_even_split(example: Signal | None, parts: int, what: str) -> None:
+    if example is not None and batch_size(example) % parts:
+        raise ValueError(
+            f"trainer.batch_size={batch_size(example)} does not split evenly over {parts} {what}: make it a multiple "
+            f"of {parts} (each trains on an equal slice of every batch)"
+        )
+
+
+def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup | None = None) -> DistributedDataParallel:
+    """`unit` under DistributedDataParallel over `group` (all ranks: None). DDP broadcasts the weights of
+    the group's first rank at the start, and its BatchNorm statistics before every training forward."""
+    return DistributedDataParallel(unit, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+
+
+def train_step(unit: LocalUnit, wrapped: DistributedDataParallel | None, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
+    """`unit.train_step`, through its DDP wrapper when it has one and computes gradients this step (DDP
+    must see the forward of every backward it averages, and expects a backward after each forward)."""
+    step = wrapped(signal) if wrapped is not None and unit.trains else unit.forward_train(signal)
+    return step.handoff(), unit.learn(step)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -87,7 +109,8 @@ def node_groups(ranks_per_node: int | None, world: int) -> tuple[int, dist.Proce
 
 class DataParallelEngine(Engine):
     def __init__(self, sync_batchnorm: bool = False, ranks_per_node: int | None = None, average_every: int | None = None,
-                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+                 slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto", device: str = "auto",
+                 timeout_s: float = 300.0, processes: int | None = None) -> None:
         """`average_every`: None is plain DDP (gradients averaged over every rank each step); K′ is
         hierarchical averaging (gradients within a node each step, parameters over all every K′ steps)."""
         if average_every is not None and average_every < 1:
@@ -95,6 +118,8 @@ class DataParallelEngine(Engine):
         init_distributed(backend, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
+        check_slowdown(slow_rank, slowdown, self.world)
+        self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
         self.ranks_per_node, self.node_group = node_groups(ranks_per_node, self.world)
         self.nodes = self.world // self.ranks_per_node
         self.sync_batchnorm, self.average_every = sync_batchnorm, average_every
@@ -116,11 +141,7 @@ class DataParallelEngine(Engine):
         return INTER if self.nodes > 1 else INTRA
 
     def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
-        if example is not None and batch_size(example) % self.world:
-            raise ValueError(
-                f"trainer.batch_size={batch_size(example)} does not split evenly over {self.world} processes: "
-                f"make it a multiple of {self.world} (each process trains on an equal slice of every batch)"
-            )
+        check_even_split(example, self.world, "processes")
         self.units = [self._prepared(unit) for unit in units]
         self.replicas = [self._replicate(unit) for unit in self.units]
         if self.average_every is not None:
@@ -138,10 +159,8 @@ class DataParallelEngine(Engine):
         return batch_group.with_whole_batchnorm(unit)
 
     def _replicate(self, unit: LocalUnit) -> DistributedDataParallel:
-        """The unit under DDP, with a communication hook that counts what it sends. All ranks start
-        from rank 0's weights (DDP broadcasts them), as BatchNorm statistics follow rank 0's at every step."""
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        replica = DistributedDataParallel(unit, device_ids=device_ids)
+        """The unit under DDP, with a communication hook that counts what it sends."""
+        replica = replicated(unit, self.device)
         if self.average_every is None:  # the stock all-reduce over every rank, counted
             replica.register_comm_hook(None, counted(default_hooks.allreduce_hook, self.sent, self.everywhere))
         else:  # local SGD from the first step: gradients averaged within the node only
@@ -158,16 +177,15 @@ class DataParallelEngine(Engine):
             unit.train()
         with batch_group.spread_over(self.batch_group):
             for batch in batches:
-                whole = as_signal(batch)
+                started, whole = time.perf_counter(), as_signal(batch)
                 signal = moved(slice_of(whole, self.rank, self.world), self.device)
                 losses = {}
                 for i, (unit, replica) in enumerate(zip(self.units, self.replicas)):
-                    # Through DDP only when the unit computes gradients (DDP expects a backward after its forward).
-                    step = replica(signal) if unit.trains else unit.forward_train(signal)
-                    losses.update(unit.learn(step))
+                    signal, unit_losses = train_step(unit, replica, signal)
+                    losses.update(unit_losses)
                     if self.averagers and unit.trains:
                         self._average(self.averagers[i], unit)
-                    signal = step.handoff()
+                simulate_slowness(started, self.slowdown)
                 meter.add(losses)
                 self.steps += 1
                 if on_batch is not None:
@@ -226,12 +244,13 @@ class DataParallelEngine(Engine):
 
 
 @ENGINES.register("ddp")
-def ddp(sync_batchnorm: bool = False, ranks_per_node: int | None = None, backend: str = "auto", device: str = "auto",
-        timeout_s: float = 300.0, processes: int | None = None) -> DataParallelEngine:
-    return DataParallelEngine(sync_batchnorm, ranks_per_node, None, backend, device, timeout_s, processes)
+def ddp(sync_batchnorm: bool = False, ranks_per_node: int | None = None, slow_rank: int | None = None, slowdown: float = 1.0,
+        backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> DataParallelEngine:
+    return DataParallelEngine(sync_batchnorm, ranks_per_node, None, slow_rank, slowdown, backend, device, timeout_s, processes)
 
 
 @ENGINES.register("hierarchical")
-def hierarchical(average_every: int = 50, ranks_per_node: int | None = None, sync_batchnorm: bool = False, backend: str = "auto",
-                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> DataParallelEngine:
-    return DataParallelEngine(sync_batchnorm, ranks_per_node, average_every, backend, device, timeout_s, processes)
+def hierarchical(average_every: int = 50, ranks_per_node: int | None = None, sync_batchnorm: bool = False, slow_rank: int | None = None,
+                 slowdown: float = 1.0, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
+                 processes: int | None = None) -> DataParallelEngine:
+    return DataParallelEngine(sync_batchnorm, ranks_per_node, average_every, slow_rank, slowdown, backend, device, timeout_s, processes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
@@ -71,3 +72,17 @@ def gather_to_main(obj: Any) -> list[Any]:
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_slowdown(slow_rank: int | None, slowdown: float, world: int) -> None:
+    if slowdown < 1:
+        raise ValueError(f"engine.slowdown={slowdown} must be >= 1 (how many times slower engine.slow_rank runs)")
+    if slow_rank is not None and not 0 <= slow_rank < world:
+        raise ValueError(f"engine.slow_rank={slow_rank} is not a rank of the {world} processes")
+
+
+def simulate_slowness(started: float, slowdown: float) -> None:
+    """Make the step that began at `started` (time.perf_counter()) take `slowdown` times as long, by
+    sleeping: a heterogeneous worker, for benchmarks and tests, on a machine whose workers are alike."""
+    if slowdown > 1:
+        time.sleep((slowdown - 1) * (time.perf_counter() - started))

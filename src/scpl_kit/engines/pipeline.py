@@ -35,6 +35,8 @@ from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, Reado
 from scpl_kit.engines.distributed import (  # noqa: F401  (re-exported: gpipe and tests import them from here)
     check_processes, close_distributed, gather_to_main, init_distributed, reports_peer_failures, stage_device,
 )
+from scpl_kit import batch_group
+from scpl_kit.engines.data_parallel import check_even_split, replicated, slice_of, train_step
 from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
 
 log = logging.getLogger(__name__)
@@ -150,16 +152,26 @@ def check_stages(stages: list[list[int]], n: int, world: int, what: str) -> None
 
 class PipelineEngine(Engine):
     def __init__(self, stages: list[list[int]] | None = None, balance: str = "time", backend: str = "auto", device: str = "auto",
-                 timeout_s: float = 300.0, processes: int | None = None) -> None:
+                 timeout_s: float = 300.0, processes: int | None = None, replicas: int = 1) -> None:
+        """`replicas` R > 1: R copies of the pipeline on R × S processes (2-D parallelism). Ranks
+        r·S … r·S + S − 1 are replica r's stages (one node can hold a replica: sends stay within it);
+        each replica trains on its slice of every batch, and the R copies of each stage average their
+        units' gradients under DistributedDataParallel in a process group of their own."""
         if balance not in BALANCES:
             raise ValueError(f"engine.balance={balance!r}; valid: {', '.join(BALANCES)}")
         init_distributed(backend, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
+        if replicas < 1 or self.world % replicas:
+            raise ValueError(f"engine.replicas={replicas} must divide the {self.world} processes (replicas × stages)")
+        self.replicas, self.n_stages = replicas, self.world // replicas
+        self.replica, self.stage = divmod(self.rank, self.n_stages)
+        # Every rank creates every stage's group, in the same order (torch.distributed requires it).
+        self.stage_group, _ = dist.new_subgroups_by_enumeration([[r * self.n_stages + s for r in range(replicas)] for s in range(self.n_stages)])
         self.stages = [list(s) for s in stages] if stages else None
         self.balance = balance
         self.device = stage_device(device)
-        self.units = []
+        self.units, self.wrapped = [], []
 
     @property
     def is_main(self) -> bool:
@@ -167,38 +179,41 @@ class PipelineEngine(Engine):
 
     @property
     def is_first(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world - 1
+        return self.stage == self.n_stages - 1
 
     def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
-        if len(units) < self.world:
+        if len(units) < self.n_stages:
             raise ValueError(
-                f"this method gives {len(units)} unit(s), fewer than the {self.world} pipeline stages: the pipeline "
+                f"this method gives {len(units)} unit(s), fewer than the {self.n_stages} pipeline stages: the pipeline "
                 "engine is for decoupled methods. For end-to-end BP across devices use engine=gpipe."
             )
         measure = (lambda: unit_step_times(units, example, self.device)) if example is not None else None
         self.stages = self.stages or self._split(len(units), "units", measure)
-        check_stages(self.stages, len(units), self.world, "units")
-        self.units = [units[i].to(self.device) for i in self.stages[self.rank]]
+        check_stages(self.stages, len(units), self.n_stages, "units")
+        self.units = [units[i].to(self.device) for i in self.stages[self.stage]]
         self.route = inference_route(units)
+        if self.replicas > 1:
+            check_even_split(example, self.replicas, "pipeline replicas")
+            self.wrapped = [replicated(unit, self.device, self.stage_group) for unit in self.units]
 
     @reports_peer_failures
     def _split(self, n: int, what: str, measure: Callable[[], list[float]] | None) -> list[list[int]]:
         """Stages for `n` units (or blocks) when none were given: `balance: time` has rank 0 time each
         of them (`measure`) and sends every rank the split that minimises the slowest stage, so all
         ranks agree even though timings differ from process to process; `count` splits evenly."""
-        if self.balance == "count" or self.world == 1:
-            return even_stages(n, self.world)
+        if self.balance == "count" or self.n_stages == 1:
+            return even_stages(n, self.n_stages)
         if measure is None:
             log.info("no example batch to time the %s on; splitting them evenly by count", what)
-            return even_stages(n, self.world)
-        chosen: list[Any] = [even_stages(n, self.world)]
+            return even_stages(n, self.n_stages)
+        chosen: list[Any] = [even_stages(n, self.n_stages)]
         if self.is_main:
             try:
-                chosen[0] = split_by_time(what, measure(), self.world)
+                chosen[0] = split_by_time(what, measure(), self.n_stages)
             except Exception as error:  # the split only guides speed: a run whose timing fails may still train
                 log.warning("could not time the %s (%s: %s); splitting them evenly by count", what, type(error).__name__, error)
         dist.broadcast_object_list(chosen, src=0)
@@ -237,7 +252,7 @@ class PipelineEngine(Engine):
         batch t instead of adding to it (the receiving stage is often the slowest one)."""
         if self.is_first:
             for batch in batches:
-                yield moved(as_signal(batch), self.device)
+                yield moved(slice_of(as_signal(batch), self.replica, self.replicas), self.device)
             return
         n = len(batches)  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
         with ThreadPoolExecutor(max_workers=1) as receiver:
@@ -256,36 +271,39 @@ class PipelineEngine(Engine):
         meter, pending = LossMeter(), []
         for unit in self.units:
             unit.train()
-        for signal in self._inputs(batches):
-            wait_sent(pending)
-            losses = {}
-            for unit in self.units:
-                signal, unit_losses = unit.train_step(signal)
-                losses.update(unit_losses)
-            meter.add(losses)
-            if not self.is_last:
-                self._send(signal, self.rank + 1, pending)
-            if on_batch is not None:
-                on_batch(batch_size(signal))
+        with batch_group.spread_over(self.stage_group if self.replicas > 1 else None):
+            for signal in self._inputs(batches):
+                wait_sent(pending)
+                losses = {}
+                for i, unit in enumerate(self.units):
+                    signal, unit_losses = train_step(unit, self.wrapped[i] if self.wrapped else None, signal)
+                    losses.update(unit_losses)
+                meter.add(losses)
+                if not self.is_last:
+                    self._send(signal, self.rank + 1, pending)
+                if on_batch is not None:
+                    on_batch(batch_size(signal) * self.replicas)
         wait_sent(pending)
         return self._epoch_losses(meter)
 
     def _epoch_losses(self, meter: LossMeter) -> dict[str, float]:
-        """Every stage's mean losses, merged, on every rank (collective)."""
+        """Every stage's mean losses, merged, on every rank; a loss of R replicas is their mean, the
+        whole batch's (collective)."""
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, meter.means())
-        return {name: value for part in gathered for name, value in part.items()}
+        names = {name for part in gathered for name in part}
+        return {name: sum(part[name] for part in gathered if name in part) / sum(name in part for part in gathered) for name in names}
 
     def _segments(self) -> list[tuple[int, list[Callable[[Signal], Signal]]]]:
         """The inference route cut into runs of passes on one rank: (rank, the passes when it is this
         rank's). A route that comes back (AL's inverse chain) visits a rank twice."""
         owner = {i: rank for rank, stage in enumerate(self.stages) for i in stage}
-        local = dict(zip(self.stages[self.rank], self.units))
+        local = dict(zip(self.stages[self.stage], self.units))
         segments: list[tuple[int, list[Callable[[Signal], Signal]]]] = []
         for i, phase in self.route:
             if not segments or segments[-1][0] != owner[i]:
                 segments.append((owner[i], []))
-            if owner[i] == self.rank:
+            if owner[i] == self.stage:
                 segments[-1][1].append(functools.partial(local[i].infer, phase=phase))
         return segments
 
@@ -296,11 +314,12 @@ class PipelineEngine(Engine):
             unit.eval()
         segments, pending, collected = self._segments(), [], ReadoutCollector()
         source = iter(batches) if self.is_first else None
-        for _ in range(len(batches)):  # type: ignore[arg-type]
+        # Replica 0 answers (the replicas hold the same weights; BatchNorm statistics follow replica 0's).
+        for _ in range(len(batches) if self.replica == 0 else 0):  # type: ignore[arg-type]
             batch = next(source) if source is not None else None
             wait_sent(pending)
             for s, (rank, passes) in enumerate(segments):
-                if rank != self.rank:
+                if rank != self.stage:
                     continue
                 signal = moved(as_signal(batch, with_labels=False), self.device) if s == 0 else self._recv(segments[s - 1][0])
                 for run_pass in passes:
@@ -310,17 +329,19 @@ class PipelineEngine(Engine):
                 else:
                     collected.add(signal)
         wait_sent(pending)
-        result = [collected.result() if segments[-1][0] == self.rank else None]
+        result = [collected.result() if segments[-1][0] == self.rank else None]  # stage = rank in replica 0
         dist.broadcast_object_list(result, src=segments[-1][0])  # every rank computes the same accuracy
         return result[0]
 
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
-        """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere."""
-        return [state for part in gather_to_main([unit.training_state() for unit in self.units]) for state in part]
+        """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere.
+        Replica 0's: the replicas hold the same weights and optimizer states."""
+        mine = [unit.training_state() for unit in self.units] if self.replica == 0 else []
+        return [state for part in gather_to_main(mine) for state in part]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        for index, unit in zip(self.stages[self.rank], self.units):
+        for index, unit in zip(self.stages[self.stage], self.units):
             unit.load_training_state(states[index])
 
     def close(self) -> None:
@@ -329,5 +350,5 @@ class PipelineEngine(Engine):
 
 @ENGINES.register("pipeline")
 def pipeline(stages: list[list[int]] | None = None, balance: str = "time", backend: str = "auto", device: str = "auto",
-             timeout_s: float = 300.0, processes: int | None = None) -> PipelineEngine:
-    return PipelineEngine(stages, balance, backend, device, timeout_s, processes)
+             timeout_s: float = 300.0, processes: int | None = None, replicas: int = 1) -> PipelineEngine:
+    return PipelineEngine(stages, balance, backend, device, timeout_s, processes, replicas)
