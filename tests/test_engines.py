@@ -29,9 +29,10 @@ def _rank_main(rank: int, world: int, port: int, result_dir: str, cfg: DictConfi
     set_rank_env(rank, world, port)
     try:
         if rank == fault_rank:
-            from scpl_kit.engines.pipeline import PipelineEngine
+            from scpl_kit.engines import build_engine
+            from scpl_kit.train import options
 
-            PipelineEngine(timeout_s=cfg.engine.timeout_s)
+            build_engine(cfg.engine.name, **options(cfg.engine))  # joins the job as the configured engine
             if fault == "stuck":
                 time.sleep(4 * cfg.engine.timeout_s)
             os._exit(3)
@@ -207,14 +208,14 @@ def test_bp_under_pipeline_points_to_gpipe(smoke_config, tmp_path: Path) -> None
     assert all("engine=gpipe" in text for text in reports.values())
 
 
-@pytest.mark.parametrize("fault", ["crash", "stuck"])
-def test_a_crashed_or_stuck_rank_stops_the_job_with_a_one_line_reason(smoke_config, tmp_path: Path, fault: str) -> None:
+@pytest.mark.parametrize(("engine", "fault"), [("pipeline", "crash"), ("pipeline", "stuck"), ("ddp", "crash"), ("ddp", "stuck")])
+def test_a_crashed_or_stuck_rank_stops_the_job_with_a_one_line_reason(smoke_config, tmp_path: Path, engine: str, fault: str) -> None:
     """Not a hang and not a raw gloo traceback: the rank that waited says another rank stopped
     answering, and the CLI prints that in one line (PeerError is a user-facing error)."""
     from scpl_kit.engines.base import PeerError
     from scpl_kit.train import USER_ERRORS
 
-    cfg = smoke_config("method=scpl", "engine=pipeline", "engine.timeout_s=5")
+    cfg = smoke_config("method=scpl", f"engine={engine}", "engine.timeout_s=5")
     started = time.time()
     reports = run_ranks(cfg, 2, tmp_path, fault_rank=1, fault=fault)
     assert "rank0.err" in reports and "rank0.ok" not in reports

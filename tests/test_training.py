@@ -199,3 +199,12 @@ def test_evaluation_of_saved_weights_matches_training(smoke_config, tmp_path: Pa
     report = evaluate_run(tmp_path / "out")
     assert report["matches_training"] and report["test_acc"] == pytest.approx(summary["test_acc"])
     assert sum(map(sum, report["confusion"])) == 1000
+
+
+def test_a_run_stops_after_the_first_epoch_reaching_the_target_accuracy(smoke_config, tmp_path: Path) -> None:
+    """trainer.stop_at_val_acc: the run ends, complete, after the first epoch at or above it."""
+    full = run(smoke_config("out_dir=" + str(tmp_path / "full")))
+    first_val_acc = history(tmp_path / "full")[0]["val_acc"]
+    stopped = run(smoke_config(f"trainer.stop_at_val_acc={first_val_acc}"))
+    assert len(history(tmp_path / "out")) == 1 and stopped["best_val_acc"] == first_val_acc
+    assert len(history(tmp_path / "full")) == 2 and full["best_val_acc"] >= first_val_acc

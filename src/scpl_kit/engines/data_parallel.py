@@ -140,6 +140,7 @@ class DataParallelEngine(Engine):
         """Where a collective over every rank goes: across nodes when there are several."""
         return INTER if self.nodes > 1 else INTRA
 
+    @reports_peer_failures
     def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
         check_even_split(example, self.world, "processes")
         self.units = [self._prepared(unit) for unit in units]

@@ -185,6 +185,7 @@ class PipelineEngine(Engine):
     def is_last(self) -> bool:
         return self.stage == self.n_stages - 1
 
+    @reports_peer_failures
     def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
         if len(units) < self.n_stages:
             raise ValueError(
