@@ -71,7 +71,8 @@ def _train_main(rank: int, world: int, port: int, result_dir: str, method: str, 
             losses = engine.train_epoch(batches(*train, epoch), on_batch=trained.append)
             scores = engine.predict(batches(*test))["scores"]
             accuracy = float((scores.argmax(1) == test[1][: len(scores)]).float().mean())
-            records.append({"losses": losses, "stats": engine.epoch_stats(), "trained": sum(trained), "acc": accuracy, "digest": digest(engine.units)})
+            records.append({"losses": losses, "stats": engine.epoch_stats(), "trained": sum(trained), "acc": accuracy,
+                            "digest": digest(engine.units)})
         report = {"records": records, "updates": engine.last_updates}
         engine.close()
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -98,9 +99,11 @@ def test_a_slow_worker_gets_a_smaller_share_and_the_model_converges(tmp_path: Pa
     trains more steps meanwhile; staleness stays within the bound and is reported; the ranks hold
     one model after every epoch; SCPL learns the easy data."""
     rank0, rank1 = train_two_ranks(tmp_path, "scpl", 3, max_staleness=4, slow_rank=1, slowdown=3.0)
-    second = rank0["records"][1]["stats"]
-    assert second["async/rank1/share"] < 0.4 < 0.6 < second["async/rank0/share"], second
-    assert second["async/rank0/steps"] > 1.5 * second["async/rank1/steps"] > 0, second
+    first, second = rank0["records"][0]["stats"], rank0["records"][1]["stats"]
+    speeds = [first[f"async/rank{k}/samples_per_s"] for k in (0, 1)]  # measured in epoch 1
+    assert second["async/rank1/share"] == pytest.approx(speeds[1] / sum(speeds)), (first, second)
+    assert second["async/rank1/share"] < 0.4 < 0.6 < second["async/rank0/share"], (first, second)
+    assert second["async/rank0/steps"] > second["async/rank1/steps"] > 0, second
     assert second["async/rank0/steps"] + second["async/rank1/steps"] == TRAIN // BATCH
     assert rank0["records"][1]["trained"] == BATCH * second["async/rank0/steps"]  # on_batch: this rank's samples
     assert rank1["records"][1]["trained"] == BATCH * second["async/rank1/steps"]
@@ -112,24 +115,29 @@ def test_a_slow_worker_gets_a_smaller_share_and_the_model_converges(tmp_path: Pa
     assert any(staleness > 0 for _, staleness, _ in rank0["updates"])  # asynchronous: the slow worker's pulls go stale
     assert [r["digest"] for r in rank0["records"]] == [r["digest"] for r in rank1["records"]]  # one model
     assert [r["acc"] for r in rank0["records"]] == [r["acc"] for r in rank1["records"]]
-    assert rank0["records"][-1]["losses"]["predictor/ce"] < rank0["records"][0]["losses"]["predictor/ce"]
-    assert rank0["records"][-1]["acc"] > 0.9
+    assert rank0["records"][-1]["losses"]["predictor/ce"] < rank0["records"][0]["losses"]["predictor/ce"], rank0["records"]
+    assert rank0["records"][-1]["acc"] > 0.9, rank0["records"]
 
 
 def test_too_stale_updates_are_dropped_and_bp_runs(tmp_path: Path) -> None:
     """max_staleness=0: only updates made on the current global weights land; the slow worker's
-    are mostly too stale and dropped (counted). BP trains under the engine as SCPL does."""
-    rank0, rank1 = train_two_ranks(tmp_path, "bp", 2, max_staleness=0, slow_rank=1, slowdown=3.0)
+    are mostly too stale and dropped (counted). push_every=2: a push per two local steps, and one
+    for the epoch's last step if left over. BP trains under the engine as SCPL does."""
+    rank0, rank1 = train_two_ranks(tmp_path, "bp", 2, max_staleness=0, push_every=2, slow_rank=1, slowdown=3.0)
     stats = rank0["records"][-1]["stats"]
-    assert stats["async/dropped"] > 0 and stats["async/staleness_max"] == 0, stats
+    assert stats["async/dropped"] > 0 and stats["async/staleness_max"] == 0, (stats, rank0["updates"])
+    for rank in (0, 1):
+        pushes = sum(1 for worker, _, _ in rank0["updates"] if worker == rank)
+        assert pushes == -(-stats[f"async/rank{rank}/steps"] // 2), (rank, pushes, stats)
     assert all(staleness == 0 for _, staleness, applied in rank0["updates"] if applied)
     assert all(staleness > 0 for _, staleness, applied in rank0["updates"] if not applied)
     assert rank0["records"][-1]["digest"] == rank1["records"][-1]["digest"]
-    assert set(rank0["records"][-1]["losses"]) == {"predictor/ce"} and rank0["records"][-1]["acc"] > 0.9
+    assert set(rank0["records"][-1]["losses"]) == {"predictor/ce"} and rank0["records"][-1]["acc"] > 0.9, rank0["records"]
 
 
-def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int) -> None:
-    """Rank `dies` crashes without a word in the middle of the first epoch; the other must say so."""
+def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int, fault: str, timeout_s: float) -> None:
+    """Rank `dies` crashes without a word in the middle of the first epoch, or gets stuck there
+    (alive, silent); the other must say so."""
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     try:
@@ -138,11 +146,13 @@ def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int) ->
         units = build_units("bp", model, CLASSES)
         for unit in units:
             unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 100))
-        engine = build_engine("async", timeout_s=10)
+        engine = build_engine("async", timeout_s=timeout_s)
         engine.setup(units, model.example_batch(BATCH, CLASSES))
 
         def step(samples: int) -> None:
             if rank == dies and engine.units[0].steps == 3:
+                if fault == "stuck":
+                    time.sleep(timeout_s + 2)
                 os._exit(3)
 
         started = time.time()
@@ -158,14 +168,17 @@ def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int) ->
         raise
 
 
-@pytest.mark.parametrize("dies", [0, 1])
-def test_a_dead_worker_stops_the_job_with_a_clear_error(tmp_path: Path, dies: int) -> None:
-    """The parameter server's rank or a plain worker dies: the other fails with PeerError within the timeout."""
-    reports = spawn_ranks(_dying_main, 2, tmp_path, dies)
+@pytest.mark.parametrize(("dies", "fault"), [(0, "crash"), (1, "crash"), (0, "stuck")])
+def test_a_dead_or_stuck_worker_stops_the_job_with_a_clear_error(tmp_path: Path, dies: int, fault: str) -> None:
+    """The parameter server's rank or a plain worker dies: the other fails with PeerError at once. A
+    stuck rank 0 still serves pushes and pulls (on RPC threads), so the other trains on and fails
+    at the epoch's end, when it waits for the stuck one longer than engine.timeout_s."""
+    timeout_s = 5.0
+    reports = spawn_ranks(_dying_main, 2, tmp_path, dies, fault, timeout_s)
     survivor = 1 - dies
     assert f"rank{survivor}.err" in reports, reports
     assert reports[f"rank{survivor}.err"].startswith(f"PeerError: rank {survivor}: "), reports[f"rank{survivor}.err"]
-    assert float(reports[f"rank{survivor}.time"]) < 40
+    assert float(reports[f"rank{survivor}.time"]) < timeout_s + 10
 
 
 def _run_main(rank: int, world: int, port: int, result_dir: str, cfg, stop_after: int | None) -> None:
@@ -186,32 +199,56 @@ def _run_main(rank: int, world: int, port: int, result_dir: str, cfg, stop_after
         raise
 
 
-@pytest.mark.slow
-def test_through_the_cli_with_tracking_checkpoints_and_resume(smoke_config, tmp_path: Path) -> None:
-    """`run(cfg)` on two ranks, as torchrun starts them: an interrupted run resumes from its
-    checkpoint to a complete one, whose epochs are logged to MLflow with the engine's statistics."""
+def async_config(smoke_config, tmp_path: Path, *overrides: str):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true",
+                        f"tracking.uri={uri}", *overrides), uri
+
+
+def ranks_in(folder: Path, main, *args) -> dict[str, str]:
+    folder.mkdir()
+    return spawn_ranks(main, 2, folder, *args)
+
+
+def test_through_the_cli_with_tracking(smoke_config, tmp_path: Path) -> None:
+    """`run(cfg)` on two ranks, as torchrun starts them: one set of outputs, the engine's statistics
+    in every epoch's record and in MLflow, accuracy well above chance (0.1) after two short epochs."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true", f"tracking.uri={uri}")
-    (tmp_path / "first").mkdir()
-    reports = spawn_ranks(_run_main, 2, tmp_path / "first", cfg, 1)
+    cfg, uri = async_config(smoke_config, tmp_path)
+    reports = ranks_in(tmp_path / "run", _run_main, cfg, None)
+    assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["engine"] == "async" and metrics["engine_detail"] == "async K=2" and metrics["test_acc"] > 0.2
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"async/staleness_max", "async/dropped", "async/idle_s", "async/rank0/share", "async/rank1/steps"} <= set(history.columns)
+    assert (history["async/rank0/steps"] + history["async/rank1/steps"] == history["async/updates"] + history["async/dropped"]).all()
+    client = MlflowClient(uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # one rank logs
+    assert only.data.tags["engine"] == "async" and len(client.get_metric_history(only.info.run_id, "async/staleness_max")) == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_checkpoint(smoke_config, tmp_path: Path) -> None:
+    """Rank 0 fails after epoch 1's checkpoint; the rerun with trainer.resume loads it on every rank
+    (and into the parameter server), trains epoch 2 only and completes the same MLflow run."""
+    from mlflow import MlflowClient
+
+    cfg, uri = async_config(smoke_config, tmp_path)
+    reports = ranks_in(tmp_path / "first", _run_main, cfg, 1)
     assert "rank0.err" in reports and "simulated crash" in reports["rank0.err"], reports
     interrupted = pd.read_csv(tmp_path / "out" / "history.csv")
     assert list(interrupted["epoch"]) == [1]
 
-    resumed = smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true",
-                           f"tracking.uri={uri}", "trainer.resume=true")
-    (tmp_path / "second").mkdir()
-    reports = spawn_ranks(_run_main, 2, tmp_path / "second", resumed, None)
+    resumed, _ = async_config(smoke_config, tmp_path, "trainer.resume=true")
+    reports = ranks_in(tmp_path / "second", _run_main, resumed, None)
     assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["engine"] == "async" and metrics["engine_detail"] == "async K=2" and metrics["test_acc"] > 0.5
     done = pd.read_csv(tmp_path / "out" / "history.csv")
     assert list(done["epoch"]) == [1, 2]
-    assert done.iloc[0].drop(["train_time_s", "epoch_time_s", "samples_per_s"]).equals(interrupted.iloc[0].drop(["train_time_s", "epoch_time_s", "samples_per_s"]))
-    assert {"async/staleness_max", "async/dropped", "async/rank0/share", "async/rank1/steps"} <= set(done.columns)
+    assert done.iloc[0].to_dict() == interrupted.iloc[0].to_dict()  # epoch 1 from the checkpoint, not trained again
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test_acc"] > 0.2
     client = MlflowClient(uri)
     (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # resumed into the same run
-    assert only.data.tags["engine"] == "async" and only.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(only.info.run_id, "async/staleness_max")] == [1, 2]
+    assert only.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(only.info.run_id, "async/staleness_max")}) == [1, 2]

@@ -20,7 +20,7 @@ from scpl_kit.models import build_model
 from scpl_kit.train import run
 from scpl_kit.trainer import adam_cosine
 
-from test_training import TIMES, history, same_weights, weights
+from test_training import history, same_weights, weights
 
 
 def _rank_main(rank: int, world: int, port: int, result_dir: str, cfg: DictConfig, fault_rank: int, fault: str) -> None:

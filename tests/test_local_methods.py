@@ -19,7 +19,7 @@ from scpl_kit.signal import INPUT
 from scpl_kit.train import run
 from scpl_kit.trainer import adam_cosine
 
-from test_engines import assert_same_run, reference, run_ranks
+from test_engines import assert_same_run, run_ranks
 from test_methods import tiny_batch
 
 # model → (number of layers, the K values the issue names)

@@ -77,6 +77,13 @@ RULES: dict[str, Rule] = {
     "method.decoder_width": Rule(int, low=1),
     "engine.processes": Rule(int, low=1, nullable=True),
     "engine.microbatches": Rule(int, low=1),
+    "engine.replicas": Rule(int, low=1),
+    "engine.average_every": Rule(int, low=1),
+    "engine.ranks_per_node": Rule(int, low=1, nullable=True),
+    "engine.max_staleness": Rule(int, low=0),
+    "engine.push_every": Rule(int, low=1),
+    "engine.slow_rank": Rule(int, low=0, nullable=True),
+    "engine.slowdown": Rule(float, low=1),
     "engine.timeout_s": Rule(float, positive=True),
 }
 

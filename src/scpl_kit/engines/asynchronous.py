@@ -1,4 +1,4 @@
-"""Asynchronous data parallelism for workers of unequal speed (BPT-CNN; methods.md §5).
+"""Asynchronous data parallelism for workers of unequal speed (BPT-CNN).
 
 Every process is a worker holding every unit, and rank 0 also hosts a parameter server: the global
 weights (every floating-point tensor of every unit's state: parameters, and buffers such as
@@ -6,7 +6,9 @@ BatchNorm's running statistics). A worker trains each unit on a whole batch exac
 sequential engine does (the unit's own loss and optimizer), then pushes its update (its weights
 minus the ones it last pulled) and pulls the current global weights, without waiting for any other
 worker. The server applies an update only if it is at most `max_staleness` global updates behind
-(updates by others since that worker's last pull); a staler one is dropped, and counted.
+(updates by others since that worker's last pull); a staler one is dropped, and counted. A push
+carries a whole model, so `push_every` K > 1 pushes once per K local steps: less communication,
+more staleness.
 
 Incremental data partitioning: each epoch's batches are shared out in proportion to the workers'
 measured speeds (samples/s of their training steps in the epoch before; for the first epoch, one
@@ -18,8 +20,8 @@ timed step at start-up), so a slow worker gets fewer batches and the fast ones d
 Communication: torch.distributed.rpc (TensorPipe) for the pushes and pulls, which rank 0 answers on
 RPC threads while its own worker trains, and the default process group (gloo/NCCL, as every engine
 here) for the collectives at epoch boundaries. Both rendezvous through torchrun's MASTER_ADDR/PORT
-(RPC's env:// store shares the process group's). The server's copy lives on the CPU: RPC then needs
-no device maps, and a GPU worker copies one model's worth each way per step.
+(RPC's env:// rendezvous reuses the store the process group opened there). The server's copy lives
+on the CPU: RPC then needs no device maps, and a GPU worker copies one model's worth each way per push.
 
 At the end of every epoch rank 0 takes the global weights and every rank takes rank 0's state, so
 evaluation and checkpoints see one model. Each worker keeps its own optimizer state (Adam's moments);
@@ -41,9 +43,11 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, ReadoutCollector, as_signal, batch_size
-from scpl_kit.engines.data_parallel import slice_of
-from scpl_kit.engines.distributed import check_processes, close_distributed, init_distributed, reports_peer_failures, stage_device
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size
+from scpl_kit.engines.data_parallel import predict_in_slices
+from scpl_kit.engines.distributed import (
+    check_processes, check_slowdown, close_distributed, init_distributed, reports_peer_failures, simulate_slowness, stage_device,
+)
 from scpl_kit.engines.pipeline import synchronize, unit_step_times
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
@@ -84,7 +88,8 @@ class ParameterServer:
                 self.version += 1
             self.pulled[worker] = self.version
             self.updates.append((worker, staleness, applied))
-            log.debug("update from rank %d: staleness %d, %s (global version %d)", worker, staleness, "applied" if applied else "dropped", self.version)
+            log.debug("update from rank %d: staleness %d, %s (global version %d)",
+                      worker, staleness, "applied" if applied else "dropped", self.version)
             # Copies: RPC serialises the answer after this returns, when other updates may be landing.
             return [w.clone() for w in self.weights]
 
@@ -134,18 +139,17 @@ def notes_failure(method: F) -> F:
 
 
 class AsyncEngine(Engine):
-    def __init__(self, max_staleness: int = 4, slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto",
-                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+    def __init__(self, max_staleness: int = 4, push_every: int = 1, slow_rank: int | None = None, slowdown: float = 1.0,
+                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+        if push_every < 1:
+            raise ValueError(f"engine.push_every={push_every} must be >= 1 (local steps between pushes)")
         if max_staleness < 0:
             raise ValueError(f"engine.max_staleness={max_staleness} must be >= 0 (global updates an applied update may lag behind)")
-        if slowdown < 1:
-            raise ValueError(f"engine.slowdown={slowdown} must be >= 1 (how many times slower engine.slow_rank runs)")
         init_distributed(backend, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
-        if slow_rank is not None and not 0 <= slow_rank < self.world:
-            raise ValueError(f"engine.slow_rank={slow_rank} is not a rank of the {self.world} processes")
-        self.max_staleness = max_staleness
+        check_slowdown(slow_rank, slowdown, self.world)
+        self.max_staleness, self.push_every = max_staleness, push_every
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
         self.device = stage_device(device)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s)
@@ -194,11 +198,12 @@ class AsyncEngine(Engine):
         if self.is_main:
             log.info("async shares of the epoch's batches: %s", ", ".join(
                 f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(shares, speeds))))
-        meter, steps, samples, busy = LossMeter(), 0, 0, 0.0
+        meter, steps, samples, busy, unpushed = LossMeter(), 0, 0, 0.0, 0
         for unit in self.units:
             unit.train()
         # Every rank reads every batch and keeps its own: the kit's loaders index tensors held in
-        # memory, so reading is cheap, and all ranks see the same shuffled sequence without a sampler.
+        # memory, so reading a batch it skips is cheap (a crop, at most), and every rank sees the
+        # trainer's shuffled sequence (same seed) without a sampler of its own.
         for batch, owner in zip(batches, interleaved_owners(shares)):
             if owner != self.rank:
                 self._follow_schedules()
@@ -211,14 +216,20 @@ class AsyncEngine(Engine):
                 losses.update(unit.learn(step))
                 signal = step.handoff()
             synchronize(self.device)
-            if self.slowdown > 1:  # simulate a heterogeneous worker: this step took `slowdown` times as long
-                time.sleep((self.slowdown - 1) * (time.perf_counter() - start))
-            self._push_pull()
+            simulate_slowness(start, self.slowdown)  # a heterogeneous worker (engine.slow_rank), if asked for
+            unpushed += 1
+            if unpushed == self.push_every:
+                self._push_pull()
+                unpushed = 0
             busy += time.perf_counter() - start
             meter.add(losses)
             steps, samples = steps + 1, samples + size
             if on_batch is not None:
                 on_batch(size)
+        if unpushed:  # the epoch's last local steps reach the global model too
+            start = time.perf_counter()
+            self._push_pull()
+            busy += time.perf_counter() - start
         if steps:
             self.speed = samples / busy  # next epoch's share
         return self._end_epoch(meter, steps, shares[self.rank], time.time())
@@ -277,7 +288,8 @@ class AsyncEngine(Engine):
         on rank 0 also the staleness of the applied updates and how many were dropped."""
         stats: dict[str, float] = {"async/idle_s": max(r["finished"] for r in reports) - min(r["finished"] for r in reports)}
         for k, r in enumerate(reports):
-            stats.update({f"async/rank{k}/share": r["share"], f"async/rank{k}/steps": r["steps"], f"async/rank{k}/samples_per_s": r["speed"]})
+            stats.update({f"async/rank{k}/share": r["share"], f"async/rank{k}/steps": r["steps"],
+                          f"async/rank{k}/samples_per_s": r["speed"]})
         if self.rank == SERVER_RANK:
             applied = [staleness for _, staleness, ok in self.last_updates if ok]
             stats.update({
@@ -297,17 +309,7 @@ class AsyncEngine(Engine):
         and the slices come back together in order on every rank."""
         for unit in self.units:
             unit.eval()
-        parts = []
-        for batch in batches:
-            signal, collected = slice_of(as_signal(batch, with_labels=False), self.rank, self.world), ReadoutCollector()
-            for i, phase in self.route:
-                signal = self.units[i].infer(moved(signal, self.device), phase)
-            collected.add(signal)
-            parts.append(collected.result())
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, parts)
-        names = gathered[0][0].keys() if parts else ()
-        return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
+        return predict_in_slices(self.units, self.route, batches, self.device)
 
     def training_state(self) -> list[dict[str, Any]]:
         """Rank 0's units (the global weights, rank 0's optimizer state); [] elsewhere."""
@@ -334,6 +336,6 @@ class AsyncEngine(Engine):
 
 
 @ENGINES.register("async")
-def asynchronous(max_staleness: int = 4, slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto",
-                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> AsyncEngine:
-    return AsyncEngine(max_staleness, slow_rank, slowdown, backend, device, timeout_s, processes)
+def asynchronous(max_staleness: int = 4, push_every: int = 1, slow_rank: int | None = None, slowdown: float = 1.0,
+                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> AsyncEngine:
+    return AsyncEngine(max_staleness, push_every, slow_rank, slowdown, backend, device, timeout_s, processes)

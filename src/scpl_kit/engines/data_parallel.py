@@ -80,6 +80,23 @@ def train_step(unit: LocalUnit, wrapped: DistributedDataParallel | None, signal:
     return step.handoff(), unit.learn(step)
 
 
+def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batches: Iterable[Batch], device: torch.device) -> dict[str, torch.Tensor]:
+    """Inference when every process holds the same units: each answers its slice of every batch, and
+    the slices come back together, in order, on every process (collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = []
+    for batch in batches:
+        signal, collected = slice_of(as_signal(batch, with_labels=False), rank, world), ReadoutCollector()
+        for i, phase in route:
+            signal = units[i].infer(moved(signal, device), phase)
+        collected.add(signal)
+        parts.append(collected.result())
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, parts)
+    names = gathered[0][0].keys() if parts else ()
+    return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -224,17 +241,7 @@ class DataParallelEngine(Engine):
             unit.eval()
             for buffer in unit.buffers():  # BatchNorm statistics: rank 0's, as DDP keeps them in training
                 dist.broadcast(buffer, 0)
-        parts = []
-        for batch in batches:
-            signal, collected = slice_of(as_signal(batch, with_labels=False), self.rank, self.world), ReadoutCollector()
-            for i, phase in self.route:
-                signal = self.units[i].infer(moved(signal, self.device), phase)
-            collected.add(signal)
-            parts.append(collected.result())
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, parts)
-        names = gathered[0][0].keys() if parts else ()
-        return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
+        return predict_in_slices(self.units, self.route, batches, self.device)
 
     def training_state(self) -> list[dict[str, Any]]:
         """Rank 0's units (every rank holds the same parameters at an epoch's end); [] elsewhere."""

@@ -21,7 +21,7 @@ from torch import nn
 from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, OptimizerFactory, UnitStep
 from scpl_kit.models.base import BlockModel, run_block
-from scpl_kit.signal import FEATURES, LABELS, Signal, summary, without_summary
+from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
 CODE = "code"  # the label code t_k handed from block k to block k+1
 BRIDGED = "al_bridge/"  # a block's bridge output, waiting for its own back phase to join the decoding

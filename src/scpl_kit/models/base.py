@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scpl_kit.registry import Registry
-from scpl_kit.signal import FEATURES, LABELS, SUMMARY, Signal, summary, without_summary
+from scpl_kit.signal import FEATURES, LABELS, Signal, summary, without_summary
 
 ModelBuilder = Callable[..., "BlockModel"]
 MODELS: Registry[ModelBuilder] = Registry("model")
