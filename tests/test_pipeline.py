@@ -52,6 +52,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         },
         throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "rounds": 1, "workers": 2, "text_dim": 12},
     )
+    params["scaling"].update(epochs=1, rounds=1, target=0.5, configs=["bp1", "ddp"])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the grid's parts in their order
     (root / "dvc.lock").unlink(missing_ok=True)
     # What users' shells have: no PYTHONDONTWRITEBYTECODE (so Python writes __pycache__/ into the
@@ -70,7 +71,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     assert ran == {
         "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
         "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
-        "evaluate", "tables", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k",
+        "evaluate", "tables", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k", "scaling",
     }
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
@@ -113,7 +114,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     assert f"Trained on: {cpu_model()}" in header and "Profile: smoke" in header and "best validation accuracy" in header
     assert f"Measured on {cpu_model()}" in (root / "reports/tables/throughput.md").read_text()
     # Figures fit the page `dvc plots show` writes (it shows images at their own size and crops the rest).
-    assert all(png_width(root / f"reports/figures/{name}.png") <= 1000 for name in ("throughput", "accuracy_curves", "per_exit", "local_k"))
+    assert all(png_width(root / f"reports/figures/{name}.png") <= 1000 for name in ("throughput", "accuracy_curves", "per_exit", "local_k", "scaling"))
     assert list((root / "src/scpl_kit").glob("__pycache__/*.pyc"))  # Python wrote bytecode beside the sources, as in a user's shell
 
 
