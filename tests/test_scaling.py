@@ -86,6 +86,8 @@ def test_table_from_per_round_results() -> None:
     # the spread is over the two rounds that reached it.
     assert hier.time_to_acc_s == 4.5 and hier.time_to_acc_spread == pytest.approx(1.0 / 4.0) and hier.reached == "2/3"
     assert hier.epochs_to_acc == 3.5 and hier.final_val_acc == pytest.approx(0.968)
+    once = scaling.row(Outcome(outcomes["ddp"].config, [result(1900, 3.0, 3, 0.97), result(1900, math.inf, None, 0.96)]))
+    assert once["time_to_acc_s"] == math.inf and math.isnan(once["time_to_acc_spread"]) and once["reached"] == "1/2"  # half missed: not reached
     assert hier.detail == "K'=50, 2 nodes"
     failed = table.loc["gpipe"]
     assert failed.error == "RuntimeError: boom" and math.isnan(failed.samples_per_s) and failed.reached == "0/0"
@@ -135,11 +137,14 @@ def test_outputs_from_fake_results(tmp_path: Path) -> None:
     outcomes = fake_outcomes()
     table = scaling.build_table(list(outcomes.values()))
     verdicts = scaling.evaluate_targets(table, outcomes)
-    scaling.write_outputs(table, verdicts, Setup(), 3, tmp_path)
+    outcomes["bp1"].results[0].val_accs = (0.9, 0.95, 0.974)
+    scaling.write_outputs(table, verdicts, Setup(), 3, tmp_path, list(outcomes.values()))
     csv = pd.read_csv(tmp_path / "tables/scaling.csv")
     assert list(csv.columns) == scaling.COLUMNS and list(csv.config) == list(outcomes)
     md = (tmp_path / "tables/scaling.md").read_text()
     assert "## Targets" in md and "gpipe FAILED: RuntimeError: boom" in md and "WARNING: bp1" in md
+    assert "## Per round" in md and "- bp1: r1: 1000/s, 6.0 s, val 0.900 0.950 0.974; r2: 1100/s" in md
+    assert "- hierarchical: r1: 1950/s, 4.5 s, val ; r2: 1900/s, -, val" in md and "- gpipe: RuntimeError: boom" in md
     assert (tmp_path / "figures/scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert int.from_bytes((tmp_path / "figures/scaling.png").read_bytes()[16:20], "big") <= 1000  # `dvc plots show` crops wider
 
@@ -181,7 +186,7 @@ def test_tiny_run_end_to_end_writes_table_and_figure(tmp_path: Path, processed_d
     real byte counts (collectives, point-to-point, RPC) and memory."""
     configs = ["bp1", "ddp", "hierarchical", "async_slow", "scpl_pipeline"]
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench/scaling.py"), "--out", str(tmp_path), "--rounds", "1", "--epochs", "1", "--target", "0.5",
+        [sys.executable, str(REPO / "bench/scaling.py"), "--out", str(tmp_path), "--rounds", "1", "--epochs", "1", "--target", "0.5", "--width", "0.0625", "--batch", "32",
          "--processed_dir", str(processed_dir), "--configs", *configs],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
