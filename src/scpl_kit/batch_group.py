@@ -34,7 +34,7 @@ def spread_over(group: dist.ProcessGroup | None) -> Iterator[None]:
 def whole_batch(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     """Every process's slice of each tensor, concatenated in rank order, and where this process's
     slice starts. Gradients flow back to the process each slice came from."""
-    if _group is None:
+    if _group is None or dist.get_world_size(_group) == 1:  # a one-process group holds the whole batch
         return list(tensors), 0
     global _sent_bytes
     rank = dist.get_rank(_group)

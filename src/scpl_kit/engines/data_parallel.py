@@ -173,7 +173,7 @@ class DataParallelEngine(Engine):
         # Converted in place (the unit's BatchNorm layers are replaced), keeping the parameter objects,
         # so the unit's optimizer still holds them. PyTorch's SyncBatchNorm is for GPUs only.
         if self.device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(unit)
+            return nn.SyncBatchNorm.convert_sync_batchnorm(unit, process_group=self.batch_group)
         return batch_group.with_whole_batchnorm(unit)
 
     def _replicate(self, unit: LocalUnit) -> DistributedDataParallel:
