@@ -74,9 +74,11 @@ def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup |
 
 
 def train_step(unit: LocalUnit, wrapped: DistributedDataParallel | None, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
-    """`unit.train_step`, through its DDP wrapper when it has one and computes gradients this step (DDP
-    must see the forward of every backward it averages, and expects a backward after each forward)."""
-    step = wrapped(signal) if wrapped is not None and unit.trains else unit.forward_train(signal)
+    """`unit.train_step`, with the forward through its DDP wrapper when it has one and computes gradients
+    this step (DDP must see the forward of every backward it averages, and expects a backward after each)."""
+    if wrapped is None or not unit.trains:
+        return unit.train_step(signal)
+    step = wrapped(signal)
     return step.handoff(), unit.learn(step)
 
 
