@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import pytest
+import yaml
 from omegaconf import DictConfig
 
 from scpl_kit.config import compose_config
@@ -55,3 +58,45 @@ def smoke_config(processed_dir: Path, tmp_path: Path) -> Callable[..., DictConfi
 def text_smoke_config(text_processed_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """The same for text: the `smoke_text` profile (a tiny Transformer or LSTM on BBC News)."""
     return composer("smoke_text", text_processed_dir, tmp_path)
+
+
+SPACE = {"method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}, "trainer.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}}
+
+
+@pytest.fixture
+def sweep_env(tmp_path: Path, processed_dir: Path, monkeypatch) -> dict:
+    """A copy of conf/ with a `tiny` study whose storage, MLflow store and outputs are all in tmp_path."""
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    study = yaml.safe_load((conf / "sweep" / "scpl_tau_lr.yaml").read_text())
+    study.update(
+        study_name="tiny", space=SPACE, n_trials=4, search_only=["trainer.epochs=2"], heartbeat_s=1,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", output_dir=str(tmp_path / "trials"), export_dir=str(conf / "method"),
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+    )
+    (conf / "sweep" / "tiny.yaml").write_text(yaml.safe_dump(study))
+    monkeypatch.setenv("SCPL_CONF_DIR", str(conf))
+    overrides = [
+        "sweep=tiny", "profile=smoke", f"data.processed_dir={processed_dir}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    return {"overrides": overrides, "storage": study["storage"], "mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "conf": conf, "tmp": tmp_path}
+
+
+def load_study(env: dict) -> optuna.Study:
+    """The one study in the test's storage (named `tiny-<profile>-<config hash>`)."""
+    (name,) = optuna.get_all_study_names(env["storage"])
+    assert name.startswith("tiny-smoke-")
+    return optuna.load_study(study_name=name, storage=env["storage"])
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A real one-node Slurm cluster for this test session (tests/services.py); its clients need `slurm.env`."""
+    from services import Slurm, have
+
+    if not have("slurmctld", "slurmd", "munged", "sbatch"):
+        pytest.skip("Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does)")
+    cluster = Slurm(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()

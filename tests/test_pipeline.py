@@ -125,6 +125,27 @@ def test_second_repro_does_nothing(repo) -> None:
     assert stages_run(sh(["dvc", "repro"], root, env)) == set()
 
 
+def test_results_move_through_the_dvc_remote(repo) -> None:
+    """`dvc push` where the pipeline ran (a cluster), then `git clone` and `dvc pull` elsewhere (a laptop):
+    the committed default remote, a folder beside the clone, works without setup; `dvc repro` there
+    has nothing to do, and the tables are the ones that were pushed."""
+    root, env = repo
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], root, env)
+    sh(["dvc", "push"], root, env)
+    assert (root.parent / "scpl-kit-dvc-storage" / "files").is_dir()
+    laptop = root.parent / "laptop"
+    sh(["git", "clone", "-q", str(root), str(laptop)], root.parent, env)
+    laptop_env = {**env, "PYTHONPATH": str(laptop / "src")}
+    assert not (laptop / "runs/mnist5k-vgg-bp-s0").exists()  # only DVC holds the results
+    sh(["dvc", "pull"], laptop, laptop_env)
+    assert "up to date" in sh(["dvc", "status"], laptop, laptop_env)
+    assert stages_run(sh(["dvc", "repro"], laptop, laptop_env)) == set()
+    tables = sorted(p.relative_to(root) for p in (root / "reports").rglob("*") if p.is_file())
+    assert tables and all((laptop / t).read_bytes() == (root / t).read_bytes() for t in tables)
+    assert (laptop / "runs/mnist5k-vgg-bp-s0/model.pt").read_bytes() == (root / "runs/mnist5k-vgg-bp-s0/model.pt").read_bytes()
+
+
 def test_plots_and_experiments_are_readable(repo) -> None:
     root, env = repo
     sh(["dvc", "plots", "show"], root, env)
@@ -150,6 +171,25 @@ def test_one_more_seed_runs_only_that_seed(repo) -> None:
         "train_text@bbcnews-transformer-bp-1", "train_text@bbcnews-transformer-early_exit-1", "evaluate", "tables",
     }
     assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {2}
+
+
+def test_a_new_seed_trains_as_a_slurm_array(repo, slurm) -> None:
+    """`python -m scpl_kit.submit launcher=slurm repro` on a real one-node Slurm: the stale training
+    stages run as one array job, then one job records them (dvc commit) and runs the rest."""
+    root, env = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["grid"]["vision"]["seeds"] = [0, 1, 2]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    launcher = ["launcher=slurm", "launcher.wait=true", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", "launcher.mem_gb=null"]
+    printed = sh(["python", "-m", "scpl_kit.submit", *launcher, "repro"], root, {**env, "SLURM_CONF": str(slurm.conf)})
+    assert "0 upstream stage(s), 2 training stage(s) as an array" in printed
+    scripts = [path.read_text() for path in (root / "outputs/jobs").glob("*_submission.sh")]
+    assert sum("--array=0-1" in script for script in scripts) == 1 and sum("--dependency=afterok:" in script for script in scripts) == 1
+    logs = "".join(path.read_text() for path in (root / "outputs/jobs").glob("*_log.*"))
+    assert stages_run(logs) == {"evaluate", "tables"}  # the two training stages ran in the array, not again
+    assert "up to date" in sh(["dvc", "status"], root, env)
+    accuracy = pd.read_csv(root / "reports/tables/accuracy.csv")
+    assert set(accuracy[accuracy.dataset == "mnist5k"].n_runs) == {3}
 
 
 def test_dvc_exp_run_with_set_param(repo) -> None:

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import tempfile
@@ -30,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
-from scpl_kit.preflight import check_sqlite_file, check_values
-from scpl_kit.tracking import MlflowTracker, redact
+from scpl_kit.databases import check_database, engine_options, redact, refuse_passwords
+from scpl_kit.preflight import check_values
+from scpl_kit.tracking import MlflowTracker
 from scpl_kit.train import USER_ERRORS, run, run_key
 from scpl_kit.trainer import TrainingStopped
 
@@ -41,6 +43,7 @@ log = logging.getLogger("scpl_kit.sweep")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+STORAGE_ENV = "SCPL_OPTUNA_STORAGE"  # the study's database when sweep.storage is null, e.g. on a cluster's workers
 VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
 
 
@@ -142,7 +145,9 @@ class Sweep:
         self.cfg = cfg
         self.spec = cfg.sweep
         self.train_overrides = train_overrides  # from the command line; they apply to every trial
-        self.storage_url = self.spec.storage or default_storage()
+        # A password may come from the environment, never from a config file (they are committed and logged).
+        refuse_passwords([f"sweep.storage={self.spec.storage}", f"tracking.uri={cfg.tracking.uri}"])
+        self.storage_url = self.spec.storage or os.environ.get(STORAGE_ENV) or default_storage()
         if self.spec.metric not in VALIDATION_METRICS:
             raise ConfigError(f"sweep.metric {self.spec.metric!r}: a search selects on validation only; valid metrics: {', '.join(VALIDATION_METRICS)}")
         searched = {key for key in self.spec.space}
@@ -152,8 +157,7 @@ class Sweep:
         self.base = compose_config(self.fixed_overrides())  # a trial's config before its searched values
         # Before anything is created (the tracker checks its own store): bad values, a storage that cannot be used.
         check_values(self.base)
-        if self.storage_url.startswith("sqlite:///"):
-            check_sqlite_file(self.storage_url.removeprefix("sqlite:///"), "Optuna storage")
+        check_database(self.storage_url, "Optuna storage")
         self.study_name = study_identity(self.spec, self.base)
 
     def fixed_overrides(self) -> list[str]:
@@ -207,7 +211,7 @@ class Sweep:
                     heartbeat_interval=self.spec.heartbeat_s,
                     grace_period=3 * self.spec.heartbeat_s,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                    engine_kwargs={"connect_args": {"timeout": 60}} if self.storage_url.startswith("sqlite") else None,
+                    engine_kwargs=engine_options(self.storage_url),
                 )
             except Exception:  # workers started together race to create the tables; the loser retries
                 if attempt == 4:
@@ -391,6 +395,7 @@ def report_to_parent(tracker: MlflowTracker, study: optuna.Study, states: dict[s
 def load_sweep(overrides: Sequence[str]) -> Sweep:
     """The sweep that `python -m scpl_kit.sweep <overrides>` runs: `sweep=<name>`, `sweep.*` keys, and
     training overrides that apply to every trial."""
+    refuse_passwords(list(overrides))
     choice = [o for o in overrides if o.startswith("sweep=")]
     if not choice:
         raise ConfigError("name the study with sweep=<name>, one of conf/sweep/*.yaml")

@@ -10,10 +10,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from scpl_kit.config import project_root
-from scpl_kit.preflight import PreflightError, check_sqlite_file
+from scpl_kit.databases import check_database, redact
+from scpl_kit.preflight import PreflightError
 
 CONNECT_TIMEOUT_S = 5  # a tracking server that does not answer /health in 5 s is down, not slow
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves a local sqlite store
@@ -31,18 +31,9 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ***, for logs, tags and messages."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
-
-
 def check_tracking_store(uri: str) -> None:
     """Fail in seconds, naming the store, where MLflow itself would retry for minutes and then print
-    tracebacks: a server must answer /health, an sqlite file must be writable where it lies."""
+    tracebacks: a server must answer /health; a database (sqlite, PostgreSQL) must be usable."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S) as answer:
@@ -53,8 +44,8 @@ def check_tracking_store(uri: str) -> None:
                 f"MLflow tracking server {redact(uri)} does not answer ({reason}); start it, or unset "
                 "MLFLOW_TRACKING_URI (and tracking.uri) to record into the local sqlite file"
             ) from None
-    elif uri.startswith("sqlite:///"):
-        check_sqlite_file(uri.removeprefix("sqlite:///"), "MLflow store")
+    elif uri.startswith(("sqlite:///", "postgresql", "mysql", "mssql")):
+        check_database(uri, "MLflow store")
 
 
 def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:

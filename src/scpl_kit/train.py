@@ -28,6 +28,7 @@ from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.sources import source_options
 from scpl_kit.engines import Engine, build_engine
 from scpl_kit.engines.base import LaunchError, PeerError
+from scpl_kit.databases import refuse_passwords
 from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
@@ -201,7 +202,8 @@ def end_tracked_run(tracker: MlflowTracker, error: BaseException) -> None:
     if isinstance(error, TrainingStopped):
         outcome, status = error.outcome, error.run_status
     else:
-        outcome, status = ("killed", "KILLED") if isinstance(error, KeyboardInterrupt) else ("failed", "FAILED")
+        # SystemExit: how submitit ends a job that Slurm preempts or times out, before requeueing it.
+        outcome, status = ("killed", "KILLED") if isinstance(error, (KeyboardInterrupt, SystemExit)) else ("failed", "FAILED")
     try:
         tracker.set_tag("outcome", outcome)
         tracker.set_tag("error" if status == "FAILED" else "stopped", str(error)[:5000] or type(error).__name__)
@@ -237,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = None
     try:
+        refuse_passwords(args.overrides)
         cfg = compose_config(args.overrides)
+        refuse_passwords([f"tracking.uri={cfg.tracking.uri}"])  # nor in a config file ($MLFLOW_TRACKING_URI may hold one)
         if args.cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0

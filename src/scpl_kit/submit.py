@@ -1,0 +1,245 @@
+"""Training runs, sweep workers and the DVC training matrix as jobs: on Slurm, or as processes on
+this machine, through submitit (Hydra's launcher plugins need `@hydra.main`, which the kit does not use).
+
+    python -m scpl_kit.submit launcher=slurm launcher.nodes=2 launcher.tasks_per_node=4 train method=scpl engine=ddp
+    python -m scpl_kit.submit launcher=slurm launcher.workers=8 sweep sweep=scpl_tau_lr
+    python -m scpl_kit.submit launcher=slurm repro
+
+Resources come from conf/launcher/ (`local` is the default). Each task of a training job is one
+rank: submitit's torch-distributed environment gives it RANK, WORLD_SIZE, LOCAL_RANK and the first
+node as the rendezvous, so the multi-process engines run across nodes as under torchrun. Every job
+follows submitit's checkpointing protocol: preempted or out of time, it is requeued with the same
+command, and training resumes from its last epoch's checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+from omegaconf import DictConfig
+
+from scpl_kit.config import ConfigError, compose_config, project_root
+from scpl_kit.databases import refuse_passwords
+from scpl_kit.preflight import PreflightError
+
+log = logging.getLogger("scpl_kit.submit")
+COMMANDS = ("train", "sweep", "repro")
+SINGLE_PROCESS_ENGINES = ("sequential", "threads")
+
+
+class JobFailed(RuntimeError):
+    """A job's command ended with an error; raised inside the job so Slurm records it as failed
+    (and jobs that depend on it with afterok do not start)."""
+
+
+def _check(code: int, what: str) -> int:
+    if code != 0:
+        raise JobFailed(f"{what} exited with status {code}; its error is in this job's log")
+    return code
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """`python -m scpl_kit.train <overrides>` as one task of a job; with several tasks, as one rank."""
+
+    def __call__(self, overrides: list[str]) -> int:
+        if submitit.JobEnvironment().num_tasks > 1:
+            # Our engines map ranks to cuda:<local rank> themselves, so every task keeps every GPU visible.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from scpl_kit.train import main  # in the job: torch loads there, not where jobs are submitted
+
+        return _check(main(overrides), "training")
+
+
+class SweepWorker(submitit.helpers.Checkpointable):
+    """One worker of a shared study (`sweep.worker=<index>`: its own sampler seed)."""
+
+    def __call__(self, overrides: list[str], worker: int) -> int:
+        from scpl_kit.sweep import main
+
+        return _check(main([*overrides, f"sweep.worker={worker}"]), f"sweep worker {worker}")
+
+
+class ShellJob(submitit.helpers.Checkpointable):
+    """A command in the repository: one DVC stage's own command, or `dvc ...`."""
+
+    def __call__(self, root: str, command: str) -> int:
+        return _check(subprocess.run(command, shell=True, cwd=root).returncode, command)
+
+
+@dataclass
+class Submitted:
+    what: str
+    jobs: list[Any] = field(default_factory=list)
+
+
+def make_executor(spec: DictConfig, name: str, after: Sequence[Any] = ()) -> submitit.Executor:
+    """An executor for `spec.cluster` (local or slurm) with the launcher's resources. `after`: jobs
+    that must succeed first (a Slurm dependency; the local executor waits in `submit_after`)."""
+    executor = submitit.AutoExecutor(folder=Path(spec.folder).resolve(), cluster=spec.cluster, slurm_max_num_timeout=spec.get("max_num_timeout", 3))
+    resources = {
+        "name": name, "timeout_min": spec.timeout_min, "nodes": spec.nodes, "tasks_per_node": spec.tasks_per_node,
+        "gpus_per_node": spec.gpus_per_node, "cpus_per_task": spec.cpus_per_task, "mem_gb": spec.mem_gb,
+    }
+    slurm = {
+        "partition": spec.get("partition"), "account": spec.get("account"), "qos": spec.get("qos"), "constraint": spec.get("constraint"),
+        "signal_delay_s": spec.get("signal_delay_s"), "array_parallelism": spec.array_parallelism, "setup": list(spec.get("setup") or []),
+        # A job whose dependency failed would otherwise wait in the queue forever.
+        "additional_parameters": {**dict(spec.get("additional") or {}), **({"kill-on-invalid-dep": "yes"} if after else {})},
+        "dependency": "afterok:" + ":".join(dict.fromkeys(str(job.job_id).split("_")[0] for job in after)) if after else None,
+    }
+    executor.update_parameters(
+        **{key: value for key, value in resources.items() if value is not None},
+        **{f"slurm_{key}": value for key, value in slurm.items() if value is not None},
+    )
+    return executor
+
+
+def wait_for(jobs: Sequence[Any]) -> None:
+    for job in jobs:
+        job.results()  # raises the job's own error
+
+
+def submit_training(spec: DictConfig, overrides: list[str]) -> Submitted:
+    cfg = compose_config(overrides)  # a bad override fails here, in seconds, not in the queue
+    ranks = spec.nodes * spec.tasks_per_node
+    if ranks > 1 and cfg.engine.name in SINGLE_PROCESS_ENGINES:
+        raise ConfigError(
+            f"launcher.nodes × launcher.tasks_per_node = {ranks} processes, but engine={cfg.engine.name} runs in one; "
+            "choose a multi-process engine (ddp, hierarchical, async, pipeline, gpipe) or one task"
+        )
+    job = make_executor(spec, f"train-{cfg.method.name}").submit(TrainingJob(), overrides)
+    return Submitted(f"training {shlex.join(overrides)} on {spec.nodes} node(s) × {spec.tasks_per_node} task(s)", [job])
+
+
+def submit_sweep(spec: DictConfig, overrides: list[str]) -> Submitted:
+    from scpl_kit.sweep import load_sweep
+
+    if any(o.startswith("sweep.worker=") for o in overrides):
+        raise ConfigError("sweep.worker is set per job by the launcher; leave it out")
+    sweep = load_sweep(overrides)  # composes, and checks that the study's database answers
+    if spec.cluster != "local" and spec.workers > 1 and sweep.storage_url.startswith("sqlite"):
+        raise PreflightError(
+            f"{spec.workers} workers on {spec.cluster} share one study through a database server, not an sqlite file "
+            "(one writer at a time, and unsafe on network file systems): set SCPL_OPTUNA_STORAGE or sweep.storage to "
+            "postgresql+psycopg://<user>@<host>:5432/<database>, with the password in $PGPASSWORD or ~/.pgpass"
+        )
+    jobs = make_executor(spec, f"sweep-{sweep.spec.study_name}").map_array(SweepWorker(), [overrides] * spec.workers, range(spec.workers))
+    return Submitted(f"{spec.workers} worker(s) of study {sweep.study_name}", list(jobs))
+
+
+@dataclass
+class ReproPlan:
+    """What `dvc repro` has to run, split for a cluster: the stale stages upstream of the training
+    matrix, the matrix's stale items (independent runs: one array task each), then the rest."""
+
+    upstream: list[str]
+    matrix: dict[str, str]  # stage → the shell command that runs it as DVC would
+
+
+def plan_repro(root: Path, matrix_stages: Sequence[str]) -> ReproPlan:
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges run from a stage to the stages it depends on
+        changed = set(repo.status())
+        matrix = [s for s in repo.index.stages if s.name.split("@")[0] in matrix_stages and s.cmd]
+        stale_upstream = {u for s in matrix for u in nx.descendants(graph, s) if u.addressing in changed} - set(matrix)
+        # An item is stale if it changed, or if a stage it depends on runs first.
+        stale = [s for s in matrix if s.addressing in changed or stale_upstream & nx.descendants(graph, s)]
+        return ReproPlan(sorted(u.addressing for u in stale_upstream), {s.addressing: stage_command(s) for s in stale})
+
+
+def stage_command(stage: Any) -> str:
+    """The stage's command after what DVC does first: delete its outputs, so no file of an older run survives."""
+    removals = [f"rm -rf {shlex.quote(str(out.def_path))}" for out in stage.outs if not out.persist]
+    commands = [stage.cmd] if isinstance(stage.cmd, str) else list(stage.cmd)
+    return " && ".join([*removals, *commands])
+
+
+def submit_repro(spec: DictConfig, arguments: list[str]) -> Submitted:
+    """Upstream stages (one job) → the matrix's stale items (an array job, one task per stage, each
+    running the stage's own command) → one job that records them in dvc.lock (`dvc commit`, as
+    DVC's docs advise for outputs made outside `dvc repro`) and runs the rest of the pipeline."""
+    if arguments:
+        raise ConfigError(f"repro takes no arguments (got {' '.join(arguments)}); set parameters in params.yaml")
+    root = str(project_root())
+    plan = plan_repro(Path(root), list(spec.array_stages))
+    local = spec.cluster == "local"  # no Slurm dependencies: wait for each step here
+    upstream = [make_executor(spec, "repro-upstream").submit(ShellJob(), root, shlex.join(["dvc", "repro", *plan.upstream]))] if plan.upstream else []
+    if local:
+        wait_for(upstream)
+    commands, array = list(plan.matrix.values()), []
+    # The local executor has no array throttle: it runs the array in waves of array_parallelism.
+    wave = spec.array_parallelism if local else max(len(commands), 1)
+    for start in range(0, len(commands), wave):
+        part = commands[start : start + wave]
+        array += make_executor(spec, "repro-matrix", after=[] if local else upstream).map_array(ShellJob(), [root] * len(part), part)
+        if local:
+            wait_for(array)
+    finish = [*(["dvc commit --force " + " ".join(map(shlex.quote, plan.matrix))] if plan.matrix else []), "dvc repro"]
+    rest = make_executor(spec, "repro-rest", after=[] if local else (array or upstream)).submit(ShellJob(), root, " && ".join(finish))
+    return Submitted(
+        f"dvc repro: {len(plan.upstream)} upstream stage(s), {len(plan.matrix)} training stage(s) as an array, then the rest",
+        [*upstream, *array, rest],
+    )
+
+
+SUBMITTERS = {"train": submit_training, "sweep": submit_sweep, "repro": submit_repro}
+
+
+def split_arguments(argv: Sequence[str]) -> tuple[list[str], str, list[str]]:
+    """`launcher...` overrides, the command, and the command's own arguments."""
+    position = next((i for i, arg in enumerate(argv) if arg in COMMANDS), None)
+    if position is None:
+        raise ConfigError(f"name what to submit: one of {', '.join(COMMANDS)} (after any launcher=... overrides)")
+    launcher = list(argv[:position])
+    stray = [arg for arg in launcher if not arg.startswith(("launcher=", "launcher."))]
+    if stray:
+        raise ConfigError(f"{' '.join(stray)}: only launcher=... and launcher.* come before {argv[position]!r}; training overrides go after it")
+    misplaced = [arg for arg in argv[position + 1 :] if arg.startswith(("launcher=", "launcher."))]
+    if misplaced:
+        raise ConfigError(f"{' '.join(misplaced)}: launcher overrides go before {argv[position]!r}")
+    return launcher, argv[position], list(argv[position + 1 :])
+
+
+def report(submitted: Submitted, spec: DictConfig) -> None:
+    ids = ", ".join(str(job.job_id) for job in submitted.jobs)
+    print(f"submitted {submitted.what}: job(s) {ids} ({spec.cluster}); logs in {Path(spec.folder).resolve()}/<job id>_<task>_log.out")
+    if spec.cluster == "slurm":
+        print(f"follow: squeue --jobs {ids.replace(' ', '')}; cancel: scancel {' '.join(str(job.job_id).split('_')[0] for job in submitted.jobs)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scpl_kit.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arguments", nargs="+", help="[launcher=<name>] [launcher.<key>=<value> ...] {train|sweep|repro} [overrides ...]")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        launcher, command, rest = split_arguments(args.arguments)
+        refuse_passwords(rest)
+        spec = compose_config(launcher, config_name="submit").launcher
+        submitted = SUBMITTERS[command](spec, rest)
+        report(submitted, spec)
+        if spec.wait:
+            wait_for(submitted.jobs)
+            print(f"done: {submitted.what}")
+    except (ConfigError, PreflightError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (JobFailed, submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        print(f"error: a job failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
