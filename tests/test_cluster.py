@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from scpl_kit.config import compose_config
-from scpl_kit.submit import main as submit_main, submit_training
+from scpl_kit.submit import main as submit_main, make_executor, submit_training
 from scpl_kit.sweep import counted, main as sweep_main
 from scpl_kit.train import main as train_main
 
@@ -216,3 +216,15 @@ def test_a_slurm_job_killed_mid_epoch_resumes_on_requeue_into_the_same_mlflow_ru
     (run,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]  # each epoch once
+
+
+def test_the_launcher_config_becomes_the_sbatch_script(tmp_path: Path) -> None:
+    """Partition, GPUs, CPUs, memory, time and the warning signal of conf/launcher/slurm.yaml, as sbatch reads them."""
+    spec = compose_config(["launcher=slurm", "launcher.partition=gpu", "launcher.nodes=2", "launcher.tasks_per_node=4", "launcher.gpus_per_node=4",
+                           f"launcher.folder={tmp_path}", "launcher.setup=[module load cuda]"], config_name="submit").launcher
+    script = make_executor(spec, "train-scpl")._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=32GB",
+                 "--time=240", "--signal=USR2@120", "--job-name=train-scpl", "module load cuda"):
+        assert line in script, line
+    without_gpus = compose_config(["launcher=slurm", "launcher.gpus_per_node=0", f"launcher.folder={tmp_path}"], config_name="submit").launcher
+    assert "gpus" not in make_executor(without_gpus, "x")._executor._make_submission_file_text("python -m job", "uid")

@@ -82,11 +82,11 @@ class Submitted:
 
 def make_executor(spec: DictConfig, name: str, after: Sequence[Any] = ()) -> submitit.Executor:
     """An executor for `spec.cluster` (local or slurm) with the launcher's resources. `after`: jobs
-    that must succeed first (a Slurm dependency; the local executor waits in `submit_after`)."""
+    that must succeed first, as a Slurm dependency (the local executor has none: its callers wait)."""
     executor = submitit.AutoExecutor(folder=Path(spec.folder).resolve(), cluster=spec.cluster, slurm_max_num_timeout=spec.get("max_num_timeout", 3))
     resources = {
         "name": name, "timeout_min": spec.timeout_min, "nodes": spec.nodes, "tasks_per_node": spec.tasks_per_node,
-        "gpus_per_node": spec.gpus_per_node, "cpus_per_task": spec.cpus_per_task, "mem_gb": spec.mem_gb,
+        "gpus_per_node": gpus_per_node(spec), "cpus_per_task": spec.cpus_per_task, "mem_gb": spec.mem_gb,
     }
     slurm = {
         "partition": spec.get("partition"), "account": spec.get("account"), "qos": spec.get("qos"), "constraint": spec.get("constraint"),
@@ -100,6 +100,16 @@ def make_executor(spec: DictConfig, name: str, after: Sequence[Any] = ()) -> sub
         **{f"slurm_{key}": value for key, value in slurm.items() if value is not None},
     )
     return executor
+
+
+def gpus_per_node(spec: DictConfig) -> int | None:
+    """null: every GPU of this machine (the local executor hides the others from the job);
+    0: none, and no GPU option in the Slurm script (clusters without GPUs may refuse one)."""
+    if spec.gpus_per_node is None:
+        import torch
+
+        return torch.cuda.device_count() or None
+    return spec.gpus_per_node or None
 
 
 def wait_for(jobs: Sequence[Any]) -> None:
@@ -167,8 +177,9 @@ def stage_command(stage: Any) -> str:
 
 def submit_repro(spec: DictConfig, arguments: list[str]) -> Submitted:
     """Upstream stages (one job) → the matrix's stale items (an array job, one task per stage, each
-    running the stage's own command) → one job that records them in dvc.lock (`dvc commit`, as
-    DVC's docs advise for outputs made outside `dvc repro`) and runs the rest of the pipeline."""
+    running the stage's own command) → one job that records them in dvc.lock (`dvc commit`: outputs
+    made outside `dvc repro`) and runs the rest of the pipeline. Not `dvc repro <stage>` in every
+    task: each would rewrite dvc.lock as it ends, many at once; here one job writes it."""
     if arguments:
         raise ConfigError(f"repro takes no arguments (got {' '.join(arguments)}); set parameters in params.yaml")
     root = str(project_root())
@@ -212,10 +223,10 @@ def split_arguments(argv: Sequence[str]) -> tuple[list[str], str, list[str]]:
 
 
 def report(submitted: Submitted, spec: DictConfig) -> None:
-    ids = ", ".join(str(job.job_id) for job in submitted.jobs)
-    print(f"submitted {submitted.what}: job(s) {ids} ({spec.cluster}); logs in {Path(spec.folder).resolve()}/<job id>_<task>_log.out")
+    ids = list(dict.fromkeys(str(job.job_id).split("_")[0] for job in submitted.jobs))  # an array's tasks are <id>_<index>
+    print(f"submitted {submitted.what}: job(s) {', '.join(ids)} ({spec.cluster}); logs in {Path(spec.folder).resolve()}/<job id>_<task>_log.out")
     if spec.cluster == "slurm":
-        print(f"follow: squeue --jobs {ids.replace(' ', '')}; cancel: scancel {' '.join(str(job.job_id).split('_')[0] for job in submitted.jobs)}")
+        print(f"follow: squeue --jobs {','.join(ids)}; cancel: scancel {' '.join(ids)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
