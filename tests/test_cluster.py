@@ -215,6 +215,7 @@ def test_a_slurm_job_killed_mid_epoch_resumes_on_requeue_into_the_same_mlflow_ru
     client = MlflowClient(mlflow)
     (run,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
+    assert "Slurm requeues" in run.data.tags["stopped"]  # left by the preempted attempt, which ended the run KILLED
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]  # each epoch once
 
 

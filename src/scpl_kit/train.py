@@ -204,9 +204,12 @@ def end_tracked_run(tracker: MlflowTracker, error: BaseException) -> None:
     else:
         # SystemExit: how submitit ends a job that Slurm preempts or times out, before requeueing it.
         outcome, status = ("killed", "KILLED") if isinstance(error, (KeyboardInterrupt, SystemExit)) else ("failed", "FAILED")
+    reason = str(error)[:5000] or type(error).__name__
+    if isinstance(error, SystemExit):
+        reason = f"the process was told to exit (SystemExit {error.code}), as submitit does before Slurm requeues a job; a requeued job resumes this run"
     try:
         tracker.set_tag("outcome", outcome)
-        tracker.set_tag("error" if status == "FAILED" else "stopped", str(error)[:5000] or type(error).__name__)
+        tracker.set_tag("error" if status == "FAILED" else "stopped", reason)
     finally:
         tracker.finish(status)
 
