@@ -33,6 +33,22 @@ def text_processed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+_SEQUENTIAL_RUNS: dict[tuple[str, ...], Path] = {}
+
+
+def sequential_run(make: Callable[..., DictConfig], out_dir: Path, *overrides: str) -> Path:
+    """The sequential engine's run of `overrides` (one thread), computed once per test session: the
+    reference every engine-equivalence test compares against. Runs are deterministic, so each test
+    would compute the same files again (about 8 s each on 2 cores)."""
+    from scpl_kit.train import run
+
+    key = (make.profile, *overrides)  # type: ignore[attr-defined]
+    if key not in _SEQUENTIAL_RUNS:
+        run(make(*overrides, "trainer.threads=1", f"out_dir={out_dir}"))
+        _SEQUENTIAL_RUNS[key] = out_dir
+    return _SEQUENTIAL_RUNS[key]
+
+
 def composer(profile: str, processed_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     def make(*overrides: str) -> DictConfig:
         return compose_config([
@@ -45,6 +61,7 @@ def composer(profile: str, processed_dir: Path, tmp_path: Path) -> Callable[...,
             *overrides,
         ])
 
+    make.profile = profile  # type: ignore[attr-defined]
     return make
 
 

@@ -20,6 +20,7 @@ from scpl_kit.models import build_model
 from scpl_kit.train import run
 from scpl_kit.trainer import adam_cosine
 
+from conftest import sequential_run
 from test_training import history, same_weights, weights
 
 
@@ -65,8 +66,7 @@ def spawn_ranks(main, world: int, tmp: Path, *args) -> dict[str, str]:
 
 
 def reference(smoke_config, tmp_path: Path, method: str = "scpl") -> Path:
-    run(smoke_config(f"method={method}", "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
-    return tmp_path / "sequential"
+    return sequential_run(smoke_config, tmp_path / "sequential", f"method={method}")
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -288,8 +288,7 @@ TEXT_MODELS = {"transformer": ("model=transformer", "model.dropout=0.0"), "lstm"
 
 
 def text_reference(text_smoke_config, tmp_path: Path, *overrides: str) -> Path:
-    run(text_smoke_config(*overrides, "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
-    return tmp_path / "sequential"
+    return sequential_run(text_smoke_config, tmp_path / "sequential", *overrides)
 
 
 @pytest.mark.parametrize(("model", "method"), [("transformer", "scpl"), ("transformer", "al"), ("lstm", "early_exit")])

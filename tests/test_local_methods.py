@@ -19,6 +19,7 @@ from scpl_kit.signal import INPUT
 from scpl_kit.train import run
 from scpl_kit.trainer import adam_cosine
 
+from conftest import sequential_run
 from test_engines import assert_same_run, run_ranks
 from test_methods import tiny_batch
 
@@ -206,9 +207,9 @@ ENGINE_CASES = {"dgl": [], "infopro": [], "contsup": ["method.context=R1E"], "ca
 @pytest.mark.parametrize("method", LOCAL)
 def test_threads_engine_matches_sequential(smoke_config, tmp_path: Path, method: str) -> None:
     extra = ENGINE_CASES[method]
-    run(smoke_config(f"method={method}", *extra, "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
+    expected = sequential_run(smoke_config, tmp_path / "sequential", f"method={method}", *extra)
     run(smoke_config(f"method={method}", *extra, "trainer.threads=1", "engine=threads", "engine.devices=[cpu,cpu]", f"out_dir={tmp_path / 'threads'}"))
-    assert_same_run(tmp_path / "sequential", tmp_path / "threads")
+    assert_same_run(expected, tmp_path / "threads")
 
 
 @pytest.mark.slow
@@ -217,11 +218,11 @@ def test_pipeline_engine_matches_sequential(smoke_config, tmp_path: Path, method
     """ContSup's context and InfoPro's input travel between the processes with the activations;
     cascade's waiting stages hand their input on, its frozen ones only run forward."""
     extra = ENGINE_CASES[method]
-    run(smoke_config(f"method={method}", *extra, "trainer.threads=1", f"out_dir={tmp_path / 'sequential'}"))
+    expected = sequential_run(smoke_config, tmp_path / "sequential", f"method={method}", *extra)
     cfg = smoke_config(f"method={method}", *extra, "trainer.threads=1", "engine=pipeline", "engine.timeout_s=120", f"out_dir={tmp_path / 'pipeline'}")
     reports = run_ranks(cfg, 2, tmp_path)
     assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
-    assert_same_run(tmp_path / "sequential", tmp_path / "pipeline")
+    assert_same_run(expected, tmp_path / "pipeline")
 
 
 def test_cascade_under_gpipe_is_refused(smoke_config, tmp_path: Path) -> None:
