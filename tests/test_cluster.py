@@ -5,7 +5,6 @@ where it does not belong, a killed worker."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def worker(env: dict, *extra: str, host: str | None = None) -> subprocess.Popen:
     code = "import sys; from scpl_kit.sweep import main; sys.exit(main(sys.argv[1:]))"
     if host:
         code = f"import socket; socket.gethostname = lambda: {host!r}; " + code
-    return subprocess.Popen([sys.executable, "-c", code, *env["overrides"], *extra], env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code, *env["overrides"], *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def runs_of(env: dict) -> list:
@@ -133,7 +132,7 @@ def test_slurm_sweep_workers_share_one_study_on_postgresql_and_a_killed_worker_l
     assert {str(t.number) for t in finished} <= set(by_trial) and all(by_trial[str(t.number)].info.status == "FINISHED" for t in finished)
     assert [r.info.status for r in runs if r.data.tags.get("optuna_trial") == str(killed.number)] == ["KILLED"]
     assert [r.info.status for r in runs if r.data.tags.get("sweep") == "true"] == ["FINISHED"]  # the study's parent run
-    assert_no_password_anywhere({**shared_study, "tmp": shared_study["tmp"]}, [*doomed_output, printed.out, printed.err, *logs])
+    assert_no_password_anywhere(shared_study, [*doomed_output, printed.out, printed.err, *logs])
 
 
 def test_an_unreachable_database_fails_in_seconds_with_one_line(sweep_env: dict, processed_dir: Path, capsys, monkeypatch) -> None:
@@ -152,7 +151,7 @@ def test_an_unreachable_database_fails_in_seconds_with_one_line(sweep_env: dict,
     assert time.time() - started < 15 and err.count("\n") == 1 and "MLflow store postgresql+psycopg://scpl@127.0.0.1" in err
 
 
-def test_a_password_on_the_command_line_is_refused(sweep_env: dict, capsys) -> None:
+def test_a_password_on_the_command_line_or_in_a_config_file_is_refused(sweep_env: dict, capsys) -> None:
     for main, args in ((sweep_main, [*sweep_env["overrides"], "sweep.storage=postgresql+psycopg://scpl:hunter2@db:5432/optuna"]),
                        (train_main, ["tracking.uri=http://me:hunter2@mlflow:5000"]),
                        (submit_main, ["train", "tracking.uri=http://me:hunter2@mlflow:5000"])):

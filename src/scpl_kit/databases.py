@@ -13,7 +13,7 @@ from typing import Any
 
 from scpl_kit.preflight import PreflightError, check_sqlite_file
 
-CONNECT_TIMEOUT_S = 5  # a database server that does not accept a connection in 5 s is down, not slow
+CONNECT_TIMEOUT_S = 5  # a server (database, MLflow) that does not answer in 5 s is down, not slow
 PASSWORD_IN_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
 

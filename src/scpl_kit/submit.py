@@ -19,7 +19,7 @@ import logging
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,7 +77,7 @@ class ShellJob(submitit.helpers.Checkpointable):
 @dataclass
 class Submitted:
     what: str
-    jobs: list[Any] = field(default_factory=list)
+    jobs: list[Any]
 
 
 def make_executor(spec: DictConfig, name: str, after: Sequence[Any] = ()) -> submitit.Executor:

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scpl_kit.config import project_root
-from scpl_kit.databases import check_database, redact
+from scpl_kit.databases import CONNECT_TIMEOUT_S, check_database, redact
 from scpl_kit.preflight import PreflightError
 
-CONNECT_TIMEOUT_S = 5  # a tracking server that does not answer /health in 5 s is down, not slow
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves a local sqlite store
 
 
