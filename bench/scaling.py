@@ -107,7 +107,9 @@ from scpl_kit.engines import build_engine
 from scpl_kit.engines.launch import free_port, set_rank_env
 from scpl_kit.environment import describe, one_line
 from scpl_kit.memory import peak_memory_mb
-from scpl_kit.preflight import check_batch_fits, check_values
+from scpl_kit.data.datasets import load_prepared
+from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
+from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_batch_fits, check_options, check_output_dir, check_values, fail
 from scpl_kit.train import build, load_data, options, train_with
 from scpl_kit.trainer import configure_torch
 from throughput import SPREAD_LIMIT, START_METHOD  # the house rules: the same spread limit, the same worker start
@@ -574,9 +576,34 @@ def write_outputs(table: pd.DataFrame, verdicts: Sequence[Verdict], setup: Setup
     return shown.to_markdown(index=False)
 
 
+# What each option may be (argparse has typed them): a value out of range would fail minutes in, in a worker, or never be met (a target above 1).
+OPTION_RULES = {
+    "--width": Rule(float, positive=True), "--batch": Rule(int, low=1), "--epochs": Rule(int, low=1), "--rounds": Rule(int, low=1),
+    "--target": Rule(float, positive=True, high=1), "--workers": Rule(int, low=1), "--ranks-per-node": Rule(int, low=1),
+    "--average-every": Rule(int, low=1), "--slowdown": Rule(float, low=1), "--microbatches": Rule(int, low=1), "--seed": Rule(int, low=0),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be known before the first configuration starts: ranges, the batch's divisions,
+    the prepared MNIST-5k and its size, a folder for the outputs."""
+    check_options({option: getattr(args, option[2:].replace("-", "_")) for option in OPTION_RULES}, OPTION_RULES)
+    if args.batch % args.workers or args.batch % args.microbatches:
+        raise PreflightError(f"--batch {args.batch} must be a multiple of --workers {args.workers} and --microbatches {args.microbatches}")
+    if args.workers % args.ranks_per_node:
+        raise PreflightError(f"--ranks-per-node {args.ranks_per_node} must divide --workers {args.workers}")
+    try:
+        data = load_prepared("mnist5k", args.processed_dir, verify=False)  # every training run checks the checksums
+    except (DatasetNotFoundError, CorruptDataError) as error:
+        raise PreflightError(f"--processed-dir {args.processed_dir}: {error}") from None
+    if args.batch > data.meta["sizes"]["train"]:
+        raise PreflightError(f"--batch {args.batch} is larger than the training split of mnist5k ({data.meta['sizes']['train']} samples): no full batch to train on")
+    check_output_dir(args.out, "--out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = Setup()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python bench/scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--width", type=float, default=defaults.width, help="VGG8 width multiplier")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="global batch (a multiple of --workers and of --microbatches)")
@@ -595,12 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # the DVC stage passes params.yaml's `scaling` block as --key value (underscored keys too)
     setup = Setup(args.width, args.batch, args.epochs, args.target, args.workers, args.ranks_per_node, args.average_every,
                   args.slowdown, args.microbatches, args.seed, processed_dir=args.processed_dir)
-    if args.rounds < 1 or args.epochs < 1:
-        parser.error("need --rounds >= 1 and --epochs >= 1")
-    if args.batch % args.workers or args.batch % args.microbatches:
-        parser.error(f"--batch {args.batch} must be a multiple of --workers {args.workers} and --microbatches {args.microbatches}")
-    if args.workers % args.ranks_per_node:
-        parser.error(f"--ranks-per-node {args.ranks_per_node} must divide --workers {args.workers}")
+    try:
+        check_arguments(args)
+    except PreflightError as error:
+        sys.exit(fail(error))  # status 2 through SystemExit, as argparse's own errors leave
     started = time.perf_counter()
     outcomes = run_all(setup, args.configs, args.rounds)
     table = build_table(outcomes)

@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -58,6 +58,7 @@ from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
 from scpl_kit.memory import peak_memory_mb
+from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_options, check_output_dir, fail
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -364,8 +365,28 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+TEXT_HEADS = 6  # the Transformer's attention heads (conf/model/transformer.yaml): --text-dim must be a multiple
+MAX_WORKERS = 4  # a pipeline stage per worker, and the Transformer (and SCPL at K = 4) has 4 blocks to share out
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every number in range before the calibration starts (a bad one would otherwise fail minutes in, in a worker)."""
+    check_options({"--width": args.width, "--batch": args.batch, "--steps": args.steps, "--warmup": args.warmup, "--workers": args.workers,
+                   "--rounds": args.rounds, "--text-dim": args.text_dim}, {
+        "--width": Rule(float, positive=True),
+        "--batch": Rule(int, low=max(max(m) for m in GPIPE_MICROBATCHES.values())),  # GPipe splits it into M micro-batches
+        "--steps": Rule(int, low=2), "--warmup": Rule(int, low=1), "--workers": Rule(int, low=1, high=MAX_WORKERS),
+        "--rounds": Rule(int, low=1), "--text-dim": Rule(int, low=TEXT_HEADS),
+    })
+    if args.warmup >= args.steps:
+        raise PreflightError(f"--warmup {args.warmup} must be below --steps {args.steps}: the batches after the warm-up are the ones timed")
+    if args.text_dim % TEXT_HEADS:
+        raise PreflightError(f"--text-dim {args.text_dim} must be a multiple of the Transformer's {TEXT_HEADS} attention heads")
+    check_output_dir(args.out, "--out")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(prog="python bench/throughput.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--width", type=float, default=0.25, help="VGG8 width multiplier")
     parser.add_argument("--batch", type=int, default=128)
@@ -374,11 +395,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="K")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds: every configuration once per round; rows give the median")
     parser.add_argument("--text-dim", type=int, default=120, help="the Transformer's width (the paper's is 300), divisible by its 6 heads")
-    args = parser.parse_args()
-    if not 1 <= args.warmup < args.steps:
-        parser.error(f"need 1 <= --warmup < --steps (got warmup {args.warmup}, steps {args.steps})")
-    if args.rounds < 1:
-        parser.error(f"need --rounds >= 1 (got {args.rounds})")
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except PreflightError as error:
+        sys.exit(fail(error))  # status 2 through SystemExit, as argparse's own errors leave
     started = time.perf_counter()
     table = run_all(Setup(args.width, args.batch, args.steps, args.warmup, args.text_dim), args.workers, args.rounds)
     flagged = warnings(table)

@@ -20,16 +20,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods.units import SCORES
+from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, check_output_dir, fail, load_params
 from scpl_kit.report.grid import run_names
 from scpl_kit.data.datasets import PreparedData
-from scpl_kit.train import build, load_data
+from scpl_kit.train import USER_ERRORS, build, load_data
 from scpl_kit.tracking import MlflowTracker
+
+RUN_FILES = ("config.yaml", "metrics.json", "model.pt")  # what training leaves in a run folder, and evaluation reads
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,8 +80,22 @@ def evaluate_to(run_dir: Path, output: Path) -> bool:
     return report["matches_training"]
 
 
+def check_runs(run_dirs: Sequence[Path], key: str) -> None:
+    """Every run folder holds what training leaves (checked for all of them before any is evaluated)."""
+    def lacks(folder: Path) -> str | None:
+        if not folder.is_dir():
+            return f"run folder {folder} does not exist"
+        missing = [name for name in RUN_FILES if not (folder / name).is_file()]
+        return f"run folder {folder} has no {', '.join(missing)}" if missing else None
+
+    problems = [problem for problem in map(lacks, run_dirs) if problem]
+    if problems:
+        others = f" (and {len(problems) - 1} more of the {len(run_dirs)} runs)" if len(problems) > 1 else ""
+        raise PreflightError(f"{key}: {problems[0]}{others}; train it first (`dvc repro`)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, nargs="?", help="one run folder (or use --params)")
     parser.add_argument("output", type=Path, nargs="?", help="its report (.json)")
     parser.add_argument("--params", type=Path, help="params.yaml: evaluate every run of its grid")
@@ -88,10 +104,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.params is None and (args.run_dir is None or args.output is None):
         parser.error("give a run folder and an output file, or --params")
-    if args.params is None:
-        return 0 if evaluate_to(args.run_dir, args.output) else 1
-    names = run_names(yaml.safe_load(args.params.read_text())["grid"])
-    results = [evaluate_to(args.runs / name, args.out / f"{name}.json") for name in tqdm(names, desc="evaluate", unit="run")]
+    try:
+        if args.params is None:
+            check_runs([args.run_dir], "run_dir")
+            try:
+                check_output_dir(args.output.parent, "output")
+            except PreflightError as error:
+                raise PreflightError(f"output={args.output} cannot be written: {str(error).split(': ', 1)[-1]}") from None
+            return 0 if evaluate_to(args.run_dir, args.output) else 1
+        names = run_names(load_params(args.params, "grid"))
+        check_input_dir(args.runs, "--runs")
+        check_runs([args.runs / name for name in names], "--runs")
+        check_output_dir(args.out, "--out")
+        results = [evaluate_to(args.runs / name, args.out / f"{name}.json") for name in tqdm(names, desc="evaluate", unit="run")]
+    except USER_ERRORS as error:  # PreflightError among them; also a run's data that is gone or was changed
+        return fail(error)
     return 0 if all(results) else 1
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 
 from scpl_kit.config import ConfigError, compose_config, project_root
 from scpl_kit.databases import refuse_passwords
-from scpl_kit.preflight import PreflightError
+from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_output_dir, check_values, fail
 
 log = logging.getLogger("scpl_kit.submit")
 COMMANDS = ("train", "sweep", "repro")
@@ -229,23 +230,75 @@ def report(submitted: Submitted, spec: DictConfig) -> None:
         print(f"follow: squeue --jobs {','.join(ids)}; cancel: scancel {' '.join(ids)}")
 
 
+# conf/launcher/*.yaml's numbers, checked as preflight.RULES checks a run's; and the programs each cluster's jobs go through.
+LAUNCHER_RULES = {
+    "launcher.nodes": Rule(int, low=1),
+    "launcher.tasks_per_node": Rule(int, low=1),
+    "launcher.gpus_per_node": Rule(int, low=0, nullable=True),
+    "launcher.cpus_per_task": Rule(int, low=1, nullable=True),
+    "launcher.mem_gb": Rule(float, positive=True, nullable=True),
+    "launcher.timeout_min": Rule(int, low=1),
+    "launcher.workers": Rule(int, low=1),
+    "launcher.array_parallelism": Rule(int, low=1, nullable=True),
+    "launcher.max_num_timeout": Rule(int, low=0),
+    "launcher.signal_delay_s": Rule(int, low=0, nullable=True),
+}
+CLUSTER_PROGRAMS = {"local": (), "slurm": ("sbatch", "srun")}
+
+
+def check_launcher(cfg: DictConfig, command: str, arguments: list[str]) -> None:
+    """What can be known before a job is queued: the launcher's values, a folder for its logs, the
+    programs the command runs, and (train) the training config's values, which would otherwise fail
+    in the job. The cluster's own programs are checked when submitit first needs them (missing_programs)."""
+    check_values(cfg, LAUNCHER_RULES)
+    spec = cfg.launcher
+    if spec.cluster not in CLUSTER_PROGRAMS:
+        raise ConfigError(f"launcher.cluster={spec.cluster!r}; valid clusters: {', '.join(CLUSTER_PROGRAMS)}")
+    if spec.cluster == "local" and spec.nodes != 1:
+        raise PreflightError(f"launcher.nodes={spec.nodes}: the local launcher runs jobs on this machine only (1 node); use launcher=slurm")
+    if not isinstance(spec.wait, bool):
+        raise PreflightError(f"launcher.wait={spec.wait!r}: expected true or false")
+    check_output_dir(spec.folder, "launcher.folder")
+    if command == "repro" and shutil.which("dvc") is None:
+        raise PreflightError("repro runs `dvc`, which is not on PATH: activate the virtualenv the kit is installed in (source .venv/bin/activate)")
+    if command == "train":
+        check_values(compose_config(arguments))
+
+
+def missing_programs(spec: DictConfig) -> list[str]:
+    """The programs the launcher's cluster needs that this machine's PATH lacks (Slurm: sbatch to queue, srun to start tasks)."""
+    return [program for program in CLUSTER_PROGRAMS.get(spec.cluster, ()) if shutil.which(program) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arguments", nargs="+", help="[launcher=<name>] [launcher.<key>=<value> ...] {train|sweep|repro} [overrides ...]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         launcher, command, rest = split_arguments(args.arguments)
         refuse_passwords(rest)
-        spec = compose_config(launcher, config_name="submit").launcher
-        submitted = SUBMITTERS[command](spec, rest)
+        cfg = compose_config(launcher, config_name="submit")
+        spec = cfg.launcher
+        check_launcher(cfg, command, rest)
+        try:
+            submitted = SUBMITTERS[command](spec, rest)
+        except (RuntimeError, OSError):
+            # After the command's own checks, so its mistakes are named first: submitit raises when it
+            # finds no srun ("are you indeed on a slurm cluster?"), and running sbatch fails when it is not there.
+            missing = missing_programs(spec)
+            if not missing:
+                raise
+            raise PreflightError(
+                f"launcher={spec.cluster} needs {' and '.join(missing)}, which this machine does not have on PATH: "
+                "submit from the cluster's login node, or use launcher=local to run the jobs here"
+            ) from None
         report(submitted, spec)
         if spec.wait:
             wait_for(submitted.jobs)
             print(f"done: {submitted.what}")
     except (ConfigError, PreflightError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     except (JobFailed, submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
         print(f"error: a job failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
         return 1

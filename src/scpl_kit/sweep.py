@@ -27,14 +27,14 @@ import numpy as np
 import optuna
 import psutil
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from scpl_kit.config import ConfigError, compose_config, project_root, to_container
 from scpl_kit.databases import check_database, engine_options, redact, refuse_passwords
-from scpl_kit.preflight import check_values
+from scpl_kit.preflight import RULES, OneLineParser, Rule, check_augmentation_fits, check_batch_fits, check_output_dir, check_values, fail
 from scpl_kit.tracking import MlflowTracker
-from scpl_kit.train import USER_ERRORS, run, run_key
+from scpl_kit.train import USER_ERRORS, load_data, run, run_key
 from scpl_kit.trainer import TrainingStopped
 
 log = logging.getLogger("scpl_kit.sweep")
@@ -45,6 +45,18 @@ GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 STORAGE_ENV = "SCPL_OPTUNA_STORAGE"  # the study's database when sweep.storage is null, e.g. on a cluster's workers
 VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
+DIRECTIONS = ("maximize", "minimize")
+SPACE_TYPES = ("float", "int", "categorical")
+# The study's own numbers (conf/sweep/*.yaml), checked as preflight.RULES checks a run's.
+SWEEP_RULES = {
+    "sweep.n_trials": Rule(int, low=1),
+    "sweep.timeout_s": Rule(float, positive=True, nullable=True),
+    "sweep.heartbeat_s": Rule(int, low=1),
+    "sweep.worker": Rule(int, low=0),
+    "sweep.sampler.seed": Rule(int, low=0, nullable=True),
+    "sweep.pruner.n_startup_trials": Rule(int, low=0),
+    "sweep.pruner.n_warmup_steps": Rule(int, low=0),
+}
 
 
 class Pruned(TrainingStopped):
@@ -71,13 +83,50 @@ def suggest(trial: optuna.Trial, name: str, spec: dict[str, Any]) -> Any:
     raise ConfigError(f"search space entry {name!r} has type {kind!r}; valid types: float, int, categorical")
 
 
+def check_space(space: DictConfig, base: DictConfig) -> None:
+    """Every searched key exists in a trial's config, and every value its entry can draw is one a run
+    accepts (preflight.RULES): a space that cannot be met fails here, not as n_trials failed trials."""
+    missing = object()
+    for name, entry in space.items():
+        where = f"sweep.space.{name}"
+        kind = entry.get("type") if isinstance(entry, DictConfig) else None
+        if kind not in SPACE_TYPES:
+            raise ConfigError(f"{where}: type {kind!r}; valid types: {', '.join(SPACE_TYPES)}")
+        key = str(name).lstrip("+~")
+        if not str(name).startswith("+") and OmegaConf.select(base, key, default=missing) is missing:
+            raise ConfigError(f"{where}: {key!r} is not a key of the training config (a new key needs a leading +)")
+        rule = RULES.get(key)
+        if kind == "categorical":
+            choices = entry.get("choices")
+            if not isinstance(choices, (list, ListConfig)) or not choices:
+                raise ConfigError(f"{where}.choices: expected a non-empty list")
+            values = list(choices)
+        else:
+            number = Rule(int if kind == "int" else float)
+            low, high = entry.get("low"), entry.get("high")
+            for bound, value in (("low", low), ("high", high)):
+                if not number.accepts(value):
+                    raise ConfigError(f"{where}.{bound}={value!r}: expected {number.describe()}")
+            if low > high:
+                raise ConfigError(f"{where}: low={low} is above high={high}")
+            if entry.get("log", False) and low <= 0:
+                raise ConfigError(f"{where}: log=true needs low > 0 (got {low})")
+            step = entry.get("step")
+            if step is not None and not (number.accepts(step) and step > 0):
+                raise ConfigError(f"{where}.step={step!r}: expected {number.describe()} > 0")
+            values = [low, high]
+        for value in values:
+            if rule is not None and not rule.accepts(value):
+                raise ConfigError(f"{where} can draw {value!r}, but {key} expects {rule.describe()}")
+
+
 def make_sampler(spec: DictConfig, worker: int, restart: int) -> optuna.samplers.BaseSampler:
     """Each worker, and each restart of it (`restart`: trials the study held when it started), gets its
     own seed: equal seeds would make parallel workers, or a resumed sweep, draw the same points again."""
     seed = None if spec.seed is None else int(np.random.SeedSequence([spec.seed, worker, restart]).generate_state(1)[0])
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed), "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
     if spec.name not in samplers:
-        raise ConfigError(f"unknown sampler {spec.name!r}; valid samplers: {', '.join(samplers)}")
+        raise ConfigError(f"sweep.sampler.name={spec.name!r}: unknown sampler; valid samplers: {', '.join(samplers)}")
     return samplers[spec.name]()
 
 
@@ -88,7 +137,7 @@ def make_pruner(spec: DictConfig, max_epochs: int) -> optuna.pruners.BasePruner:
         "none": optuna.pruners.NopPruner,
     }
     if spec.name not in pruners:
-        raise ConfigError(f"unknown pruner {spec.name!r}; valid pruners: {', '.join(pruners)}")
+        raise ConfigError(f"sweep.pruner.name={spec.name!r}: unknown pruner; valid pruners: {', '.join(pruners)}")
     return pruners[spec.name]()
 
 
@@ -150,15 +199,34 @@ class Sweep:
         self.storage_url = self.spec.storage or os.environ.get(STORAGE_ENV) or default_storage()
         if self.spec.metric not in VALIDATION_METRICS:
             raise ConfigError(f"sweep.metric {self.spec.metric!r}: a search selects on validation only; valid metrics: {', '.join(VALIDATION_METRICS)}")
+        check_values(cfg, SWEEP_RULES)
+        if self.spec.direction not in DIRECTIONS:
+            raise ConfigError(f"sweep.direction={self.spec.direction!r}; valid directions: {', '.join(DIRECTIONS)}")
         searched = {key for key in self.spec.space}
         clash = [o for o in train_overrides if o.split("=", 1)[0].lstrip("+~") in searched]
         if clash:
             raise ConfigError(f"{', '.join(clash)}: this key is searched by the study; drop it from the command line or from sweep.space")
         self.base = compose_config(self.fixed_overrides())  # a trial's config before its searched values
-        # Before anything is created (the tracker checks its own store): bad values, a storage that cannot be used.
+        # Before anything is created (the tracker checks its own store): bad values, a space, sampler or
+        # pruner that cannot be used, folders that cannot be written, a storage that cannot be used.
         check_values(self.base)
+        check_space(self.spec.space, self.base)
+        self.check_data()
+        make_sampler(self.spec.sampler, self.spec.worker, restart=0)
+        make_pruner(self.spec.pruner, self.base.trainer.epochs)
+        check_output_dir(self.spec.output_dir, "sweep.output_dir")
+        check_output_dir(self.spec.export_dir, "sweep.export_dir")
         check_database(self.storage_url, "Optuna storage")
         self.study_name = study_identity(self.spec, self.base)
+
+    def check_data(self) -> None:
+        """The trials' prepared data is there and fits their batch, as train.run checks before its first step
+        (without the checksums, which every trial verifies): else every trial would fail the same way."""
+        data = load_data(OmegaConf.merge(self.base, {"data": {"verify_checksum": False}}))
+        if "trainer.batch_size" not in self.spec.space:
+            check_batch_fits(self.base, data.meta["sizes"]["train"])
+        if "trainer.augmentation" not in self.spec.space:
+            check_augmentation_fits(self.base, data.meta.get("modality", "image"))
 
     def fixed_overrides(self) -> list[str]:
         """The study's own settings first, so the command line wins (e.g. trainer.epochs over search_only)."""
@@ -397,8 +465,8 @@ def load_sweep(overrides: Sequence[str]) -> Sweep:
     training overrides that apply to every trial."""
     refuse_passwords(list(overrides))
     choice = [o for o in overrides if o.startswith("sweep=")]
-    if not choice:
-        raise ConfigError("name the study with sweep=<name>, one of conf/sweep/*.yaml")
+    if len(choice) != 1:
+        raise ConfigError(f"name the study once, with sweep=<name>, one of conf/sweep/*.yaml (got {' '.join(choice) or 'none'})")
     sweep_keys = [o for o in overrides if o.startswith("sweep.")]
     train_overrides = [o for o in overrides if not o.startswith("sweep")]
     cfg = compose_config([*train_overrides, f"+{choice[0]}", *sweep_keys])
@@ -406,7 +474,7 @@ def load_sweep(overrides: Sequence[str]) -> Sweep:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="+", help="sweep=<name> (conf/sweep/<name>.yaml), sweep.* keys, and training overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -414,8 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_sweep(args.overrides).run()
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     return 0
 
 

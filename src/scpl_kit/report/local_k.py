@@ -28,8 +28,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-import yaml
 from omegaconf import OmegaConf
+
+from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
+from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, check_output_dir, fail, load_params
 
 LABELS = {
     "bp": "BP (end to end)", "early_exit": "Early Exit (greedy SL)", "dgl": "DGL", "infopro": "InfoPro", "contsup": "ContSup",
@@ -89,12 +91,29 @@ def memory_check(published: pd.DataFrame, batch: int = CHECK_BATCH) -> pd.DataFr
     return table.round({"peak_module_mem_mb": 1})
 
 
+def check_part(part: dict[str, Any]) -> None:
+    """The grid's local_k part names what local_runs and run_name read."""
+    for key, kind in (("dataset", str), ("model", str), ("profile", str), ("methods", list), ("ks", list), ("seeds", list)):
+        if not isinstance(part.get(key), kind):
+            raise PreflightError(f"grid.local_k.{key} is {'missing' if key not in part else repr(part[key])}: expected a "
+                                 f"{'list' if kind is list else 'name'}, as in params.yaml")
+
+
+def check_runs(part: dict[str, Any], runs: Path) -> None:
+    """Every run of the part finished (metrics.json, and config.yaml to rebuild its units for memory), checked before any work."""
+    missing = [
+        str(runs / run_name(part, config, k, seed)) for config, k, seed in local_runs(part)
+        if not all((runs / run_name(part, config, k, seed) / name).is_file() for name in ("metrics.json", "config.yaml"))
+    ]
+    if missing:
+        others = f" (and {len(missing) - 1} more of the {len(local_runs(part))} runs)" if len(missing) > 1 else ""
+        raise PreflightError(f"--runs: {missing[0]} has no metrics.json or config.yaml{others}; run `dvc repro` first")
+
+
 def collect(part: dict[str, Any], runs: Path) -> pd.DataFrame:
     rows, memory = [], {}
     for config, k, seed in local_runs(part):
         run_dir = runs / run_name(part, config, k, seed)
-        if not (run_dir / "metrics.json").is_file():
-            raise FileNotFoundError(f"{run_dir} has no metrics.json; run `dvc repro` first")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if (config, k) not in memory:  # memory does not depend on the seed
             memory[config, k] = max(module_memory(run_dir))
@@ -179,12 +198,21 @@ def build_report(part: dict[str, Any], runs: Path, out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.report.local_k", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.report.local_k", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--runs", type=Path, default=Path("runs_local"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    print(build_report(yaml.safe_load(args.params.read_text())["grid"]["local_k"], args.runs, args.out))
+    try:
+        part = load_params(args.params, "grid.local_k")
+        check_part(part)
+        check_input_dir(args.runs, "--runs")
+        check_runs(part, args.runs)
+        check_output_dir(args.out, "--out")
+        text = build_report(part, args.runs, args.out)  # writes only once every run is read
+    except (PreflightError, DatasetNotFoundError, CorruptDataError) as error:  # the runs' prepared data, for their memory
+        return fail(error)
+    print(text)
     return 0
 
 

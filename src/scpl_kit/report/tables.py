@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import pandas as pd
-import yaml
 
 from scpl_kit.environment import one_line
+from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, check_output_dir, fail, load_params
 from scpl_kit.report.exits import exit_markdown, exit_table, plot_exits
 from scpl_kit.report.grid import run_names
 from scpl_kit.report.published import SOURCES, UNSPECIFIED_MODEL, published_columns
@@ -35,9 +35,10 @@ PANEL_INCHES, DPI, MAX_COLUMNS = (5, 3.6), 100, 2  # ≤ 1000 px wide: `dvc plot
 
 def run_dirs(runs: Path, grid: dict) -> list[Path]:
     dirs = [runs / name for name in run_names(grid)]
-    missing = [str(d) for d in dirs if not (d / "metrics.json").is_file()]
+    missing = [str(d) for d in dirs if not (d / "metrics.json").is_file() or not (d / "history.csv").is_file()]
     if missing:
-        raise FileNotFoundError(f"runs without metrics.json: {', '.join(missing)}; run `dvc repro` first")
+        others = f" (and {len(missing) - 1} more of the {len(dirs)} runs)" if len(missing) > 1 else ""
+        raise PreflightError(f"--runs: {missing[0]} has no metrics.json or history.csv{others}; run `dvc repro` first")
     return dirs
 
 
@@ -139,12 +140,19 @@ def build_reports(params: dict, runs: Path, out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.report.tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.report.tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    print(build_reports(yaml.safe_load(args.params.read_text()), args.runs, args.out))
+    try:
+        params = {"grid": load_params(args.params, "grid")}
+        check_input_dir(args.runs, "--runs")
+        run_dirs(args.runs, params["grid"])  # every run there, before anything is written
+        check_output_dir(args.out, "--out")
+    except PreflightError as error:
+        return fail(error)
+    print(build_reports(params, args.runs, args.out))
     return 0
 
 
