@@ -1,6 +1,7 @@
-# Two commands from a fresh clone (Python 3.11, no GPU needed):
-#   make repro       set up .venv and run the whole DVC pipeline (dvc repro)
-#   make test        set up .venv and run every test
+# Commands from a fresh clone (Python 3.11, no GPU needed):
+#   make repro       set up .venv and run the whole DVC pipeline, independent training runs one per core
+#   make test        set up .venv and run every test (as root: installs Chromium, PostgreSQL, Slurm first)
+#   make bench       re-measure the speed tables (throughput, scaling) on this machine
 # and two to look at the results in a browser:
 #   make ui          the MLflow UI on http://127.0.0.1:5000 (runs, per-epoch charts, sweeps)
 #   make dashboard   optuna-dashboard on http://127.0.0.1:8080 (the sweeps' studies)
@@ -15,7 +16,7 @@ OPTUNA_STORE ?= sqlite:///$(CURDIR)/optuna.db
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test ui dashboard exps
+.PHONY: setup repro bench test ui dashboard exps
 
 setup: $(VENV)/.installed
 
@@ -27,12 +28,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # make cannot change the PATH of the shell that called it: say how to get dvc and mlflow there.
+# `dvc repro` with the training matrix on a pool of one worker per core (src/scpl_kit/stage_pool.py);
+# the same results as a plain `dvc repro`, which runs one stage at a time.
 repro: setup
-	dvc repro
+	python -m scpl_kit.submit repro
 	@echo "Tables: reports/tables/; figures: reports/figures/. Runs: make ui."
 	@echo "For dvc, mlflow and python -m scpl_kit.* in this shell: source $(VENV)/bin/activate"
 
+# The committed speed tables were measured on another machine (named in each table's header).
+bench: setup
+	dvc repro --force throughput scaling
+
 test: setup
+	@scripts/test-services
 	python -m pytest
 
 # Job execution off and one worker: 2 processes and 0.5 GB instead of 15 and 3 GB (MLflow 3.17).

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -107,13 +108,31 @@ def load_study(env: dict) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=env["storage"])
 
 
+# Fixtures that start a real component: a test using one needs it, marked or not.
+FIXTURE_NEEDS = {"slurm": "needs_slurm", "postgres": "needs_postgres"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip what needs a missing component, saying how to get it (scripts/test-services installs them all)."""
+    from services import COMPONENTS
+
+    missing = {marker: install for marker, (present, install) in COMPONENTS.items() if not present()}
+    for item in items:
+        for fixture, marker in FIXTURE_NEEDS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+        for marker, install in missing.items():
+            if item.get_closest_marker(marker) and not os.environ.get("CI"):
+                item.add_marker(pytest.mark.skip(reason=f"{marker}: not installed here ({install}; or run `sudo make test`)"))
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
     """A real one-node Slurm cluster for this test session (tests/services.py); its clients need `slurm.env`."""
-    from services import Slurm, have
+    from services import Slurm
 
-    if not have("slurmctld", "slurmd", "munged", "sbatch"):
-        pytest.skip("Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does)")
     cluster = Slurm(tmp_path_factory.mktemp("slurm"))
-    yield cluster
-    cluster.stop()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,6 +1,7 @@
 """Real servers for the cluster tests, each started in a temporary folder on 127.0.0.1 and stopped
 after: PostgreSQL (Debian's `postgresql`), an MLflow tracking server on it, and a one-node Slurm
-(Debian's `slurm-wlm` with `munge`). `.ci/run` installs the packages; without them the tests skip."""
+(Debian's `slurm-wlm` with `munge`). `scripts/test-services` installs the packages (as root; `make test`
+and CI run it); a test that needs one declares it with a marker (COMPONENTS) and skips without it."""
 
 from __future__ import annotations
 
@@ -161,6 +162,15 @@ class Slurm:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.started = time.time()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # whatever did start goes too: a failed start leaves no daemon behind
+            raise
+
+    def _start(self) -> None:
+        folder = self.folder
         for name in ("munge", "state", "spool"):
             (folder / name).mkdir(parents=True)
         key = folder / "munge" / "munge.key"
@@ -191,7 +201,10 @@ class Slurm:
         return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True).stdout
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+        """Cancel every job, stop the daemons, and kill any job step still running: slurmstepd is
+        detached from slurmd, so a test that failed mid-job would otherwise leave its steps behind."""
+        env = {**os.environ, "SLURM_CONF": str(self.folder / "slurm.conf")}
+        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
         for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
             path = self.folder / pid_file
             if path.is_file():
@@ -199,7 +212,29 @@ class Slurm:
                     os.kill(int(path.read_text().strip()), 15)
                 except (ProcessLookupError, ValueError):
                     pass
+        steps = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "slurmstepd" and p.info["create_time"] >= self.started]
+        for step in steps:
+            try:
+                for process in [*step.children(recursive=True), step]:
+                    process.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def have(*programs: str) -> bool:
     return all(shutil.which(p) for p in programs)
+
+
+def have_playwright() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None
+
+
+# marker → (is it here?, what to install). A test marked `needs_<name>` skips without it, except
+# under CI ($CI set), where it runs and fails: CI must not pass by skipping what it was meant to test.
+COMPONENTS = {
+    "needs_slurm": (lambda: have("slurmctld", "slurmd", "munged", "sbatch", "srun"), "apt-get install slurm-wlm munge"),
+    "needs_postgres": (lambda: postgres_bin() is not None and have("runuser", "psql"), "apt-get install postgresql"),
+    "needs_browser": (lambda: Path("/usr/bin/chromium").exists() and have_playwright(), "apt-get install chromium; pip install -e '.[dev]'"),
+}

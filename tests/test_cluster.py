@@ -21,18 +21,18 @@ from scpl_kit.sweep import counted, main as sweep_main
 from scpl_kit.train import main as train_main
 
 from conftest import load_study
-from services import MlflowServer, Postgres, free_port, have, postgres_bin
+from services import MlflowServer, Postgres, free_port
 
-needs_postgres = pytest.mark.skipif(
-    postgres_bin() is None or not have("runuser", "psql"), reason="PostgreSQL is not installed (apt-get install postgresql; .ci/run does)"
-)
+needs_postgres = pytest.mark.needs_postgres
 
 
 @pytest.fixture(scope="module")
 def postgres():
     server = Postgres.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,10 @@ def pgpass(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def mlflow_server(postgres: Postgres, pgpass: Path, tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(postgres.url("mlflow"), tmp_path_factory.mktemp("mlflow"), pgpass)
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -218,6 +220,7 @@ def test_a_slurm_job_killed_mid_epoch_resumes_on_requeue_into_the_same_mlflow_ru
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]  # each epoch once
 
 
+@pytest.mark.needs_slurm  # submitit's Slurm executor refuses to start without srun
 def test_the_launcher_config_becomes_the_sbatch_script(tmp_path: Path) -> None:
     """Partition, GPUs, CPUs, memory, time and the warning signal of conf/launcher/slurm.yaml, as sbatch reads them."""
     spec = compose_config(["launcher=slurm", "launcher.partition=gpu", "launcher.nodes=2", "launcher.tasks_per_node=4", "launcher.gpus_per_node=4",

@@ -62,12 +62,20 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root / "src"), DVC_NO_ANALYTICS="1")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         sh(cmd, root, env)
-    return root, env
+    # What `make repro` runs: the training stages two at a time on a pool, then `dvc repro` for the rest.
+    # Here, so that every test of this module finds a reproduced pipeline, whichever of them runs.
+    printed = sh(["python", "-m", "scpl_kit.submit", "launcher.array_parallelism=2", "repro"], root, env)
+    return root, env, printed
+
+
+def pool_stages(output: str) -> set[str]:
+    return set(re.findall(r"^\[\d+/\d+\] (\S+) done in", output, flags=re.MULTILINE))
 
 
 def test_repro_builds_tables_and_plots(repo) -> None:
-    root, env = repo
-    ran = stages_run(sh(["dvc", "repro"], root, env))
+    root, env, printed = repo
+    ran = stages_run(printed) | pool_stages(printed)
+    assert re.search(r"^\[6/6\] ", printed, flags=re.MULTILINE)  # progress: stages done of stages to run
     assert ran == {
         "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
         "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
@@ -120,7 +128,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
 
 def test_second_repro_does_nothing(repo) -> None:
     """Even though the first one wrote __pycache__/ into src/ (.dvcignore keeps it out of the hashes)."""
-    root, env = repo
+    root, env, _ = repo
     assert "up to date" in sh(["dvc", "status"], root, env)
     assert stages_run(sh(["dvc", "repro"], root, env)) == set()
 
@@ -129,7 +137,7 @@ def test_results_move_through_the_dvc_remote(repo) -> None:
     """`dvc push` where the pipeline ran (a cluster), then `git clone` and `dvc pull` elsewhere (a laptop):
     the committed default remote, a folder beside the clone, works without setup; `dvc repro` there
     has nothing to do, and the tables are the ones that were pushed."""
-    root, env = repo
+    root, env, _ = repo
     sh(["git", "add", "-A"], root, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], root, env)
     sh(["dvc", "push"], root, env)
@@ -147,7 +155,7 @@ def test_results_move_through_the_dvc_remote(repo) -> None:
 
 
 def test_plots_and_experiments_are_readable(repo) -> None:
-    root, env = repo
+    root, env, _ = repo
     sh(["dvc", "plots", "show"], root, env)
     assert (root / "dvc_plots/index.html").is_file()
     sh(["git", "check-ignore", "-q", "dvc_plots/index.html"], root, env)  # not left as an untracked file
@@ -160,52 +168,84 @@ def test_plots_and_experiments_are_readable(repo) -> None:
     assert len(columns) <= 60 and not re.search(r"[0-9a-f]{32}", table), table  # no dependency hashes, no run ids
 
 
-def test_one_more_seed_runs_only_that_seed(repo) -> None:
-    root, env = repo
+def add_seed(root: Path, parts: tuple[str, ...]) -> tuple[dict, int]:
+    """One seed more in the grid's `parts` of the copy's params.yaml (whatever earlier tests left there)."""
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["grid"]["vision"]["seeds"] = params["grid"]["text"]["seeds"] = [0, 1]
+    seed = max(max(params["grid"][part]["seeds"]) for part in parts) + 1
+    for part in parts:
+        params["grid"][part]["seeds"] = [*params["grid"][part]["seeds"], seed]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params["grid"], seed
+
+
+def test_one_more_seed_runs_only_that_seed(repo) -> None:
+    root, env, _ = repo
+    grid, seed = add_seed(root, ("vision", "text"))
     ran = stages_run(sh(["dvc", "repro"], root, env))
     assert ran == {
-        "train@mnist5k-vgg-bp-1", "train@mnist5k-vgg-early_exit-1",
-        "train_text@bbcnews-transformer-bp-1", "train_text@bbcnews-transformer-early_exit-1", "evaluate", "tables",
+        *(f"train@mnist5k-vgg-{method}-{seed}" for method in grid["methods"]),
+        *(f"train_text@bbcnews-transformer-{method}-{seed}" for method in grid["methods"]), "evaluate", "tables",
     }
-    assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {2}
+    assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {len(grid["vision"]["seeds"])} == {len(grid["text"]["seeds"])}
+
+
+def test_pooled_runs_equal_one_at_a_time(repo) -> None:
+    """`make repro` trains on a pool whose workers run one stage after another in the same process;
+    `dvc repro` starts a fresh process per stage. The weights are the same bytes, the accuracies equal."""
+    root, env, _ = repo
+    outputs = {
+        "train@mnist5k-vgg-bp-0": "runs/mnist5k-vgg-bp-s0", "train@mnist5k-vgg-early_exit-0": "runs/mnist5k-vgg-early_exit-s0",
+        "train_text@bbcnews-transformer-early_exit-0": "runs/bbcnews-transformer-early_exit-s0",
+        "train_local@cascade-2-0": "runs_local/mnist5k-vgg-cascade-k2-s0",
+    }
+
+    def results(folder: str) -> tuple[bytes, dict]:
+        metrics = json.loads((root / folder / "metrics.json").read_text())
+        return (root / folder / "model.pt").read_bytes(), {key: value for key, value in metrics.items() if "acc" in key}
+
+    pooled = {stage: results(folder) for stage, folder in outputs.items()}
+    sh(["dvc", "repro", "--force", "--single-item", *outputs], root, env)
+    assert {stage: results(folder) for stage, folder in outputs.items()} == pooled
+    sh(["dvc", "repro"], root, env)  # the tables again: the forced runs' timings differ (order-free tests)
 
 
 def test_a_new_seed_trains_as_a_slurm_array(repo, slurm) -> None:
     """`python -m scpl_kit.submit launcher=slurm repro` on a real one-node Slurm: the stale training
     stages run as one array job, then one job records them (dvc commit) and runs the rest."""
-    root, env = repo
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["grid"]["vision"]["seeds"] = [0, 1, 2]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root, env, _ = repo
+    grid, _ = add_seed(root, ("vision",))
     launcher = ["launcher=slurm", "launcher.wait=true", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", "launcher.mem_gb=null"]
     printed = sh(["python", "-m", "scpl_kit.submit", *launcher, "repro"], root, {**env, "SLURM_CONF": str(slurm.conf)})
-    assert "0 upstream stage(s), 2 training stage(s) as an array" in printed
+    n = len(grid["methods"])
+    assert f"0 upstream stage(s), {n} training stage(s) as an array" in printed
     scripts = [path.read_text() for path in (root / "outputs/jobs").glob("*_submission.sh")]
-    assert sum("--array=0-1" in script for script in scripts) == 1 and sum("--dependency=afterok:" in script for script in scripts) == 1
+    assert sum(f"--array=0-{n - 1}" in script for script in scripts) == 1 and sum("--dependency=afterok:" in script for script in scripts) == 1
     logs = "".join(path.read_text() for path in (root / "outputs/jobs").glob("*_log.*"))
-    assert stages_run(logs) == {"evaluate", "tables"}  # the two training stages ran in the array, not again
+    assert stages_run(logs) == {"evaluate", "tables"}  # the training stages ran in the array, not again
     assert "up to date" in sh(["dvc", "status"], root, env)
     accuracy = pd.read_csv(root / "reports/tables/accuracy.csv")
-    assert set(accuracy[accuracy.dataset == "mnist5k"].n_runs) == {3}
+    assert set(accuracy[accuracy.dataset == "mnist5k"].n_runs) == {len(grid["vision"]["seeds"])}
 
 
 def test_dvc_exp_run_with_set_param(repo) -> None:
-    root, env = repo
+    root, env, _ = repo
+    original = (root / "params.yaml").read_text()
     sh(["git", "add", "-A"], root, env)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two seeds"], root, env)
-    ran = stages_run(sh(["dvc", "exp", "run", "-S", "grid.methods=[early_exit]"], root, env))
-    assert ran == {"evaluate", "tables"}  # the early_exit runs exist already; only the evaluations and tables change
-    assert list(pd.read_csv(root / "reports/tables/accuracy.csv").method) == ["early_exit", "early_exit"]  # MNIST-5k, BBC News
-    assert "grid.methods" in sh(["dvc", "exp", "show", "--md"], root, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the experiment"], root, env)
+    try:
+        ran = stages_run(sh(["dvc", "exp", "run", "-S", "grid.methods=[early_exit]"], root, env))
+        assert ran == {"evaluate", "tables"}  # the early_exit runs exist already; only the evaluations and tables change
+        assert list(pd.read_csv(root / "reports/tables/accuracy.csv").method) == ["early_exit", "early_exit"]  # MNIST-5k, BBC News
+        assert "grid.methods" in sh(["dvc", "exp", "show", "--md"], root, env)
+    finally:  # the experiment was applied to the workspace: back to the grid the other tests expect
+        (root / "params.yaml").write_text(original)
+        sh(["dvc", "repro"], root, env)
 
 
 def test_the_paper_grid_is_one_parameter_away(repo) -> None:
     """`grid: *paper` in the repository's own params.yaml: every dataset × model × method × seed of the
     paper's vision and text grids becomes a train stage (a dry run: no data, no GPU)."""
-    root, env = repo
+    root, env, _ = repo
     original = (root / "params.yaml").read_text()
     params_text = (REPO / "params.yaml").read_text()
     assert params_text.rstrip().endswith("grid: *offline")

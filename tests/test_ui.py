@@ -7,13 +7,15 @@ tags, a run's per-epoch chart, a sweep's parent run with its trials nested under
 with its trials in optuna-dashboard. Screenshots of every check go to the test's tmp folder and to
 $SCPL_UI_SHOTS when it is set.
 
-Needs /usr/bin/chromium (`apt-get install chromium`; never `playwright install`). Without it the
-module is skipped, except under CI, where it fails.
+Needs /usr/bin/chromium (`apt-get install chromium`; never `playwright install`): marked `needs_browser`,
+so without it the module is skipped, except under CI, where it fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -34,25 +36,22 @@ from scpl_kit.tracking import ui_link
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-UNDER_CI = bool(os.environ.get("CI"))
 STUDY = "tiny"
 N_TRIALS = 3
 EPOCHS = 2
 METHODS = ("bp", "scpl")
+GRID_PARTS = {"bp": "vision", "scpl": "local_k"}  # tracking.group, as the DVC grid sets it per part
 SHOTS_COPY = os.environ.get("SCPL_UI_SHOTS")  # also copy the screenshots here, to look at them after the run
 TIMEOUT_MS = 30_000  # a first page load compiles MLflow's large JS bundle: seconds on 2 cores
 
-if not CHROMIUM.exists() and not UNDER_CI:
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the UI tests need a browser", allow_module_level=True)
-if UNDER_CI:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright  # under CI a missing playwright fails
-else:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
-    Browser, Page, expect, sync_playwright = sync_api.Browser, sync_api.Page, sync_api.expect, sync_api.sync_playwright
+try:  # imported here so that collecting the module needs no playwright; the marker skips its tests without one
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+except ImportError:
+    Browser = Page = expect = sync_playwright = None  # type: ignore[assignment,misc]
 
 
 # --- the store: two training runs and one sweep, through the public entry points ----------------
@@ -91,6 +90,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, processed_dir: Path) -> dict
             cfg = compose_config([
                 *common, f"out_dir={tmp / 'out' / method}", f"trainer.checkpoint_dir={tmp / 'checkpoints' / method}",
                 "trainer.progress=false", "tracking.enabled=true", f"method={method}", f"trainer.epochs={EPOCHS}",
+                f"tracking.group={GRID_PARTS[method]}",
             ])
             run(cfg)
         experiment = cfg.tracking.experiment
@@ -121,7 +121,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, processed_dir: Path) -> dict
     assert study_name.startswith(STUDY)
     trials = optuna.load_study(study_name=study_name, storage=optuna_uri).trials
     return {
-        "mlflow": mlflow_uri, "optuna": optuna_uri, "experiment_id": experiment_id, "study": study_name,
+        "mlflow": mlflow_uri, "optuna": optuna_uri, "experiment_id": experiment_id, "study": study_name, "processed_dir": processed_dir,
         "training": training, "parent": parents[0], "children": children, "trials": trials,
     }
 
@@ -291,6 +291,28 @@ def test_runs_list_shows_the_training_runs_and_their_method_tag(page: Page, stor
             cell.scroll_into_view_if_needed()
             expect(cell).to_be_visible()
             expect(cell).to_have_text(method)
+
+
+def test_runs_say_what_differs_show_their_dataset_and_group_by_grid_part(page: Page, store: dict, mlflow_ui: str, tmp_path: Path) -> None:
+    """A run's name says method config, K modules, engine and seed; its prepared data is its MLflow
+    dataset input (name and digest in the Dataset column); Group by → grid_part gathers the grid's parts."""
+    names = {method: run.info.run_name for method, run in store["training"].items()}
+    assert names == {"bp": "mnist5k-vgg-bp-k1-sequential-s0", "scpl": "mnist5k-vgg-scpl-k4-sequential-s0"}  # BP: one unit; smoke VGG8: 4 blocks
+    digests = {method: [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] for method, run in store["training"].items()}
+    meta = json.loads((store["processed_dir"] / "mnist5k" / "meta.json").read_text())
+    digest = hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()[:16]  # the prepared files' checksums
+    assert digests == {"bp": [("mnist5k", digest)], "scpl": [("mnist5k", digest)]}
+    with screenshot(page, tmp_path, "mlflow_runs_grouped_by_grid_part"):
+        runs_table(page, mlflow_ui, store["experiment_id"])
+        for run in store["training"].values():
+            expect(row(page, run.info.run_id).filter(has_text=f"mnist5k ({digest})")).to_have_count(1)
+        page.get_by_role("button", name="Group by").click()
+        page.get_by_role("menuitemcheckbox", name="grid_part", exact=True).click()
+        page.keyboard.press("Escape")
+        for part in GRID_PARTS.values():
+            expect(page.locator(".ag-row").filter(has_text=f"Group: {part}")).to_have_count(1)
+        for run in store["training"].values():
+            expect(row(page, run.info.run_id).first).to_be_visible()  # each run under its group, expanded
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -52,7 +52,9 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
         try:
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
-            raise ConfigError(_explain(error, overrides, config_name)) from None
+            from scpl_kit.preflight import one_line  # preflight reads configs: imported late, not circularly
+
+            raise ConfigError(one_line(_explain(error, overrides, config_name))) from None
     conf = config_dir()
     with open_dict(cfg):
         choices = {

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from scpl_kit.config import ConfigError, compose_config, project_root
 from scpl_kit.databases import refuse_passwords
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_output_dir, check_values, fail
+from scpl_kit.stage_pool import Stage, cpu_count, run_stages
 
 log = logging.getLogger("scpl_kit.submit")
 COMMANDS = ("train", "sweep", "repro")
@@ -148,11 +149,11 @@ def submit_sweep(spec: DictConfig, overrides: list[str]) -> Submitted:
 
 @dataclass
 class ReproPlan:
-    """What `dvc repro` has to run, split for a cluster: the stale stages upstream of the training
-    matrix, the matrix's stale items (independent runs: one array task each), then the rest."""
+    """What `dvc repro` has to run, split for parallel runs: the stale stages upstream of the training
+    matrix, the matrix's stale items (independent runs: one array task or pool slot each), then the rest."""
 
     upstream: list[str]
-    matrix: dict[str, str]  # stage → the shell command that runs it as DVC would
+    matrix: list[Stage]
 
 
 def plan_repro(root: Path, matrix_stages: Sequence[str]) -> ReproPlan:
@@ -166,39 +167,63 @@ def plan_repro(root: Path, matrix_stages: Sequence[str]) -> ReproPlan:
         stale_upstream = {u for s in matrix for u in nx.descendants(graph, s) if u.addressing in changed} - set(matrix)
         # An item is stale if it changed, or if a stage it depends on runs first.
         stale = [s for s in matrix if s.addressing in changed or stale_upstream & nx.descendants(graph, s)]
-        return ReproPlan(sorted(u.addressing for u in stale_upstream), {s.addressing: stage_command(s) for s in stale})
+        return ReproPlan(sorted(u.addressing for u in stale_upstream), [as_stage(s) for s in stale])
 
 
-def stage_command(stage: Any) -> str:
-    """The stage's command after what DVC does first: delete its outputs, so no file of an older run survives."""
-    removals = [f"rm -rf {shlex.quote(str(out.def_path))}" for out in stage.outs if not out.persist]
+def as_stage(stage: Any) -> Stage:
+    """A DVC stage as DVC runs it: its outputs deleted first (so no file of an older run survives), then its command(s)."""
     commands = [stage.cmd] if isinstance(stage.cmd, str) else list(stage.cmd)
-    return " && ".join([*removals, *commands])
+    return Stage(stage.addressing, tuple(commands), tuple(str(out.def_path) for out in stage.outs if not out.persist))
+
+
+def stage_command(stage: Stage) -> str:
+    """The stage as one shell command, for a job on the cluster."""
+    return " && ".join([*(f"rm -rf {shlex.quote(out)}" for out in stage.outputs), *stage.commands])
+
+
+def run_dvc(root: str, *arguments: str) -> None:
+    print(f"$ {shlex.join(['dvc', *arguments])}", flush=True)
+    _check(subprocess.run(["dvc", *arguments], cwd=root).returncode, f"dvc {arguments[0]}")
+
+
+def repro_here(spec: DictConfig, plan: ReproPlan, root: str) -> Submitted:
+    """The local launcher: upstream stages through `dvc repro`, the matrix on a pool of one worker per
+    core (`launcher.array_parallelism`, null: every core), `dvc commit` of what finished (dvc.lock is
+    written once, not by every run at once), then `dvc repro` for the rest. Runs that failed stay stale:
+    run it again and only they (and what depends on them) run."""
+    if plan.upstream:
+        run_dvc(root, "repro", *plan.upstream)
+    workers = spec.array_parallelism or cpu_count()
+    print(f"{len(plan.matrix)} training stage(s) on {min(workers, max(len(plan.matrix), 1))} worker(s); logs in {Path(spec.folder).resolve()}", flush=True)
+    finished = run_stages(plan.matrix, Path(root), workers, Path(spec.folder).resolve()) if plan.matrix else []
+    succeeded = [d.name for d in finished if d.ok]
+    if succeeded:
+        run_dvc(root, "commit", "--force", *succeeded)
+    failed = [d for d in finished if not d.ok]
+    if failed or len(finished) < len(plan.matrix):
+        names = ", ".join(d.name for d in failed)
+        raise JobFailed(f"{len(failed)} stage(s) failed ({names}; see their logs); {len(succeeded)} finished and were committed")
+    run_dvc(root, "repro")
+    return Submitted(f"dvc repro: {len(plan.upstream)} upstream stage(s), {len(plan.matrix)} training stage(s) on {workers} worker(s), then the rest", [])
 
 
 def submit_repro(spec: DictConfig, arguments: list[str]) -> Submitted:
-    """Upstream stages (one job) → the matrix's stale items (an array job, one task per stage, each
-    running the stage's own command) → one job that records them in dvc.lock (`dvc commit`: outputs
-    made outside `dvc repro`) and runs the rest of the pipeline. Not `dvc repro <stage>` in every
-    task: each would rewrite dvc.lock as it ends, many at once; here one job writes it."""
+    """On a cluster: upstream stages (one job) → the matrix's stale items (an array job, one task per
+    stage, each running the stage's own command) → one job that records them in dvc.lock (`dvc commit`:
+    outputs made outside `dvc repro`) and runs the rest of the pipeline. Not `dvc repro <stage>` in
+    every task: each would rewrite dvc.lock as it ends, many at once; here one job writes it.
+    On this machine (launcher=local): the same plan, with the matrix on a pool of workers (repro_here)."""
     if arguments:
         raise ConfigError(f"repro takes no arguments (got {' '.join(arguments)}); set parameters in params.yaml")
     root = str(project_root())
     plan = plan_repro(Path(root), list(spec.array_stages))
-    local = spec.cluster == "local"  # no Slurm dependencies: wait for each step here
+    if spec.cluster == "local":
+        return repro_here(spec, plan, root)
     upstream = [make_executor(spec, "repro-upstream").submit(ShellJob(), root, shlex.join(["dvc", "repro", *plan.upstream]))] if plan.upstream else []
-    if local:
-        wait_for(upstream)
-    commands, array = list(plan.matrix.values()), []
-    # The local executor has no array throttle: it runs the array in waves of array_parallelism.
-    wave = spec.array_parallelism if local else max(len(commands), 1)
-    for start in range(0, len(commands), wave):
-        part = commands[start : start + wave]
-        array += make_executor(spec, "repro-matrix", after=[] if local else upstream).map_array(ShellJob(), [root] * len(part), part)
-        if local:
-            wait_for(array)
-    finish = [*(["dvc commit --force " + " ".join(map(shlex.quote, plan.matrix))] if plan.matrix else []), "dvc repro"]
-    rest = make_executor(spec, "repro-rest", after=[] if local else (array or upstream)).submit(ShellJob(), root, " && ".join(finish))
+    commands = [stage_command(stage) for stage in plan.matrix]
+    array = list(make_executor(spec, "repro-matrix", after=upstream).map_array(ShellJob(), [root] * len(commands), commands)) if commands else []
+    finish = [*(["dvc commit --force " + " ".join(shlex.quote(stage.name) for stage in plan.matrix)] if plan.matrix else []), "dvc repro"]
+    rest = make_executor(spec, "repro-rest", after=array or upstream).submit(ShellJob(), root, " && ".join(finish))
     return Submitted(
         f"dvc repro: {len(plan.upstream)} upstream stage(s), {len(plan.matrix)} training stage(s) as an array, then the rest",
         [*upstream, *array, rest],
@@ -224,6 +249,8 @@ def split_arguments(argv: Sequence[str]) -> tuple[list[str], str, list[str]]:
 
 
 def report(submitted: Submitted, spec: DictConfig) -> None:
+    if not submitted.jobs:  # run here and already finished (repro on the local launcher)
+        return
     ids = list(dict.fromkeys(str(job.job_id).split("_")[0] for job in submitted.jobs))  # an array's tasks are <id>_<index>
     print(f"submitted {submitted.what}: job(s) {', '.join(ids)} ({spec.cluster}); logs in {Path(spec.folder).resolve()}/<job id>_<task>_log.out")
     if spec.cluster == "slurm":

@@ -115,6 +115,14 @@ class MlflowTracker:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_metrics(metrics, step=epoch)
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str = "training") -> None:
+        """The prepared data as the run's MLflow dataset input: the runs view's Datasets column shows
+        `name (digest)`, so runs trained on different preparations of one dataset look different."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_json(self, data: dict[str, Any], name: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
 

@@ -32,7 +32,7 @@ from scpl_kit.databases import refuse_passwords
 from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
-from scpl_kit.preflight import check_augmentation_fits, check_batch_fits, check_values, check_writable_dir
+from scpl_kit.preflight import OneLineParser, check_augmentation_fits, check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
 from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
@@ -81,6 +81,7 @@ def run_key(cfg: DictConfig) -> str:
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     tags = {
+        **({"grid_part": str(cfg.tracking.group)} if cfg.tracking.get("group") else {}),
         "method": cfg.method.name, "dataset": cfg.data.name, "model": cfg.model.name, "engine": cfg.engine.name,
         "seed": str(cfg.seed), "git_commit": git_commit(), "dvc_stage": str(cfg.tracking.stage or "none"),
         **{f"config.{group}": str(option) for group, option in cfg.choices.items()},  # e.g. config.profile=smoke
@@ -136,17 +137,37 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
     try:
         engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
-        return train_with(cfg, data, engine, listeners)
+        return train_with(cfg, data, engine, listeners, modules=len(units))
     finally:
         engine.close()
 
 
-def start_tracking(tracker: MlflowTracker, cfg: DictConfig, resumed_run_id: str | None) -> str:
-    run_name = cfg.tracking.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
-    return tracker.start(run_name, flatten(to_container(cfg)), run_tags(cfg), run_id=resumed_run_id)
+def run_name(cfg: DictConfig, modules: int | None) -> str:
+    """What tells a run apart from its neighbours in the runs list: data, model, the method's config
+    file (contsup_r1e, not contsup), K gradient-isolated modules (BP: 1), engine and seed."""
+    method = cfg.choices.get("method") or cfg.method.name
+    k = f"k{modules}-" if modules else ""
+    return f"{cfg.data.name}-{cfg.model.name}-{method}-{k}{cfg.engine.name}-s{cfg.seed}"
 
 
-def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener]) -> dict[str, float]:
+def start_tracking(tracker: MlflowTracker, cfg: DictConfig, data: PreparedData, resumed_run_id: str | None, modules: int | None) -> str:
+    if resumed_run_id is not None:
+        return tracker.start("", {}, {}, run_id=resumed_run_id)
+    tags = {**run_tags(cfg), **({"modules": str(modules)} if modules else {})}
+    run_id = tracker.start(cfg.tracking.run_name or run_name(cfg, modules), flatten(to_container(cfg)), tags)
+    tracker.log_dataset(cfg.data.name, dataset_digest(data.meta), str(Path(cfg.data.processed_dir).resolve() / cfg.data.name), {
+        "splits": data.meta["sizes"], "num_classes": data.num_classes, "input_shape": list(data.input_shape), "source": data.meta.get("source"),
+    })
+    return run_id
+
+
+def dataset_digest(meta: dict[str, Any]) -> str:
+    """16 hex digits over the prepared files' own checksums (meta.json): equal exactly when the data is."""
+    return hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: Sequence[TrainingListener], modules: int | None = None) -> dict[str, float]:
+    """Train on a set-up engine, record the run (`modules`: how many units the method made, for its name)."""
     out_dir = Path(cfg.out_dir)
     tracker = None
     if engine.is_main:  # the only process that writes and logs; checked before a run opens
@@ -168,7 +189,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
     history = state["history"] if state else []
     try:
         if tracker is not None:
-            trainer.run_id = start_tracking(tracker, cfg, state and state["run_id"])
+            trainer.run_id = start_tracking(tracker, cfg, data, state and state["run_id"], modules)
         history = trainer.fit(start_epoch=len(history) + 1, history=history)
         summary = summarize(history)
         if engine.is_main:
@@ -234,7 +255,7 @@ def launch_local(processes: int, overrides: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scpl_kit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m scpl_kit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     args = parser.parse_args(argv)
