@@ -39,9 +39,10 @@ repro: setup
 bench: setup
 	dvc repro --force throughput scaling
 
+# One pytest-xdist worker per core (at most 4): many tests wait on servers, torchrun or Slurm.
 test: setup
 	@scripts/test-services
-	python -m pytest
+	python -m pytest -n auto --maxprocesses 4 --dist loadgroup
 
 # Job execution off and one worker: 2 processes and 0.5 GB instead of 15 and 3 GB (MLflow 3.17).
 ui: setup

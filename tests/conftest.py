@@ -110,6 +110,10 @@ def load_study(env: dict) -> optuna.Study:
 
 # Fixtures that start a real component: a test using one needs it, marked or not.
 FIXTURE_NEEDS = {"slurm": "needs_slurm", "postgres": "needs_postgres"}
+# `make test` runs the suite on pytest-xdist workers (--dist loadgroup): the modules whose tests share a
+# server or a reproduced pipeline through module or session fixtures stay together on one worker, so
+# each is started once. One group for Slurm's users: two one-node clusters on one host would collide.
+ONE_WORKER = {"test_cluster.py": "slurm", "test_pipeline.py": "slurm", "test_ui.py": "ui"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -118,6 +122,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     missing = {marker: install for marker, (present, install) in COMPONENTS.items() if not present()}
     for item in items:
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(ONE_WORKER[item.path.name]))
         for fixture, marker in FIXTURE_NEEDS.items():
             if fixture in item.fixturenames:
                 item.add_marker(marker)

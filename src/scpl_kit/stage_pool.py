@@ -56,21 +56,26 @@ def run_stages(stages: Sequence[Stage], root: Path, workers: int, logs: Path) ->
     """Run every stage, at most `workers` at a time; returns each stage's outcome, in finishing order.
     After the first failure no new stage starts (the running ones finish, so nothing is half-written)."""
     logs.mkdir(parents=True, exist_ok=True)
-    done: list[Done] = []
+    queue, running, done = list(stages), set(), []
+    workers = max(1, min(workers, len(stages)))
     # spawn: a fresh interpreter per worker (forking a process that may hold threads is unsafe).
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=max(1, min(workers, len(stages))), mp_context=context) as pool:
-        pending = {pool.submit(run_stage, stage, str(root), str(logs / f"{safe_name(stage.name)}.log")): stage for stage in stages}
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         with tqdm(total=len(stages), desc="stages", unit="stage", file=sys.stdout, dynamic_ncols=True) as bar:
-            for future in futures.as_completed(pending):
-                outcome = future.result()
-                done.append(outcome)
-                bar.update()
-                status = "done" if outcome.ok else f"FAILED ({outcome.last_line}); log: {outcome.log}"
-                bar.write(f"[{len(done)}/{len(stages)}] {outcome.name} {status} in {outcome.seconds:.0f} s")
-                if not outcome.ok:
-                    for other in pending:
-                        other.cancel()  # those not started yet
+            # Handed out one at a time as workers free up (the executor would queue ahead), so that
+            # after a failure nothing new starts.
+            while queue or running:
+                while queue and len(running) < workers and all(d.ok for d in done):
+                    stage = queue.pop(0)
+                    running.add(pool.submit(run_stage, stage, str(root), str(logs / f"{safe_name(stage.name)}.log")))
+                if not running:
+                    break
+                finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for future in finished:
+                    outcome = future.result()
+                    done.append(outcome)
+                    bar.update()
+                    status = "done" if outcome.ok else f"FAILED ({outcome.last_line}); log: {outcome.log}"
+                    bar.write(f"[{len(done)}/{len(stages)}] {outcome.name} {status} in {outcome.seconds:.0f} s")
     return done
 
 
