@@ -88,13 +88,13 @@ def test_paper_text_profile_is_the_paper_setting() -> None:
     ("trainer.epoch=2", "valid keys under 'trainer': augmentation, batch_size"),
     ("method.temp=0.5", "projector, projector_dim, projector_hidden, temperature, variant"),
     ("sed=1", "valid keys at the top level: data, engine"),
-    ("method=magic", "Available options in 'method'"),
-    ("data=imagenet", "\n\t".join(group_options("data"))),
+    ("method=magic", "available options in 'method'"),
+    ("data=imagenet", "available options in 'data': " + ", ".join(group_options("data"))),
 ])
 def test_wrong_key_or_option_names_the_valid_ones(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=None) as error:
         compose_config([override])
-    assert named in str(error.value)
+    assert named in str(error.value) and "\n" not in str(error.value)  # one line, as the CLI prints it
 
 
 def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixture) -> None:

@@ -194,6 +194,12 @@ def repro_here(spec: DictConfig, plan: ReproPlan, root: str) -> Submitted:
     if plan.upstream:
         run_dvc(root, "repro", *plan.upstream)
     workers = spec.array_parallelism or cpu_count()
+    if plan.matrix:
+        from scpl_kit.tracking import open_store_once
+
+        tracking = compose_config([]).tracking  # the stages' own: the grid sets no tracking.uri or experiment
+        if tracking.enabled:
+            open_store_once(tracking.uri, tracking.experiment)
     print(f"{len(plan.matrix)} training stage(s) on {min(workers, max(len(plan.matrix), 1))} worker(s); logs in {Path(spec.folder).resolve()}", flush=True)
     finished = run_stages(plan.matrix, Path(root), workers, Path(spec.folder).resolve()) if plan.matrix else []
     succeeded = [d.name for d in finished if d.ok]

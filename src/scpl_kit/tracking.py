@@ -47,6 +47,13 @@ def check_tracking_store(uri: str) -> None:
         check_database(uri, "MLflow store")
 
 
+def open_store_once(uri: str | None, experiment: str) -> None:
+    """Create the store and the experiment before several processes open them at once: two processes
+    creating one sqlite store race in MLflow's schema migration (alembic: "Online migration expected
+    to match one row"), and two creating one experiment in its unique name."""
+    MlflowTracker(uri, experiment)
+
+
 def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """A run, or the experiment's runs, in MLflow's classic (model training) view: without
     `workflowType`, 3.17 opens its GenAI traces view. A server URI is its own UI's address."""
