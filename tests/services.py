@@ -87,7 +87,7 @@ class Postgres:
 
 
 def run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([which(command[0]) or command[0], *command[1:]], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -221,8 +221,17 @@ class Slurm:
                 pass
 
 
+# Debian installs the daemons (munged, slurmctld, slurmd) and runuser in /usr/sbin, which a non-root
+# user's PATH (and a minimal one) lacks: they are installed all the same.
+SYSTEM_PATHS = ("/usr/sbin", "/sbin")
+
+
+def which(program: str) -> str | None:
+    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_PATHS]))
+
+
 def have(*programs: str) -> bool:
-    return all(shutil.which(p) for p in programs)
+    return all(which(p) for p in programs)
 
 
 def have_playwright() -> bool:
