@@ -1,10 +1,10 @@
 """Run many independent DVC stages at once on this machine: one worker process per core, each
 running one stage at a time, every stage's output in its own log.
 
-Why not one `subprocess` (or one submitit job) per stage: a training stage spends about 5 s of a
-15 s offline run importing torch, torch._dynamo (the optimizer's first step imports it), MLflow and
-opening its store (measured with cProfile on `train profile=offline_text model=transformer`). A
-worker pays that once and then runs `python -m scpl_kit.train ...` stages in-process: each run seeds
+Why not one `subprocess` (or one submitit job) per stage: a fresh process spends about 7 s of a 17 s
+offline run (`train profile=offline_text model=transformer method=bp`) importing torch, torch._dynamo
+(the optimizer's first step imports it) and MLflow and opening its store; the same run in a warm
+worker took 10.2 s, 9.7 of them its epochs (docs/pipeline.md). A worker pays that once and then runs `python -m scpl_kit.train ...` stages in-process: each run seeds
 everything and sets torch's threads itself, so its weights and metrics are bitwise those of a fresh
 process (tests/test_pipeline.py checks them against `dvc repro`). Any other command runs as a
 subprocess of the worker. concurrent.futures keeps the queue; tqdm shows how many stages are done.
@@ -13,6 +13,7 @@ subprocess of the worker. concurrent.futures keeps the queue; tqdm shows how man
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import multiprocessing
 import os
 import shlex
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -113,26 +114,23 @@ def run_command(command: str) -> int:
     return subprocess.run(command, shell=True).returncode
 
 
-class redirected:
+@contextlib.contextmanager
+def redirected(log: IO[str]) -> Iterator[None]:
     """File descriptors 1 and 2 point at `log` for the duration: the stage's Python output, its logging
     handlers (bound to sys.stderr once, in the first stage) and its subprocesses (torchrun) all land there."""
-
-    def __init__(self, log) -> None:  # noqa: ANN001 - an open text file
-        self.log = log
-
-    def __enter__(self) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        self.saved = (os.dup(1), os.dup(2))
-        os.dup2(self.log.fileno(), 1)
-        os.dup2(self.log.fileno(), 2)
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip((1, 2), self.saved):
-            os.dup2(saved, fd)
-            os.close(saved)
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
 
 
 def last_line(path: Path) -> str:
