@@ -205,10 +205,9 @@ def repro_here(spec: DictConfig, plan: ReproPlan, root: str) -> Submitted:
     succeeded = [d.name for d in finished if d.ok]
     if succeeded:
         run_dvc(root, "commit", "--force", *succeeded)
-    failed = [d for d in finished if not d.ok]
-    if failed or len(finished) < len(plan.matrix):
-        names = ", ".join(d.name for d in failed)
-        raise JobFailed(f"{len(failed)} stage(s) failed ({names}; see their logs); {len(succeeded)} finished and were committed")
+    failed = [d.name for d in finished if not d.ok]
+    if failed:  # the pool starts nothing after a failure: the stages it did not start stay stale too
+        raise JobFailed(f"{len(failed)} stage(s) failed ({', '.join(failed)}; see their logs); {len(succeeded)} finished and were committed")
     run_dvc(root, "repro")
     return Submitted(f"dvc repro: {len(plan.upstream)} upstream stage(s), {len(plan.matrix)} training stage(s) on {workers} worker(s), then the rest", [])
 
