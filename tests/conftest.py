@@ -5,6 +5,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+# Under pytest-xdist each worker gets its share of the cores, set before torch starts its thread pool
+# (and inherited by the processes tests start): two workers of two OpenMP threads each on 2 cores
+# spin against each other, and a smoke epoch ran 5x slower (measured in the pipeline fixture).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import optuna
 import pytest
 import yaml
@@ -112,8 +118,9 @@ def load_study(env: dict) -> optuna.Study:
 FIXTURE_NEEDS = {"slurm": "needs_slurm", "postgres": "needs_postgres"}
 # `make test` runs the suite on pytest-xdist workers (--dist loadgroup): the modules whose tests share a
 # server or a reproduced pipeline through module or session fixtures stay together on one worker, so
-# each is started once. One group for Slurm's users: two one-node clusters on one host would collide.
-ONE_WORKER = {"test_cluster.py": "slurm", "test_pipeline.py": "slurm", "test_ui.py": "ui"}
+# each is started once. Two groups may each start a Slurm cluster: every cluster has its own folder and
+# ports, and stops only its own job steps (tests/services.py).
+ONE_WORKER = {"test_cluster.py": "cluster", "test_pipeline.py": "pipeline", "test_ui.py": "ui"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

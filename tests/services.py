@@ -162,7 +162,6 @@ class Slurm:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.started = time.time()
         try:
             self._start()
         except BaseException:
@@ -212,13 +211,24 @@ class Slurm:
                     os.kill(int(path.read_text().strip()), 15)
                 except (ProcessLookupError, ValueError):
                     pass
-        steps = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "slurmstepd" and p.info["create_time"] >= self.started]
-        for step in steps:
+        for step in self.steps():
             try:
                 for process in [*step.children(recursive=True), step]:
                     process.kill()
             except psutil.NoSuchProcess:
                 pass
+
+    def steps(self) -> list[psutil.Process]:
+        """The job steps (slurmstepd) this cluster's slurmd started, still running: a step works in its
+        cluster's folder, so two test sessions' clusters (pytest-xdist workers) can run side by side."""
+        mine = []
+        for process in psutil.process_iter(["name"]):
+            try:
+                if process.info["name"] == "slurmstepd" and Path(process.cwd()).is_relative_to(self.folder):
+                    mine.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return mine
 
 
 # Debian installs the daemons (munged, slurmctld, slurmd) and runuser in /usr/sbin, which a non-root

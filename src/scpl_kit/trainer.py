@@ -53,10 +53,15 @@ def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
     return make
 
 
+# torch's own thread count for this process (OMP_NUM_THREADS, else the cores): what `threads: null`
+# means. Kept here because a process that runs several trainings (the stage pool's workers, a sweep)
+# must not carry one run's setting into the next.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def configure_torch(threads: int | None, deterministic: bool) -> None:
     retain_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or DEFAULT_THREADS)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
         # What torch.use_deterministic_algorithms(True, warn_only=True) does, minus its import of
