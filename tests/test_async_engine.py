@@ -168,6 +168,7 @@ def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int, fa
         raise
 
 
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 @pytest.mark.parametrize(("dies", "fault"), [(0, "crash"), (1, "crash"), (0, "stuck")])
 def test_a_dead_or_stuck_worker_stops_the_job_with_a_clear_error(tmp_path: Path, dies: int, fault: str) -> None:
     """The parameter server's rank or a plain worker dies: the other fails with PeerError at once. A
@@ -208,8 +209,7 @@ def async_config(smoke_config, tmp_path: Path, *overrides: str):
 def ranks_in(folder: Path, main, *args) -> dict[str, str]:
     folder.mkdir()
     return spawn_ranks(main, 2, folder, *args)
-
-
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_through_the_cli_with_tracking(smoke_config, tmp_path: Path) -> None:
     """`run(cfg)` on two ranks, as torchrun starts them: one set of outputs, the engine's statistics
     in every epoch's record and in MLflow, accuracy well above chance (0.1) after two short epochs."""

@@ -88,8 +88,7 @@ def _ddp_every_method(rank: int, result_dir: str) -> None:
         states[method] = train(engine, method, epochs=2, sgd=SGD)
     torch.save(states, Path(result_dir).parent / f"states{rank}.pt")  # result_dir holds text only
     engine.close()
-
-
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_ddp_on_two_processes_computes_what_one_process_computes_for_every_method(tmp_path: Path) -> None:
     """Two ranks, each with half of every batch, end with the weights one process gets from the whole
     batches (Adam, 2 epochs of 3 steps; heads' BatchNorm over the whole batch; SupCon over it too)."""
@@ -114,8 +113,7 @@ def _hierarchical_against_ddp(rank: int, result_dir: str) -> None:
         hierarchical = DataParallelEngine(ranks_per_node=1, average_every=1, timeout_s=60)
         out[method, "hierarchical"] = train(hierarchical, method, sgd=True)
     torch.save(out, Path(result_dir).parent / f"states{rank}.pt")
-
-
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_hierarchical_averaging_every_step_equals_ddp(tmp_path: Path) -> None:
     """K' = 1 on 2 simulated nodes: each node steps on its own gradient and the parameters are averaged
     right after, which with SGD is one step on the average gradient, what DDP takes. (With Adam it is
@@ -147,8 +145,7 @@ def _nodes_drift_and_agree(rank: int, result_dir: str) -> None:
     ddp.setup(units_for("scpl"))
     ddp.train_epoch(steps)
     torch.save(ddp.epoch_stats(), Path(result_dir).parent / f"ddp{rank}.pt")
-
-
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_nodes_drift_between_averages_and_agree_after_one(tmp_path: Path) -> None:
     """Within a node the replicas agree after every step (gradients averaged there); the two nodes' differ
     between averages and agree right after one (steps 1 and 4 of 5, as the averager counts from 0) and at
@@ -178,8 +175,7 @@ def _replicated_pipeline(rank: int, result_dir: str) -> None:
     for method in ("scpl", "early_exit"):
         out[method] = dict(zip(engine.stages[engine.stage], train(engine, method, epochs=2)))
     torch.save(out, Path(result_dir).parent / f"states{rank}.pt")
-
-
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_two_replicas_of_a_two_stage_pipeline_compute_what_one_process_computes(tmp_path: Path) -> None:
     """4 ranks: replica r's stages are ranks 2r and 2r+1, each replica trains on half of every batch, and
     each stage's two copies average gradients in their own group. The weights equal one process's on

@@ -208,6 +208,7 @@ def test_bp_under_pipeline_points_to_gpipe(smoke_config, tmp_path: Path) -> None
     assert all("engine=gpipe" in text for text in reports.values())
 
 
+@pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 @pytest.mark.parametrize(("engine", "fault"), [("pipeline", "crash"), ("pipeline", "stuck"), ("ddp", "crash"), ("ddp", "stuck")])
 def test_a_crashed_or_stuck_rank_stops_the_job_with_a_one_line_reason(smoke_config, tmp_path: Path, engine: str, fault: str) -> None:
     """Not a hang and not a raw gloo traceback: the rank that waited says another rank stopped
