@@ -7,7 +7,7 @@ from typing import Callable
 
 # Under pytest-xdist each worker gets its share of the cores, set before torch starts its thread pool
 # (and inherited by the processes tests start): two workers of two OpenMP threads each on 2 cores
-# spin against each other, and a smoke epoch ran 5x slower (measured in the pipeline fixture).
+# spin against each other (the pipeline fixture's training took 73 s instead of 16).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
