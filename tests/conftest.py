@@ -5,11 +5,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-# Under pytest-xdist each worker gets its share of the cores, set before torch starts its thread pool
-# (and inherited by the processes tests start): two workers of two OpenMP threads each on 2 cores
-# spin against each other (the pipeline fixture's training took 73 s instead of 16).
+from scpl_kit.stage_pool import share_cores  # no torch: it must run before torch starts its thread pool
+
+# Under pytest-xdist each worker gets its share of the cores, as the stage pool's workers do (inherited
+# by the processes tests start): two workers of two OpenMP threads each on 2 cores spin against each other.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    share_cores(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 
 import optuna
 import pytest
