@@ -111,7 +111,7 @@ from scpl_kit.memory import peak_memory_mb
 from scpl_kit.data.datasets import load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_batch_fits, check_options, check_output_dir, check_values, fail
-from scpl_kit.train import build, load_data, options, train_with
+from scpl_kit.train import build, load_data, options, train_with, update_recipe
 from scpl_kit.trainer import configure_torch
 from throughput import SPREAD_LIMIT, START_METHOD  # the house rules: the same spread limit, the same worker start
 
@@ -446,7 +446,7 @@ def worker(rank: int, world: int, port: int, cfg: Any, setup: Setup, with_memory
 
     engine.train_epoch = counted_epoch  # the trainer calls the instance's
     try:
-        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
+        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), update_recipe(cfg, data))
         recorder = Recorder()
         train_with(cfg, data, engine, [recorder])
         steps = data.meta["sizes"]["train"] // cfg.trainer.batch_size  # global batches per epoch (the last partial one dropped)

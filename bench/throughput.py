@@ -59,6 +59,7 @@ from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
 from scpl_kit.memory import peak_memory_mb
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_options, check_output_dir, fail
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,7 +114,6 @@ def build_model(model: str, setup: Setup):
 
 def build_units(case: Case, setup: Setup):
     from scpl_kit.methods import build_units as from_method
-    from scpl_kit.trainer import adam_cosine
 
     torch.manual_seed(0)
     model = build_model(case.model, setup)
@@ -121,10 +121,7 @@ def build_units(case: Case, setup: Setup):
         options = {"projector": "i"} if case.model == "transformer" else {"projector": "m", "pool": case.projector == "pooled"}
     else:
         options = {}
-    units = from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, modules=case.modules, **options)
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10_000))
-    return units
+    return from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, modules=case.modules, **options)
 
 
 def build_engine(case: Case):
@@ -146,7 +143,7 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, with_memo
     torch.set_num_threads(1)
     units = build_units(case, setup)
     engine = build_engine(case)
-    engine.setup(units)
+    engine.setup(units, recipe=UpdateRecipe(OptimizerSettings(), steps_per_epoch=10_000, epochs=1))  # Adam, as the paper trains
     batches = synthetic_batches(case.model, setup, torch.Generator().manual_seed(rank))
     done: list[float] = []  # when each batch finished on this rank
     engine.train_epoch(batches, on_batch=lambda n: done.append(time.perf_counter()))

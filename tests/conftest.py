@@ -85,7 +85,7 @@ def text_smoke_config(text_processed_dir: Path, tmp_path: Path) -> Callable[...,
     return composer("smoke_text", text_processed_dir, tmp_path)
 
 
-SPACE = {"method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}, "trainer.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}}
+SPACE = {"method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}, "optimizer.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}}
 
 
 @pytest.fixture

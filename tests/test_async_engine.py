@@ -18,7 +18,7 @@ from scpl_kit.engines.launch import set_rank_env
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
 from scpl_kit.train import run
-from scpl_kit.trainer import adam_cosine
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 from test_engines import spawn_ranks
 
@@ -58,10 +58,8 @@ def _train_main(rank: int, world: int, port: int, result_dir: str, method: str, 
         torch.manual_seed(0)
         model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
         units = build_units(method, model, CLASSES)
-        for unit in units:
-            unit.configure_optimizer(adam_cosine(3e-3, 1e-5, epochs * (TRAIN // BATCH)))
         engine = build_engine("async", timeout_s=60, **options)
-        engine.setup(units, model.example_batch(BATCH, CLASSES))
+        engine.setup(units, model.example_batch(BATCH, CLASSES), UpdateRecipe(OptimizerSettings(lr=3e-3), TRAIN // BATCH, epochs))
         train, test = synthetic(TRAIN, 1), synthetic(TEST, 2)
         records = []
         for epoch in range(1, epochs + 1):
@@ -144,10 +142,8 @@ def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int, fa
         torch.manual_seed(0)
         model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
         units = build_units("bp", model, CLASSES)
-        for unit in units:
-            unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 100))
         engine = build_engine("async", timeout_s=timeout_s)
-        engine.setup(units, model.example_batch(BATCH, CLASSES))
+        engine.setup(units, model.example_batch(BATCH, CLASSES), UpdateRecipe(OptimizerSettings(), 100, 1))
 
         def step(samples: int) -> None:
             if rank == dies and engine.units[0].steps == 3:

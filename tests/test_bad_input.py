@@ -156,9 +156,9 @@ DOORS = {
     "sweep: zero heartbeat": ("sweep", [*SWEEP, "sweep.heartbeat_s=0"], {}, "sweep.heartbeat_s=0: expected an integer ≥ 1"),
     "sweep: unknown direction": ("sweep", [*SWEEP, "sweep.direction=up"], {}, "sweep.direction='up'; valid directions: maximize, minimize"),
     "sweep: unknown sampler": ("sweep", [*SWEEP, "sweep.sampler.name=grid"], {}, "sweep.sampler.name='grid': unknown sampler; valid samplers: tpe, random"),
-    "sweep: a space below a key's range": ("sweep", [*SWEEP, "sweep.space={{trainer.lr: {{type: float, low: -1, high: 0.1, log: false}}}}"], {},
-                                           "sweep.space.trainer.lr can draw -1, but trainer.lr expects a number > 0"),
-    "sweep: a space with low above high": ("sweep", [*SWEEP, "sweep.space={{trainer.lr: {{type: float, low: 0.1, high: 0.01}}}}"], {}, "sweep.space.trainer.lr: low=0.1 is above high=0.01"),
+    "sweep: a space below a key's range": ("sweep", [*SWEEP, "sweep.space={{optimizer.lr: {{type: float, low: -1, high: 0.1, log: false}}}}"], {},
+                                           "sweep.space.optimizer.lr can draw -1, but optimizer.lr expects a number > 0"),
+    "sweep: a space with low above high": ("sweep", [*SWEEP, "sweep.space={{optimizer.lr: {{type: float, low: 0.1, high: 0.01}}}}"], {}, "sweep.space.optimizer.lr: low=0.1 is above high=0.01"),
     "sweep: a space over a key the method lacks": ("sweep", [*SWEEP, "sweep.fixed=['method=bp']"], {},
                                                    "sweep.space.method.temperature: 'method.temperature' is not a key of the training config"),
     "sweep: unprepared data": ("sweep", [*SWEEP, "data.processed_dir={tmp}/nonexistent"], {}, "prepared data for 'mnist5k' not found at {tmp}/nonexistent/mnist5k"),
@@ -208,6 +208,16 @@ DOORS = {
                                                       "data.val_fraction=0.6 + data.test_fraction=0.5 = 1.1 leaves nothing to train on"),
     "train: zero attention heads": ("train", [*TRAIN, "profile=smoke_text", "model.heads=0"], {}, "model.heads=0: expected an integer ≥ 1"),
     "train: a target accuracy above 1": ("train", [*TRAIN, "trainer.stop_at_val_acc=1.5"], {}, "trainer.stop_at_val_acc=1.5: expected a number > 0 and ≤ 1 or null"),
+    # the update step (conf/optimizer/)
+    "train: an unknown optimizer group": ("train", [*TRAIN, "optimizer=adagrad"], {}, "Could not find 'optimizer/adagrad'; available options in 'optimizer': adam, adamw, sgd"),
+    "train: an unknown optimizer": ("train", [*TRAIN, "optimizer.name=adagrad"], {}, "optimizer.name='adagrad': valid: adam, adamw, sgd"),
+    "train: an unknown schedule": ("train", [*TRAIN, "optimizer.schedule=linear"], {}, "optimizer.schedule='linear': valid: constant, cosine, step, plateau"),
+    "train: negative weight decay": ("train", [*TRAIN, "optimizer.weight_decay=-1e-4"], {}, "optimizer.weight_decay=-0.0001: expected a number ≥ 0"),
+    "train: clipping at zero": ("train", [*TRAIN, "optimizer.clip_norm=0"], {}, "optimizer.clip_norm=0: expected a number > 0 or null"),
+    "train: a warm-up as long as the run": ("train", [*TRAIN, "trainer.epochs=2", "optimizer.warmup_epochs=2"], {},
+                                            "optimizer.warmup_epochs=2 is not shorter than the run (trainer.epochs=2)"),
+    "train: nesterov without momentum": ("train", [*TRAIN, "optimizer=sgd", "optimizer.momentum=0"], {}, "optimizer.nesterov=true needs optimizer.name=sgd and optimizer.momentum > 0"),
+    "train: an unknown optimizer key": ("train", [*TRAIN, "+optimizer.eps=1e-8"], {}, "optimizer has no key 'eps'; valid keys: name, lr, lr_min"),
 }
 
 MODULES = {

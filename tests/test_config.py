@@ -71,7 +71,7 @@ def test_command_line_wins_over_profile() -> None:
 def test_paper_profile_is_the_paper_setting() -> None:
     cfg = compose_config(["profile=paper"])
     assert (cfg.data.name, cfg.model.width, cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.augmentation) == ("cifar10", 1.0, 1024, 200, "strong")
-    assert (cfg.trainer.lr, cfg.trainer.lr_min, cfg.method.temperature) == (1e-3, 1e-5, 0.1)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.lr_min, cfg.optimizer.schedule, cfg.method.temperature) == ("adam", 1e-3, 1e-5, "cosine", 0.1)
 
 
 def test_paper_text_profile_is_the_paper_setting() -> None:
@@ -80,7 +80,7 @@ def test_paper_text_profile_is_the_paper_setting() -> None:
     cfg = compose_config(["profile=paper_text", "method=scpl"])
     assert (cfg.data.name, cfg.data.max_len, cfg.data.vocab_size, cfg.model.name) == ("agnews", 60, 30000, "transformer")
     assert (cfg.model.dim, cfg.model.heads, cfg.model.ff_dim, cfg.model.dropout, cfg.model.positional) == (300, 6, 300, 0.1, "none")
-    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.lr, cfg.trainer.lr_min, cfg.method.projector) == (1024, 50, 1e-3, 1e-3, "i")
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optimizer.lr, cfg.optimizer.schedule, cfg.method.projector) == (1024, 50, 1e-3, "constant", "i")
     assert compose_config(["profile=paper_text", "model=lstm"]).model.dim == 300
 
 

@@ -16,7 +16,7 @@ from scpl_kit.engines.launch import set_rank_env
 from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
-from scpl_kit.trainer import adam_cosine
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 from test_engines import spawn_ranks
 from test_training import history, same_weights, weights
@@ -34,17 +34,17 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i * BATCH:(i + 1) * BATCH].double(), y[i * BATCH:(i + 1) * BATCH]) for i in range(BATCHES)]
 
 
-def units_for(method: str, batchnorm: bool = False, sgd: bool = False):
+def units_for(method: str, batchnorm: bool = False):
     """The same seeded model and units in every process: VGG without BatchNorm in its blocks."""
     torch.manual_seed(0)
     model = build_model("vgg", (1, 16, 16), 4, width=0.125, predictor_hidden=16, batchnorm=batchnorm)
-    units = build_units(method, model, 4, **METHODS[method])
-    for unit in units:
-        if sgd:
-            unit.configure_optimizer(lambda params, share=1.0: (torch.optim.SGD(params, lr=0.05), None))
-        else:
-            unit.configure_optimizer(adam_cosine(3e-3, 3e-4, 10))
-    return units
+    return build_units(method, model, 4, **METHODS[method])
+
+
+def recipe(sgd: bool = False) -> UpdateRecipe:
+    """Adam, cosine-decayed over 10 steps; or plain SGD at a constant rate."""
+    settings = OptimizerSettings(name="sgd", lr=0.05, schedule="constant") if sgd else OptimizerSettings(lr=3e-3, lr_min=3e-4)
+    return UpdateRecipe(settings, steps_per_epoch=10, epochs=1)
 
 
 def train(engine, method: str, epochs: int = 1, **options) -> list[dict]:
@@ -53,8 +53,8 @@ def train(engine, method: str, epochs: int = 1, **options) -> list[dict]:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        units = units_for(method, **options)
-        engine.setup(units)
+        sgd = options.pop("sgd", False)
+        engine.setup(units_for(method, **options), recipe=recipe(sgd))
         for epoch in range(1, epochs + 1):
             for unit in engine.units:
                 unit.start_epoch(epoch, epochs)
@@ -132,7 +132,7 @@ def _nodes_drift_and_agree(rank: int, result_dir: str) -> None:
 
     torch.set_default_dtype(torch.float64)
     engine = DataParallelEngine(ranks_per_node=2, average_every=3, timeout_s=60)
-    engine.setup(units_for("scpl"))
+    engine.setup(units_for("scpl"), recipe=recipe())
     after_step = []
     x, y = tiny_batch(5 * BATCH)
     steps = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(5)]
@@ -142,7 +142,7 @@ def _nodes_drift_and_agree(rank: int, result_dir: str) -> None:
                 "params": sum(p.numel() * p.element_size() for unit in engine.units for p in unit.parameters())},
                Path(result_dir).parent / f"states{rank}.pt")
     ddp = DataParallelEngine(ranks_per_node=2, timeout_s=60)
-    ddp.setup(units_for("scpl"))
+    ddp.setup(units_for("scpl"), recipe=recipe())
     ddp.train_epoch(steps)
     torch.save(ddp.epoch_stats(), Path(result_dir).parent / f"ddp{rank}.pt")
 @pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s

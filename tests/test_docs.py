@@ -317,7 +317,7 @@ from scpl_kit.data import SOURCES, dataset_facts
 from scpl_kit.engines import build_engine
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
-from scpl_kit.trainer import adam_cosine
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 data = config["dataset"]
 raw = SOURCES.get(data["name"])(Path("data/raw"), False)
@@ -330,11 +330,9 @@ model_options = dict(config["model"])
 model = build_model(model_options.pop("name"), facts.input_shape, facts.num_classes, **model_options)
 method_options = dict(config["method"])
 units = build_units(method_options.pop("name"), model, facts.num_classes, **method_options)
-for unit in units:
-    unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 2))
 engine_options = dict(config["engine"])
 engine = build_engine(engine_options.pop("name"), **engine_options)
-engine.setup(units, model.example_batch(32, facts.num_classes))
+engine.setup(units, model.example_batch(32, facts.num_classes), UpdateRecipe(OptimizerSettings(), steps_per_epoch=2, epochs=1))
 x = torch.as_tensor(raw.images[:64]).float() / 255
 y = torch.as_tensor(raw.labels[:64])
 losses = engine.train_epoch([(x[:32], y[:32]), (x[32:], y[32:])])

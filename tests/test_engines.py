@@ -18,7 +18,6 @@ from scpl_kit.engines.pipeline import PipelineEngine, balanced_stages, even_stag
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
 from scpl_kit.train import run
-from scpl_kit.trainer import adam_cosine
 
 from conftest import sequential_run
 from test_training import history, same_weights, weights
@@ -89,16 +88,13 @@ HEAVY_FIRST = [[48, 48, 48, 48, "M"], [2], [2], [2]]
 def heavy_first(method: str):
     torch.manual_seed(0)
     model = build_model("vgg", (1, 16, 16), 4, blocks=HEAVY_FIRST, predictor_hidden=16)
-    units = build_units(method, model, 4, **({"hidden": 16} if method == "early_exit" else {}))
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
-    return model, units
+    return model, build_units(method, model, 4, **({"hidden": 16} if method == "early_exit" else {}))
 
 
 @pytest.mark.parametrize("method", ["early_exit", "bp"])
 def test_step_times_find_the_heavy_block_and_leave_the_run_untouched(method: str) -> None:
     """One time per unit (pipeline) or per block (gpipe), all positive, the heavy block alone on a
-    stage; the units' weights, step counts and the random stream are as before (it times copies)."""
+    stage; the units' weights and the random stream are as before (it times copies)."""
     model, units = heavy_first(method)
     before, rng = [{k: v.clone() for k, v in unit.state_dict().items()} for unit in units], torch.get_rng_state()
     example = model.example_batch(32, 4)
@@ -109,7 +105,6 @@ def test_step_times_find_the_heavy_block_and_leave_the_run_untouched(method: str
     assert len(times) == 4 and all(t > 0 for t in times)
     assert balanced_stages(times, 2) == [[0], [1, 2, 3]] != even_stages(4, 2)
     assert torch.equal(rng, torch.get_rng_state())
-    assert all(unit.steps == 0 for unit in units)
     for unit, state in zip(units, before):
         assert all(torch.equal(value, state[key]) for key, value in unit.state_dict().items())
 
@@ -134,6 +129,9 @@ def _stages_main(rank: int, world: int, port: int, result_dir: str) -> None:
             engine = engine_class(timeout_s=60, **options)
             engine.setup(units, model.example_batch(32, 4) if with_example else None)
             found[name] = engine.stages
+        # Rank 0 hosts the rendezvous store: it must not close while another rank still creates a group
+        # (an engine's one-rank stage groups let rank 0 run ahead).
+        torch.distributed.barrier()
         engine.close()
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(found))
     except BaseException as error:
@@ -229,12 +227,13 @@ def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[di
     gradient accumulated over `microbatches` chunks of mean loss / microbatches. Images come as
     (inputs, labels); text batches as named tensors (token ids, lengths, labels)."""
     from scpl_kit.data.augment import Augmentation
-    from scpl_kit.train import build, load_data
+    from scpl_kit.train import build, load_data, update_recipe
     from scpl_kit.trainer import configure_torch, epoch_seed
 
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
     model, (unit,) = build(cfg, data)
+    updater = update_recipe(cfg, data).updater(unit)  # the run's Adam and schedule; the steps are taken here
     for epoch in range(1, cfg.trainer.epochs + 1):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
@@ -243,11 +242,11 @@ def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[di
             batch = dict(batch) if isinstance(batch, dict) else {"features": batch[0], "labels": batch[1]}
             labels = batch.pop("labels")
             chunks = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(microbatches) for t in batch.values()))]
-            unit.optimizer.zero_grad()
+            updater.optimizer.zero_grad()
             for inputs, ys in zip(chunks, labels.tensor_split(microbatches)):
                 (torch.nn.functional.cross_entropy(model(inputs)["features"], ys) / microbatches).backward()
-            unit.optimizer.step()
-            unit.scheduler.step()
+            updater.optimizer.step()
+            updater.scheduler.step()
     return [unit.state_dict()]
 
 

@@ -17,7 +17,7 @@ from scpl_kit.models import build_model
 from scpl_kit.models.base import Chain, CutError, even_cuts
 from scpl_kit.signal import INPUT
 from scpl_kit.train import run
-from scpl_kit.trainer import adam_cosine
+from updates import attach, step
 
 from conftest import sequential_run
 from test_engines import assert_same_run, run_ranks
@@ -36,8 +36,7 @@ def model_of(name: str, classes: int = 4):
 def units_of(method: str, modules: int = 4, **options):
     model = model_of("vgg")
     units = build_units(method, model, 4, modules=modules, **options)
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(3e-3, 3e-3, 100))
+    attach(units, 3e-3, 3e-3, 100)
     return model, units
 
 
@@ -133,7 +132,7 @@ def test_contsup_context_shapes_and_inference_uses_it(context: str) -> None:
             for kind, encoder in unit.encoders.items():
                 source = x if kind == "E" else signal[PREVIOUS]
                 assert tuple(encoder(source).shape[1:]) == shapes[k - 1]
-        signal, _ = unit.train_step(signal)
+        signal, _ = step(unit, signal)
         entering.append(shapes[k])
         assert torch.equal(signal[INPUT], x) and tuple(signal[PREVIOUS].shape[1:]) == entering[k]
 
@@ -157,9 +156,9 @@ def test_contsup_context_shapes_and_inference_uses_it(context: str) -> None:
 def test_contsup_context_encoders_learn_from_the_module_they_feed() -> None:
     _, units = units_of("contsup", modules=2, context="E")
     x, y = tiny_batch(8)
-    handed, _ = units[0].train_step({"features": x, "labels": y})
+    handed, _ = step(units[0], {"features": x, "labels": y})
     assert all(p.grad is None or not p.grad.any() for p in units[1].encoders.parameters())
-    units[1].train_step(handed)
+    step(units[1], handed)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in units[1].encoders["E"].parameters())
 
 
@@ -176,7 +175,7 @@ def test_cascade_freezes_each_module_bit_for_bit_once_its_turn_is_over() -> None
         for x, y in batches:
             signal = {"features": x, "labels": y}
             for unit in units:
-                signal, losses = unit.train_step(signal)
+                signal, losses = step(unit, signal)
                 assert bool(losses) == (unit.role == "active")
         after = [u.state_dict() for u in units]
         for k, unit in enumerate(units):
@@ -190,7 +189,7 @@ def test_cascade_reads_out_the_latest_trained_module() -> None:
     x, y = tiny_batch(8)
     for unit in units:
         unit.start_epoch(1, 2)
-    units[0].train_step({"features": x, "labels": y})
+    step(units[0], {"features": x, "labels": y})
     out = {"features": x}
     for unit in units:
         unit.eval()

@@ -9,7 +9,8 @@ from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods import METHODS, build_units
 from scpl_kit.methods.units import inference_route
 from scpl_kit.models import MODELS, build_model
-from scpl_kit.trainer import adam_cosine
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
+from updates import attach, step
 
 DECOUPLED = [m for m in METHODS.names() if m != "bp"]
 SMALL = {
@@ -26,8 +27,7 @@ def built(method: str, model_name: str = "vgg", classes: int = 4):
     shape = (TEXT_LENGTH,) if "vocab_size" in SMALL[model_name] else (1, 16, 16)
     model = build_model(model_name, shape, classes, **SMALL[model_name])
     units = build_units(method, model, classes, **OPTIONS.get(method, {}))
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(3e-3, 3e-3, 100))
+    attach(units, 3e-3, 3e-3, 100)
     return model, units
 
 
@@ -62,7 +62,7 @@ def test_every_method_learns_on_every_model(method: str, model_name: str) -> Non
         return
     _, units = built(method, model_name)
     engine = SequentialEngine("cpu")
-    engine.setup(units)
+    engine.setup(units, recipe=UpdateRecipe(OptimizerSettings(lr=3e-3, lr_min=3e-3), steps_per_epoch=1, epochs=16))
     batches = [tiny_text_batch() if "vocab_size" in SMALL[model_name] else tiny_batch()]
     first = engine.train_epoch(batches)
     for _ in range(15):
@@ -79,10 +79,10 @@ def test_no_gradient_crosses_a_block(method: str) -> None:
     it hands on arrives detached."""
     _, units = built(method)
     x, y = tiny_batch()
-    handed, _ = units[0].train_step({"features": x, "labels": y})
+    handed, _ = step(units[0], {"features": x, "labels": y})
     assert handed and not any(t.requires_grad for t in handed.values())
     before = [p.grad.clone() for p in units[0].parameters() if p.grad is not None]
-    units[1].train_step(handed)
+    step(units[1], handed)
     after = [p.grad for p in units[0].parameters() if p.grad is not None]
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -154,7 +154,7 @@ def test_early_exit_has_an_exit_per_block_and_the_predictor_at_the_end() -> None
     engine = SequentialEngine("cpu")
     engine.setup(units)
     x, y = tiny_batch()
-    _, losses = units[0].train_step({"features": x, "labels": y})
+    _, losses = step(units[0], {"features": x, "labels": y})
     assert set(losses) == {"block1/ce"}
     readouts = engine.predict([(x, y)])
     assert sorted(readouts) == ["exit/block1", "exit/block2", "exit/block3", "exit/block4", "scores"]

@@ -5,7 +5,7 @@ from scpl_kit.methods import METHODS, build_units
 from scpl_kit.methods.heads import build_projector
 from scpl_kit.models import MODELS, build_model
 from scpl_kit.registry import UnknownNameError
-from scpl_kit.trainer import adam_cosine
+from updates import attach, step
 
 
 def small_vgg(shape=(1, 28, 28), classes=10):
@@ -52,8 +52,7 @@ def test_pooled_mlp_projector_is_much_smaller() -> None:
 def units_with_optimizers(method, **options):
     model = small_vgg()
     units = build_units(method, model, 10, **options)
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
+    attach(units, 1e-3, 1e-5, 10)
     return model, units
 
 
@@ -81,10 +80,10 @@ def test_no_gradient_crosses_a_block() -> None:
     """Block k's parameters get nothing from block k+1's loss: their gradients after block k's
     step are unchanged by block k+1's backward, and block k's output arrives detached."""
     _, units = units_with_optimizers("scpl", projector="l", projector_dim=16)
-    h, _ = units[0].train_step(signal())
+    h, _ = step(units[0], signal())
     assert not any(t.requires_grad for t in h.values())
     before = [p.grad.clone() for p in units[0].body.parameters()]
-    units[1].train_step(h)
+    step(units[1], h)
     after = [p.grad for p in units[0].body.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -93,11 +92,11 @@ def test_later_blocks_do_not_change_earlier_blocks_updates() -> None:
     """Training all four units gives block 1 exactly the weights that training block 1 alone gives."""
     _, alone = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
     _, full = units_with_optimizers("scpl", projector="m", projector_hidden=32, projector_dim=16)
-    for step in range(3):
-        alone[0].train_step(signal())
+    for _ in range(3):
+        step(alone[0], signal())
         h = signal()
         for unit in full:
-            h, _ = unit.train_step(h)
+            h, _ = step(unit, h)
     for a, b in zip(alone[0].state_dict().values(), full[0].state_dict().values()):
         assert torch.equal(a, b)
 
@@ -108,8 +107,8 @@ def test_predictor_gradient_never_reaches_the_backbone() -> None:
     last.head = None  # only the predictor's loss remains
     h = signal()
     for unit in units[:-1]:
-        h, _ = unit.train_step(h)
-    last.train_step(h)
+        h, _ = step(unit, h)
+    step(last, h)
     assert all(p.grad is None for p in last.body.parameters())
     assert all(p.grad is not None for p in last.predictor.parameters())
 
@@ -117,7 +116,7 @@ def test_predictor_gradient_never_reaches_the_backbone() -> None:
 def test_bp_is_one_unit_training_every_parameter() -> None:
     model, units = units_with_optimizers("bp")
     assert len(units) == 1
-    _, losses = units[0].train_step(signal())
+    _, losses = step(units[0], signal())
     assert set(losses) == {"predictor/ce"}  # filed where SCPL files its predictor's loss: charts overlay
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 

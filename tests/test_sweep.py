@@ -32,7 +32,7 @@ def test_four_trial_sweep_exports_best_and_nests_mlflow_runs(sweep_env: dict) ->
     best = study.best_trial
     cfg = compose_config(["method=tiny_best"])
     assert cfg.method.name == "scpl" and cfg.method.temperature == pytest.approx(best.params["method.temperature"])
-    assert cfg.trainer.lr == pytest.approx(best.params["trainer.lr"]) and cfg.trainer.epochs == compose_config(["profile=offline"]).trainer.epochs  # search-only epochs not exported
+    assert cfg.optimizer.lr == pytest.approx(best.params["optimizer.lr"]) and cfg.trainer.epochs == compose_config(["profile=offline"]).trainer.epochs  # search-only epochs not exported
     assert dict(cfg.tuned_by) == {"study": study.study_name, "profile": "smoke", "metric": "best_val_acc", "value": best.value, "trial": best.number}
     client = MlflowClient(sweep_env["mlflow"])
     runs = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
@@ -40,7 +40,7 @@ def test_four_trial_sweep_exports_best_and_nests_mlflow_runs(sweep_env: dict) ->
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
-    assert parent.data.tags["best.trainer.lr"] == str(best.params["trainer.lr"])
+    assert parent.data.tags["best.optimizer.lr"] == str(best.params["optimizer.lr"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "param_importances.png", "best.json", "tiny_best.yaml"} <= artifacts
     assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) >= 1 for c in children)
@@ -50,16 +50,16 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(sweep_env: 
     conf = sweep_env["conf"] / "sweep" / "tiny.yaml"
     study_cfg = yaml.safe_load(conf.read_text())
     study_cfg["space"] = {
-        "trainer.lr": {"type": "categorical", "choices": [0.003, 1.0e-9]},
+        "optimizer.lr": {"type": "categorical", "choices": [0.003, 1.0e-9]},
         "method.variant": {"type": "categorical", "choices": ["paper", "bogus"]},
     }
     study_cfg["n_trials"] = 3
     conf.write_text(yaml.safe_dump(study_cfg))
     name = load_sweep([*sweep_env["overrides"], "tracking.enabled=true"]).study_name
     study = optuna.create_study(study_name=name, storage=sweep_env["storage"], direction="maximize")
-    study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "paper"})   # learns
-    study.enqueue_trial({"trainer.lr": 1.0e-9, "method.variant": "paper"})  # stays at chance: pruned after epoch 1
-    study.enqueue_trial({"trainer.lr": 0.003, "method.variant": "bogus"})   # raises while building
+    study.enqueue_trial({"optimizer.lr": 0.003, "method.variant": "paper"})   # learns
+    study.enqueue_trial({"optimizer.lr": 1.0e-9, "method.variant": "paper"})  # stays at chance: pruned after epoch 1
+    study.enqueue_trial({"optimizer.lr": 0.003, "method.variant": "bogus"})   # raises while building
     export = sweep_env["conf"] / "method" / "tiny_best.yaml"
     foreign = yaml.safe_dump({"tuned_by": {"study": "tiny-offline-0", "profile": "offline", "metric": "best_val_acc", "value": 0.98}})
     export.write_text(foreign)  # a better export from the default profile
@@ -154,8 +154,8 @@ def test_study_identity_follows_what_a_trial_measures(sweep_env: dict) -> None:
 def test_the_command_line_wins_over_the_study_and_searched_keys_are_refused(sweep_env: dict) -> None:
     assert load_sweep(sweep_env["overrides"]).base.trainer.epochs == 2  # the study's search_only
     assert load_sweep([*sweep_env["overrides"], "trainer.epochs=1"]).base.trainer.epochs == 1
-    with pytest.raises(ConfigError, match="trainer.lr=0.1: this key is searched by the study"):
-        load_sweep([*sweep_env["overrides"], "trainer.lr=0.1"])
+    with pytest.raises(ConfigError, match="optimizer.lr=0.1: this key is searched by the study"):
+        load_sweep([*sweep_env["overrides"], "optimizer.lr=0.1"])
 
 
 def test_an_export_replaces_only_what_it_may(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from scpl_kit.models.base import run_block
 from scpl_kit.models.text import BiLSTMBlock, masked_mean, real_tokens
 from scpl_kit.signal import FEATURES, LABELS, LENGTHS, SUMMARY, summary, without_summary
 from scpl_kit.train import options
-from scpl_kit.trainer import adam_cosine
+from updates import attach, step
 
 VOCAB, DIM, MAX_LEN, CLASSES = 50, 12, 10, 3
 SMALL = {"lstm": {"dim": DIM}, "transformer": {"dim": DIM, "heads": 4, "ff_dim": 16}}  # even heads, as the paper's 6: PyTorch's fast path runs
@@ -170,9 +170,9 @@ def test_every_method_trains_a_step_and_infers(name, method, method_options) -> 
     units = build_units(method, model, CLASSES, **method_options)
     signal = padded(documents(), 7)
     handed = signal
+    attach(units, 1e-3, 1e-5, 10)
     for unit in units:
-        unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 10))
-        handed, losses = unit.train_step(handed)
+        handed, losses = step(unit, handed)
         assert losses and all(math.isfinite(float(v)) for v in losses.values()), losses
     out = {k: v for k, v in signal.items() if k != LABELS}
     with torch.no_grad():

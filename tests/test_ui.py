@@ -100,7 +100,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, processed_dir: Path) -> dict
         study = yaml.safe_load((conf / "sweep" / "scpl_tau_lr.yaml").read_text())
         study.update(
             study_name=STUDY, n_trials=N_TRIALS, search_only=[f"trainer.epochs={EPOCHS}"], heartbeat_s=1,
-            space={"method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}, "trainer.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}},
+            space={"method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}, "optimizer.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}},
             storage=optuna_uri, output_dir=str(tmp / "trials"), export_dir=str(conf / "method"), pruner={"name": "none"},
         )
         (conf / "sweep" / f"{STUDY}.yaml").write_text(yaml.safe_dump(study))

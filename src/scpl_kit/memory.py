@@ -34,15 +34,17 @@ def peak_memory_mb(work: Callable[[], object]) -> float:
 
 def unit_peak_memory(units: list, example: Signal) -> list[float]:
     """Each unit's peak activation memory (MB) over one training step on `example` (what the unit
-    before hands it): what one module needs alive, whichever engine or device it runs on. Measured on
-    a second step, after a first one has made the optimizer's state (Adam's moments persist: they are
-    the weights' memory, not the step's). The steps change the units' weights: measure on units
-    built for the purpose."""
+    before hands it), with Adam: what one module needs alive, whichever engine or device it runs on.
+    Measured on a second step, after a first one has made the optimizer's state (Adam's moments
+    persist: they are the weights' memory, not the step's). The steps change the units' weights:
+    measure on units built for the purpose."""
+    from scpl_kit.updater import train_step, updaters_for
+
     peaks, signal = [], example
-    for unit in units:
+    for unit, updater in zip(units, updaters_for(units)):
         unit.train()
-        unit.train_step(signal)
+        train_step(unit, updater, signal)
         holder: dict[str, Signal] = {}
-        peaks.append(peak_memory_mb(lambda: holder.update(out=unit.train_step(signal)[0])))
+        peaks.append(peak_memory_mb(lambda: holder.update(out=train_step(unit, updater, signal)[0])))
         signal = holder["out"]
     return peaks

@@ -41,7 +41,7 @@ log = logging.getLogger("scpl_kit.sweep")
 # Heartbeats are flagged experimental since Optuna 2.8, yet they are Optuna's only way to notice a
 # killed worker's trial; the warning would print on every start.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-GROUPS = ("data", "model", "method", "engine", "trainer", "profile")
+GROUPS = ("data", "model", "method", "engine", "trainer", "optimizer", "profile")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 STORAGE_ENV = "SCPL_OPTUNA_STORAGE"  # the study's database when sweep.storage is null, e.g. on a cluster's workers
 VALIDATION_METRICS = ("best_val_acc", "final_val_acc")  # from trainer.summarize; the test split stays unseen
@@ -402,7 +402,7 @@ def export_refusal(path: Path, new: dict[str, Any], direction: str) -> str | Non
 
 def export_best(cfg: DictConfig, best: FrozenTrial, provenance: dict[str, Any], path: Path) -> None:
     """Write the best trial as a method config, `conf/method/<study>_best.yaml`: the whole method
-    node plus the other keys the trial set (say, trainer.lr), and `tuned_by` (study, profile, metric,
+    node plus the other keys the trial set (say, optimizer.lr), and `tuned_by` (study, profile, metric,
     value, trial). `train method=<study>_best` and the DVC pipeline (`methods: [..., <study>_best]`
     in params.yaml) take it as is. Search-only and command-line overrides (say, fewer epochs) are left out."""
     trial_cfg = compose_config(best.user_attrs["overrides"])

@@ -35,7 +35,8 @@ from scpl_kit.models import BlockModel, build_model
 from scpl_kit.preflight import OneLineParser, check_augmentation_fits, check_batch_fits, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
-from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, adam_cosine, configure_torch, seed_everything, summarize
+from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, configure_torch, seed_everything, summarize
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 log = logging.getLogger("scpl_kit")
 
@@ -61,16 +62,17 @@ def load_data(cfg: DictConfig) -> PreparedData:
 
 
 def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUnit]]:
-    """The model and its units under the configured method, each unit with its optimizer."""
+    """The model and its units under the configured method (the engine adds their updaters)."""
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **options(cfg.model))
     if data.embeddings is not None:  # text data prepared with pretrained word vectors (GloVe)
         model.load_embeddings(data.embeddings)
-    units = build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
-    steps = (data.meta["sizes"]["train"] // cfg.trainer.batch_size) * cfg.trainer.epochs
-    for unit in units:
-        unit.configure_optimizer(adam_cosine(cfg.trainer.lr, cfg.trainer.lr_min, steps))
-    return model, units
+    return model, build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
+
+
+def update_recipe(cfg: DictConfig, data: PreparedData) -> UpdateRecipe:
+    """conf/optimizer/ over the run's length: every batch of an epoch (the last partial one dropped)."""
+    return UpdateRecipe(OptimizerSettings.from_config(cfg.optimizer), data.meta["sizes"]["train"] // cfg.trainer.batch_size, cfg.trainer.epochs)
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -129,14 +131,16 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
     Under a multi-process engine every process calls this; only the main one logs and writes.
     Everything that can be checked without training is checked before the first step."""
     check_values(cfg)
+    OptimizerSettings.from_config(cfg.optimizer).check_run(cfg.trainer.epochs)
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
     check_batch_fits(cfg, data.meta["sizes"]["train"])
     check_augmentation_fits(cfg, data.meta.get("modality", "image"))
+    recipe = update_recipe(cfg, data)
     model, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
     try:
-        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
+        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), recipe)
         return train_with(cfg, data, engine, listeners, modules=len(units))
     finally:
         engine.close()

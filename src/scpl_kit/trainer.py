@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import PreparedData
 from scpl_kit.engines.base import Engine
-from scpl_kit.methods.units import EXIT, SCORES, OptimizerFactory
+from scpl_kit.methods.units import EXIT, SCORES
 from scpl_kit.tracking import TrainingListener
 
 log = logging.getLogger(__name__)
@@ -34,23 +34,6 @@ class TrainingStopped(Exception):
 
     outcome = "stopped"
     run_status = "KILLED"
-
-
-def adam_cosine(lr: float, lr_min: float, total_steps: int) -> OptimizerFactory:
-    """The paper's optimiser: Adam, learning rate cosine-decayed per step from `lr` to `lr_min`.
-    A parameter group may carry `lr_scale` (a method's part that learns faster, e.g. AL's label path);
-    `share` < 1 decays over that share of the run's steps (a unit that trains in one stage of them)."""
-
-    def make(params: Iterable[Any], share: float = 1.0) -> tuple[torch.optim.Optimizer, Any]:
-        groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
-        # fused: one kernel over all of a group's tensors instead of a Python loop over them. The narrow
-        # offline models have many small tensors: ResNet-18 under SCPL trained in 34 s of CPU instead of
-        # 41 s (the default for-loop Adam was ~30% of its profile). Same algorithm; deterministic.
-        optimizer = torch.optim.Adam([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], lr=lr, fused=True)
-        # Each group decays from its own starting rate to lr_min, over the steps this unit trains in.
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(round(total_steps * share), 1), eta_min=lr_min)
-
-    return make
 
 
 # torch's own thread count for this process (OMP_NUM_THREADS, else the cores): what `threads: null`
@@ -150,6 +133,7 @@ class Trainer:
         history = list(history or [])
         for epoch in range(start_epoch, self.epochs + 1):
             record = self.run_epoch(epoch)
+            self.engine.end_epoch(record["val_acc"])  # reduce-on-plateau schedules
             history.append(record)
             if self.engine.is_main:
                 log.info("epoch %d/%d  %s", epoch, self.epochs, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))

@@ -51,6 +51,7 @@ from scpl_kit.engines.distributed import (
 from scpl_kit.engines.pipeline import synchronize, unit_step_times
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
+from scpl_kit.updater import UpdateRecipe, train_step
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -157,7 +158,7 @@ class AsyncEngine(Engine):
             warnings.simplefilter("ignore", UserWarning)
             rpc.init_rpc(worker_name(self.rank), rank=self.rank, world_size=self.world, rpc_backend_options=options)
         self.failed = False
-        self.units, self.shared, self.base = [], [], []
+        self.units, self.shared, self.base, self.updaters = [], [], [], []
         self.speed = 1.0  # samples/s of this worker's steps; equal shares until measured
         self.stats: dict[str, float] = {}
         self.last_updates: list[tuple[int, int, bool]] = []  # rank 0: the server's record of the last epoch
@@ -168,15 +169,16 @@ class AsyncEngine(Engine):
 
     @notes_failure
     @reports_peer_failures
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         global _server
         self.units = [unit.to(self.device) for unit in units]
+        self.attach_updaters(recipe)
         self.route = inference_route(self.units)
         # What is shared: every floating tensor of the units' state. state_dict's tensors alias the
         # live ones, so copying into them updates the units.
         self.shared = [t for unit in self.units for t in unit.state_dict().values() if t.is_floating_point()]
         if example is not None:  # first epoch's shares: one timed step on copies of the units
-            self.speed = batch_size(example) / (sum(unit_step_times(self.units, example, self.device)) * self.slowdown)
+            self.speed = batch_size(example) / (sum(unit_step_times(self.units, example, self.device, recipe)) * self.slowdown)
         self._take_rank0_state()
         if self.rank == SERVER_RANK:
             _server = ParameterServer(self.shared, self.world, self.max_staleness)
@@ -211,10 +213,9 @@ class AsyncEngine(Engine):
             start = time.perf_counter()
             signal = moved(as_signal(batch), self.device)
             size, losses = batch_size(signal), {}
-            for unit in self.units:
-                step = unit.forward_train(signal)
-                losses.update(unit.learn(step))
-                signal = step.handoff()
+            for unit, updater in zip(self.units, self.updaters):
+                signal, unit_losses = train_step(unit, updater, signal)
+                losses.update(unit_losses)
             synchronize(self.device)
             simulate_slowness(start, self.slowdown)  # a heterogeneous worker (engine.slow_rank), if asked for
             unpushed += 1
@@ -236,14 +237,10 @@ class AsyncEngine(Engine):
 
     def _follow_schedules(self) -> None:
         """Another worker trains this batch. Each unit's learning-rate schedule still steps, so every
-        worker's rate follows the run's progress (as under any other engine), not its own step count.
-        A worker whose first batches are others' steps a schedule before its optimizer ever has,
-        which is intended here, hence the warning about that is silenced."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
-            for unit in self.units:
-                if unit.trains and unit.scheduler is not None:
-                    unit.scheduler.step()
+        worker's rate follows the run's progress (as under any other engine), not its own step count."""
+        for unit, updater in zip(self.units, self.updaters):
+            if unit.trains:
+                updater.follow()
 
     def _push_pull(self) -> None:
         """Push this step's update, pull the global weights; no waiting for other workers."""

@@ -1,4 +1,7 @@
-"""The interface every engine offers the trainer. Engines know LocalUnit, never a particular method."""
+"""The interface every engine offers the trainer. Engines know LocalUnit, never a particular method.
+
+An engine places its units, then builds each one's `Updater` from the run's `UpdateRecipe`
+(`attach_updaters`): the update step is the engine's, through the updater every engine shares."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from scpl_kit.methods.units import LocalUnit, readouts
 from scpl_kit.signal import FEATURES, LABELS, Signal
+from scpl_kit.updater import UpdateRecipe, Updater
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Signal  # (inputs, labels) from a loader, or already named tensors
 BatchCallback = Callable[[int], None]  # called with the number of samples just trained on
@@ -59,13 +63,19 @@ class Engine(ABC):
     """Multi-process engines run the trainer on every process; only the main one logs and writes."""
 
     units: list[LocalUnit]  # the units this process trains
+    updaters: list[Updater]  # one per unit of `units`, built after placing them
 
     @abstractmethod
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
-        """Take ownership of the units (place them on their devices). `example` is one training batch
-        of dummy input (`features`, `labels`, and what else the model's batches carry, e.g. text's
-        `lengths`) that an engine may time the units on to decide where they run; it must not change
-        the units (nor the random streams)."""
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
+        """Take ownership of the units (place them on their devices), then build their updaters from
+        `recipe` (None: an engine for inference only). `example` is one training batch of dummy input
+        (`features`, `labels`, and what else the model's batches carry, e.g. text's `lengths`) that an
+        engine may time the units on to decide where they run; it must not change the units (nor the
+        random streams)."""
+
+    def attach_updaters(self, recipe: UpdateRecipe | None, norm_group: Any = None) -> None:
+        """One updater per unit of this process, over the parameters as placed (or wrapped) now."""
+        self.updaters = [recipe.updater(unit, norm_group) for unit in self.units] if recipe is not None else []
 
     @abstractmethod
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
@@ -85,14 +95,23 @@ class Engine(ABC):
         (e.g. bytes sent per step); nothing for engines that measure nothing."""
         return {}
 
+    def end_epoch(self, val_acc: float) -> None:
+        """After an epoch's evaluation: the schedules that step on validation accuracy (reduce-on-plateau),
+        for the units that trained in the epoch. Every process sees the same accuracy."""
+        for unit, updater in zip(self.units, self.updaters):
+            if unit.trains:
+                updater.end_epoch(val_acc)
+
     def training_state(self) -> list[dict[str, Any]]:
-        """Every unit's state, in unit order. Multi-process engines: collective, and the states
-        arrive on the main process only (the one that writes checkpoints and outputs)."""
-        return [unit.training_state() for unit in self.units]
+        """Every unit's state (weights, and its updater's optimizer, schedule and step count), in unit
+        order. Multi-process engines: collective, and the states arrive on the main process only (the
+        one that writes checkpoints and outputs)."""
+        return [{"module": unit.state_dict(), **updater.state_dict()} for unit, updater in zip(self.units, self.updaters, strict=True)]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        for unit, state in zip(self.units, states, strict=True):
-            unit.load_training_state(state)
+        for unit, updater, state in zip(self.units, self.updaters, states, strict=True):
+            unit.load_state_dict(state["module"])
+            updater.load_state_dict(state)
 
     def close(self) -> None:
         """Release processes or devices the engine started."""

@@ -49,6 +49,7 @@ from scpl_kit.engines.distributed import (
 )
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
+from scpl_kit import updater as update
 
 log = logging.getLogger(__name__)
 INTRA, INTER = "intra_node", "inter_node"
@@ -73,13 +74,10 @@ def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup |
     return DistributedDataParallel(unit, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
 
 
-def train_step(unit: LocalUnit, wrapped: DistributedDataParallel | None, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
-    """`unit.train_step`, with the forward through its DDP wrapper when it has one and computes gradients
-    this step (DDP must see the forward of every backward it averages, and expects a backward after each)."""
-    if wrapped is None or not unit.trains:
-        return unit.train_step(signal)
-    step = wrapped(signal)
-    return step.handoff(), unit.learn(step)
+def train_step(unit: LocalUnit, updater: update.Updater, wrapped: DistributedDataParallel | None, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
+    """The unit's training step, with the forward through its DDP wrapper when it has one and computes
+    gradients this step (DDP must see the forward of every backward it averages, and expects a backward after each)."""
+    return update.train_step(unit, updater, signal, wrapped if wrapped is not None and unit.trains else None)
 
 
 def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batches: Iterable[Batch], device: torch.device) -> dict[str, torch.Tensor]:
@@ -148,7 +146,7 @@ class DataParallelEngine(Engine):
         self.batch_group = self.node_group if average_every else dist.group.WORLD
         self.device = stage_device(device)
         self.sent: Counter = Counter()  # bytes this process contributed to collectives, by where they went
-        self.units, self.replicas, self.averagers = [], [], []
+        self.units, self.replicas, self.averagers, self.updaters = [], [], [], []
 
     @property
     def is_main(self) -> bool:
@@ -160,10 +158,11 @@ class DataParallelEngine(Engine):
         return INTER if self.nodes > 1 else INTRA
 
     @reports_peer_failures
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: update.UpdateRecipe | None = None) -> None:
         check_even_split(example, self.world, "processes")
         self.units = [self._prepared(unit) for unit in units]
         self.replicas = [self._replicate(unit) for unit in self.units]
+        self.attach_updaters(recipe)
         if self.average_every is not None:
             self.averagers = [PeriodicModelAverager(period=self.average_every) for _ in self.units]
         self.route = inference_route(self.units)
@@ -172,8 +171,8 @@ class DataParallelEngine(Engine):
         unit = unit.to(self.device)
         if not self.sync_batchnorm:
             return unit
-        # Converted in place (the unit's BatchNorm layers are replaced), keeping the parameter objects,
-        # so the unit's optimizer still holds them. PyTorch's SyncBatchNorm is for GPUs only.
+        # Converted in place (the unit's BatchNorm layers are replaced); the updaters are built after it.
+        # PyTorch's SyncBatchNorm is for GPUs only.
         if self.device.type == "cuda":
             return nn.SyncBatchNorm.convert_sync_batchnorm(unit, process_group=self.batch_group)
         return batch_group.with_whole_batchnorm(unit)
@@ -201,7 +200,7 @@ class DataParallelEngine(Engine):
                 signal = moved(slice_of(whole, self.rank, self.world), self.device)
                 losses = {}
                 for i, (unit, replica) in enumerate(zip(self.units, self.replicas)):
-                    signal, unit_losses = train_step(unit, replica, signal)
+                    signal, unit_losses = train_step(unit, self.updaters[i], replica, signal)
                     losses.update(unit_losses)
                     if self.averagers and unit.trains:
                         self._average(self.averagers[i], unit)

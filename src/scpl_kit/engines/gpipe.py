@@ -23,6 +23,7 @@ from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal
 from scpl_kit.engines.distributed import gather_to_main, reports_peer_failures
 from scpl_kit.engines.pipeline import PipelineEngine, check_stages, time_chain, wait_sent
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError, moved
+from scpl_kit.updater import UpdateRecipe
 from scpl_kit.models.base import BlockModel, run_block
 from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
@@ -94,7 +95,7 @@ class GPipeEngine(PipelineEngine):
         super().__init__(stages, balance, backend, device, timeout_s, processes)
         self.microbatches, self.schedule_name = microbatches, schedule
 
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         body = units[0].body if len(units) == 1 else None
         if body is None or not hasattr(body, "blocks"):
             raise ValueError(
@@ -116,7 +117,20 @@ class GPipeEngine(PipelineEngine):
 
         stage = pipelining.PipelineStage(self.stage_module, self.rank, self.world, self.device)
         schedule = getattr(pipelining, SCHEDULES[self.schedule_name])
-        self.schedule = schedule(stage, self.microbatches, loss_fn=self.unit.head)  # averages gradients over micro-batches
+        # scale_grads=False: `_loss` divides each micro-batch's loss instead, so that gradients the
+        # updater accumulates over batches are not divided again by the next schedule step.
+        self.schedule = schedule(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+        # Over the whole unit on every stage: the optimizers skip parameters without gradients, so each
+        # process updates exactly its stage; clipping sums the squared norm over the stages.
+        self.attach_updaters(recipe, norm_group=dist.group.WORLD if self.world > 1 else None)
+
+    @property
+    def loss_share(self) -> int:
+        """What a micro-batch's loss is divided by: the mean over the micro-batches and the batches accumulated."""
+        return self.microbatches * self.updaters[0].settings.accumulate
+
+    def _loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unit.head(scores, labels) / self.loss_share
 
     def _labels(self, labels: torch.Tensor | None, pending: list) -> torch.Tensor | None:
         """The last stage computes the loss, so the first one sends it each batch's labels."""
@@ -143,18 +157,19 @@ class GPipeEngine(PipelineEngine):
         for signal in source:
             labels = signal.pop(LABELS, None)
             target = self._labels(labels, pending)
-            self.unit.optimizer.zero_grad(set_to_none=True)
+            updater = self.updaters[0]
+            updater.zero_grad()
             losses: list[torch.Tensor] = []
             args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.is_first else ()
-            self.schedule.step(*args, target=target, losses=losses)
-            # Adam skips parameters without gradients, so each process updates exactly its stage.
-            self.unit.optimizer.step()
-            self.unit.scheduler.step()
-            self.unit.steps += 1
+            with updater.autocast():
+                self.schedule.step(*args, target=target, losses=losses)  # forward and backward of every micro-batch
+            updater.finish_step()
+            updater.steps += 1
             if self.is_last:
-                loss = torch.stack(losses).mean().detach()  # equal micro-batches: the mini-batch's mean loss
+                # Equal micro-batches: the mini-batch's mean loss (undoing `_loss`'s division).
+                loss = torch.stack(losses).sum().detach().float() * updater.settings.accumulate
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(self.unit.name, self.unit.head_loss_name, self.unit.steps, loss.item())
+                    raise NonFiniteLossError(self.unit.name, self.unit.head_loss_name, updater.steps, loss.item())
                 meter.add({self.unit.head_loss_name: loss})
             if on_batch is not None and labels is not None:
                 on_batch(len(labels))
@@ -178,7 +193,7 @@ class GPipeEngine(PipelineEngine):
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
-        state = self.unit.training_state()
+        (state,) = super().training_state()
         mine = {
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
             "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
@@ -191,7 +206,7 @@ class GPipeEngine(PipelineEngine):
         return [state]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        self.unit.load_training_state(states[0])
+        super().load_training_state(states[:1])
 
 
 @ENGINES.register("gpipe")

@@ -38,6 +38,7 @@ from scpl_kit.engines.distributed import (  # noqa: F401  (re-exported: gpipe an
 from scpl_kit import batch_group
 from scpl_kit.engines.data_parallel import check_even_split, replicated, slice_of, train_step
 from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
+from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
 log = logging.getLogger(__name__)
 BALANCES = ("time", "count")
@@ -100,18 +101,16 @@ def time_chain(steps: Iterable[Callable[[Signal], Signal]], signal: Signal, devi
     return times
 
 
-def unit_step_times(units: Sequence[LocalUnit], example: Signal, device: torch.device) -> list[float]:
-    """Seconds of one training step (forward, local loss, backward, optimizer step) of each unit on
-    `example`, each unit fed the one before's handoff. Each unit is timed on a copy of it (its
-    optimizer too), one at a time on `device`: the units themselves do not change."""
+def unit_step_times(units: Sequence[LocalUnit], example: Signal, device: torch.device, recipe: UpdateRecipe | None = None) -> list[float]:
+    """Seconds of one training step (forward, local loss, backward, update) of each unit on `example`,
+    each unit fed the one before's handoff. Each unit is timed on a copy of it, with an updater of its
+    own (the run's settings; Adam without a recipe), one at a time on `device`: the units do not change."""
 
     def trials() -> Iterator[Callable[[Signal], Signal]]:
         for unit in units:
             trial = copy.deepcopy(unit).to(device).train()
-            # A copied optimizer loses its scheduler's wrapper of `step`, so the copied scheduler would
-            # warn that it was overridden; a schedule's step costs next to nothing anyway.
-            trial.scheduler = None
-            yield lambda signal, trial=trial: trial.train_step(signal)[0]
+            updater = (recipe or UpdateRecipe(OptimizerSettings(), 100, 1)).updater(trial)
+            yield lambda signal, trial=trial, updater=updater: train_step(trial, updater, None, signal)[0]
 
     return time_chain(trials(), moved(example, device), device)
 
@@ -171,7 +170,7 @@ class PipelineEngine(Engine):
         self.stages = [list(s) for s in stages] if stages else None
         self.balance = balance
         self.device = stage_device(device)
-        self.units, self.wrapped = [], []
+        self.units, self.wrapped, self.updaters = [], [], []
 
     @property
     def is_main(self) -> bool:
@@ -186,13 +185,13 @@ class PipelineEngine(Engine):
         return self.stage == self.n_stages - 1
 
     @reports_peer_failures
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         if len(units) < self.n_stages:
             raise ValueError(
                 f"this method gives {len(units)} unit(s), fewer than the {self.n_stages} pipeline stages: the pipeline "
                 "engine is for decoupled methods. For end-to-end BP across devices use engine=gpipe."
             )
-        measure = (lambda: unit_step_times(units, example, self.device)) if example is not None else None
+        measure = (lambda: unit_step_times(units, example, self.device, recipe)) if example is not None else None
         self.stages = self.stages or self._split(len(units), "units", measure)
         check_stages(self.stages, len(units), self.n_stages, "units")
         self.units = [units[i].to(self.device) for i in self.stages[self.stage]]
@@ -200,6 +199,7 @@ class PipelineEngine(Engine):
         if self.replicas > 1:
             check_even_split(example, self.replicas, "pipeline replicas")
             self.wrapped = [replicated(unit, self.device, self.stage_group) for unit in self.units]
+        self.attach_updaters(recipe)
 
     @reports_peer_failures
     def _split(self, n: int, what: str, measure: Callable[[], list[float]] | None) -> list[list[int]]:
@@ -277,7 +277,7 @@ class PipelineEngine(Engine):
                 wait_sent(pending)
                 losses = {}
                 for i, unit in enumerate(self.units):
-                    signal, unit_losses = train_step(unit, self.wrapped[i] if self.wrapped else None, signal)
+                    signal, unit_losses = train_step(unit, self.updaters[i], self.wrapped[i] if self.wrapped else None, signal)
                     losses.update(unit_losses)
                 meter.add(losses)
                 if not self.is_last:
@@ -338,12 +338,11 @@ class PipelineEngine(Engine):
     def training_state(self) -> list[dict[str, Any]]:
         """All units' states, in order, on the main rank (the only one that writes them); [] elsewhere.
         Replica 0's: the replicas hold the same weights and optimizer states."""
-        mine = [unit.training_state() for unit in self.units] if self.replica == 0 else []
+        mine = super().training_state() if self.replica == 0 else []
         return [state for part in gather_to_main(mine) for state in part]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        for index, unit in zip(self.stages[self.stage], self.units):
-            unit.load_training_state(states[index])
+        super().load_training_state([states[index] for index in self.stages[self.stage]])
 
     def close(self) -> None:
         close_distributed()

@@ -10,19 +10,21 @@ from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size, resolve_device
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
+from scpl_kit.updater import UpdateRecipe, train_step
 
 
 class SequentialEngine(Engine):
     def __init__(self, device: str = "cpu") -> None:
         self.device = resolve_device(device)
-        self.units = []
+        self.units, self.updaters = [], []
 
     def device_of(self, index: int) -> torch.device:
         """Where unit `index` runs (one device here; subclasses spread units over several)."""
         return self.device
 
-    def setup(self, units: list[LocalUnit], example: Signal | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         self.units = [unit.to(self.device_of(i)) for i, unit in enumerate(units)]
+        self.attach_updaters(recipe)
 
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
         meter = LossMeter()
@@ -31,8 +33,8 @@ class SequentialEngine(Engine):
         for batch in batches:
             signal = moved(as_signal(batch), self.device)
             losses = {}
-            for unit in self.units:
-                signal, unit_losses = unit.train_step(signal)
+            for unit, updater in zip(self.units, self.updaters):
+                signal, unit_losses = train_step(unit, updater, signal)
                 losses.update(unit_losses)
             meter.add(losses)
             if on_batch is not None:

@@ -23,7 +23,7 @@ class ThreadsEngine(SequentialEngine):
         if not devices:
             raise ValueError("the threads engine needs at least one device, e.g. devices: [cpu, cpu] or [cuda:0, cuda:1]")
         self.devices = [resolve_device(d) for d in devices]
-        self.units = []
+        self.units, self.updaters = [], []
 
     def device_of(self, index: int) -> torch.device:
         return self.devices[index % len(self.devices)]
@@ -37,9 +37,9 @@ class ThreadsEngine(SequentialEngine):
             for batch in batches:
                 pending: list[Future] = []
                 signal = as_signal(batch)
-                for i, unit in enumerate(self.units):
-                    step = unit.forward_train(moved(signal, self.device_of(i)))
-                    pending.append(pool.submit(unit.learn, step))
+                for i, (unit, updater) in enumerate(zip(self.units, self.updaters)):
+                    step = updater.forward(unit, moved(signal, self.device_of(i)))
+                    pending.append(pool.submit(updater.learn, unit, step))
                     signal = step.handoff()
                 losses = {}
                 for future in pending:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
-from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, OptimizerFactory, UnitStep
+from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, UnitStep
 from scpl_kit.models.base import BlockModel, run_block
 from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
@@ -48,13 +48,12 @@ class AssociatedUnit(LocalUnit):
         self.bridge, self.label_encoder, self.inverse = bridge, label_encoder, inverse
         self.num_classes, self.is_last, self.label_lr_scale = num_classes, is_last, label_lr_scale
 
-    def configure_optimizer(self, make: OptimizerFactory) -> None:
-        """One optimizer, the label path (g_k, h_k) at `label_lr_scale` times the rate: the same TensorFlow
-        code trains its label auto-encoders at twice the learning rate of the rest."""
+    def parameter_groups(self) -> list[dict]:
+        """The label path (g_k, h_k) learns at `label_lr_scale` times the rate of the rest."""
         label_path = [*self.label_encoder.parameters(), *self.inverse.parameters()]
         ids = {id(p) for p in label_path}
         rest = [p for p in self.parameters() if id(p) not in ids]
-        self.optimizer, self.scheduler = make([{"params": rest}, {"params": label_path, "lr_scale": self.label_lr_scale}])
+        return [{"params": rest}, {"params": label_path, "lr_scale": self.label_lr_scale}]
 
     @property
     def bridge_dtype(self) -> torch.dtype:

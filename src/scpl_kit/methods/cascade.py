@@ -18,34 +18,58 @@ no speed; `gpipe` (BP only) refuses it like any decoupled method.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Literal
 
 import torch
 
 from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.heads import ClassifierHead, spatial_classifier
-from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, OptimizerFactory, UnitStep
+from scpl_kit.methods.units import EXIT, SCORES, LocalUnit, UnitStep
 from scpl_kit.models.base import BlockModel, run_block
 from scpl_kit.signal import Signal
 
 Role = Literal["waiting", "active", "frozen"]
+STAGE_RULES = ("even", "growing")
+
+
+def stage_epochs(epochs: int, modules: int, rule: str = "even") -> list[int]:
+    """How many of the run's epochs each module trains, in order.
+
+    even: shared out evenly, the earlier modules taking the remainder (module k trains in the epochs
+    e where (e − 1)·K // epochs = k). growing: module i (0-based) gets a share proportional to i + 1,
+    as the authors' Keras code trains stage i for 10 + 10·i epochs (K = 4: 10, 20, 30, 40 of 100),
+    rounded by largest remainder so the shares add up to the run."""
+    if rule not in STAGE_RULES:
+        raise ValueError(f"method.stage_epochs={rule!r}; valid: {', '.join(STAGE_RULES)}")
+    if rule == "even":
+        return [sum(1 for e in range(epochs) if min(e * modules // epochs, modules - 1) == k) for k in range(modules)]
+    weights = [i + 1 for i in range(modules)]
+    exact = [epochs * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    for k in sorted(range(modules), key=lambda k: counts[k] - exact[k])[: epochs - sum(counts)]:
+        counts[k] += 1
+    return counts
 
 
 class CascadeUnit(LocalUnit):
     def __init__(self, name: str, body: torch.nn.Module, index: int, modules: int, head: ClassifierHead | None,
-                 predictor: torch.nn.Module | None) -> None:
+                 predictor: torch.nn.Module | None, stages: str = "even") -> None:
         super().__init__(name, body, head=head, predictor=predictor, predictor_trains_body=True)
-        self.index, self.module_count = index, modules
-        self.role: Role = "active"  # until an epoch says otherwise (a bare train_step trains every unit)
+        self.index, self.module_count, self.stages = index, modules, stages
+        self.role: Role = "active"  # until an epoch says otherwise (a bare training step trains every unit)
         # Saved with the weights: inference must know which modules have trained, wherever it runs.
         self.register_buffer("trained", torch.zeros((), dtype=torch.uint8))
 
-    def configure_optimizer(self, make: OptimizerFactory) -> None:
-        self.optimizer, self.scheduler = make(self.parameters(), share=1 / self.module_count)
+    def epochs_trained(self, epochs: int) -> int:
+        """Its own stage: the schedule decays over the module's turn."""
+        return stage_epochs(epochs, self.module_count, self.stages)[self.index]
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Epochs are shared out evenly: module k (0-based) trains in epochs where (epoch−1)·K // epochs = k."""
-        turn = min((epoch - 1) * self.module_count // epochs, self.module_count - 1)
+        """Module k (0-based) trains in the k-th run of epochs that `stage_epochs` gives it."""
+        bounds = list(itertools.accumulate(stage_epochs(epochs, self.module_count, self.stages)))
+        turn = bisect.bisect_left(bounds, epoch)
         self.role = "frozen" if self.index < turn else "active" if self.index == turn else "waiting"
 
     @property
@@ -57,17 +81,15 @@ class CascadeUnit(LocalUnit):
 
     def forward_train(self, signal: Signal) -> UnitStep:
         if self.role == "active":
+            self.trained.fill_(1)  # from now on inference reads this module's head
             return super().forward_train(signal)
         if self.role == "waiting":
             return UnitStep(signal, signal)  # nothing after the active module computes
         with torch.no_grad():
             return UnitStep(signal, run_block(self.body, signal))
 
-    def learn(self, step: UnitStep) -> dict[str, torch.Tensor]:
-        if self.role != "active":
-            return {}
-        self.trained.fill_(1)
-        return super().learn(step)
+    def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
+        return super().local_losses(step) if self.role == "active" else {}
 
     def infer(self, signal: Signal, phase: str = "forward") -> Signal:
         if not self.trained:

@@ -6,8 +6,10 @@ Learning's label code `code`; a text batch's `lengths`). Engines move, place and
 signal as a whole without reading the names, so a new method needs no engine change.
 
 A unit owns some blocks (its `body`), an optional local head that gives those blocks their loss,
-an optional predictor trained on the unit's detached output, and one optimizer over all of it.
-Its output is handed on *detached*, so no gradient ever crosses from one unit to the one before.
+and an optional predictor trained on the unit's detached output. It declares its losses
+(`local_losses`) and its parameter groups; the engine's `Updater` (scpl_kit.updater) turns the losses
+into a step, so no unit builds or steps an optimizer. Its output is handed on *detached*, so no
+gradient ever crosses from one unit to the one before.
 
 Inference visits units along `inference_route`: each unit's `forward` phase in order, then the
 `back` phase of the units that have one, last to first (Associated Learning decodes its label code
@@ -21,7 +23,7 @@ classifier's cross-entropy, whichever method trains it, so charts of different m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,8 @@ from torch import nn
 
 from scpl_kit.models.base import run_block
 from scpl_kit.signal import FEATURES, INPUT, LABELS, Signal, network_input, summary, without_summary
+from scpl_kit.updater import NonFiniteLossError  # noqa: F401  (re-exported: a unit's loss is what goes non-finite)
 
-# Builds a unit's optimizer and schedule from its parameters, or from parameter groups (dicts; a group's
-# `lr_scale` multiplies the learning rate), and the share of the run's steps the unit trains in
-# (1.0, or 1/K for a deep-cascade module, so its schedule decays over its own stage).
-OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 SCORES, EXIT = "scores", "exit/"
 
 
@@ -63,17 +62,6 @@ class LocalHead(Protocol):
 
     def readout(self, features: torch.Tensor) -> torch.Tensor | None:
         """Class scores from the features when the head is a classifier (an exit), else None."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the unit (block) and the step."""
-
-    def __init__(self, unit: str, loss_name: str, step: int, value: float) -> None:
-        super().__init__(
-            f"non-finite {loss_name} loss ({value}) in {unit} at step {step}; "
-            "lower the learning rate or check the inputs. Metrics logged so far are kept."
-        )
-        self.unit, self.loss_name, self.step = unit, loss_name, step
 
 
 @dataclass
@@ -110,26 +98,25 @@ class LocalUnit(nn.Module):
         self.predictor = predictor
         self.predictor_trains_body = predictor_trains_body
         self.carries_input = carries_input
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: Any = None
-        self.steps = 0
 
-    def configure_optimizer(self, make: OptimizerFactory) -> None:
-        self.optimizer, self.scheduler = make(self.parameters())
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """What the engine's updater optimizes: torch parameter groups, with `lr_scale` where a part
+        learns at another rate (AL's label path). One group of every parameter unless overridden."""
+        return [{"params": list(self.parameters())}]
+
+    def epochs_trained(self, epochs: int) -> int:
+        """How many of the run's `epochs` this unit trains in: its schedule spans them (a deep-cascade
+        module trains in its own stage only)."""
+        return epochs
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called on every unit before each training epoch (1-based, of `epochs`). A method whose units
         take turns (deep cascade learning) switches them here; the others need nothing."""
 
-    # -- training --------------------------------------------------------------------------------
-
-    def train_step(self, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
-        """Forward, local loss, backward and one optimizer step. Returns (detached output, losses)."""
-        step = self.forward_train(signal)
-        return step.handoff(), self.learn(step)
+    # -- training (the engine's updater calls these) ---------------------------------------------
 
     def forward_train(self, signal: Signal) -> UnitStep:
-        """The body's forward, keeping the graph for `learn`."""
+        """The body's forward, keeping the graph for the losses."""
         return UnitStep(signal, self.run_body(signal))
 
     def forward(self, signal: Signal) -> UnitStep:
@@ -165,20 +152,6 @@ class LocalUnit(nn.Module):
     def head_loss_name(self) -> str:
         return f"{self.head_scope}/{self.head.loss_name}"
 
-    def learn(self, step: UnitStep) -> dict[str, torch.Tensor]:
-        """Local losses of a forward (from forward_train), backward and one optimizer step."""
-        losses = self.local_losses(step)
-        self.steps += 1
-        for loss_name, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(self.name, loss_name, self.steps, loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return {name: loss.detach() for name, loss in losses.items()}
-
     # -- inference -------------------------------------------------------------------------------
 
     def infer(self, signal: Signal, phase: str = "forward") -> Signal:
@@ -193,24 +166,6 @@ class LocalUnit(nn.Module):
         if self.predictor is not None:
             out[SCORES] = self.predictor(features)
         return out
-
-    # -- resuming --------------------------------------------------------------------------------
-
-    def training_state(self) -> dict[str, Any]:
-        """Everything needed to resume this unit: weights, optimizer, schedule and step count."""
-        return {
-            "module": self.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "steps": self.steps,
-        }
-
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.steps = state["steps"]
 
 
 def inference_route(units: list[LocalUnit]) -> list[tuple[int, str]]:

@@ -74,15 +74,12 @@ def memory_check(published: pd.DataFrame, batch: int = CHECK_BATCH) -> pd.DataFr
     from scpl_kit.memory import unit_peak_memory
     from scpl_kit.methods import build_units
     from scpl_kit.models import build_model
-    from scpl_kit.trainer import adam_cosine
 
     rows = []
     for method, k in (("bp", 1), ("infopro", 2), ("infopro", 4)):
         torch.manual_seed(0)
         model = build_model("resnet110", (3, 32, 32), 10)
         units = build_units(method, model, 10, modules=None if k == 1 else k)
-        for unit in units:
-            unit.configure_optimizer(adam_cosine(1e-3, 1e-5, 1))
         rows.append({"method": method, "k": k, "peak_module_mem_mb": max(unit_peak_memory(units, model.example_batch(batch, 10)))})
     table = pd.DataFrame(rows)
     table["mem_vs_bp"] = (table.peak_module_mem_mb / table.peak_module_mem_mb.iloc[0]).round(3)
