@@ -91,9 +91,15 @@ def test_k_is_a_key_of_every_method_config() -> None:
 
 
 def test_infopro_reconstruction_loss_against_a_computation_written_out() -> None:
-    _, units = units_of("infopro", modules=2, loss="ce", recon_weight=[2.0, 0.0], head_weight=[0.5, 1.0])
-    unit = units[0]
-    x, y = tiny_batch(8)
+    """InfoPro's: the decoder's sigmoid against the input in [0, 1] pixels (the data's normalisation,
+    which the model carries, undone), mean binary cross-entropy."""
+    model = model_of("vgg")
+    mean, std = 0.3, 0.2
+    model.set_input_statistics([mean], [std])
+    unit = build_units("infopro", model, 4, modules=2, loss="ce", recon_weight=[2.0, 0.0], head_weight=[0.5, 1.0])[0]
+    _, y = tiny_batch(8)
+    image = torch.rand(8, 1, 16, 16)  # pixels in [0, 1]
+    x = (image - mean) / std
     step = unit.forward_train({"features": x, "labels": y})
     losses = unit.local_losses(step)
     h = step.outputs["features"]
@@ -104,7 +110,8 @@ def test_infopro_reconstruction_loss_against_a_computation_written_out() -> None
     z = F.conv2d(up, conv1.weight, conv1.bias, padding=1)
     z = (z - z.mean((0, 2, 3), keepdim=True)) / torch.sqrt(z.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
     z = F.conv2d(torch.relu(z * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]), conv2.weight, conv2.bias, padding=1)
-    expected = 2.0 * ((z - x) ** 2).mean()  # λ1 of module 1 (the first local module) is recon_weight[0]
+    p = torch.sigmoid(z)
+    expected = 2.0 * -(image * torch.log(p) + (1 - image) * torch.log(1 - p)).mean()  # λ1 of module 1 is recon_weight[0]
     torch.testing.assert_close(losses["block1/reconstruction"], expected)
     torch.testing.assert_close(losses["block1/ce"], 0.5 * F.cross_entropy(unit.head.classifier(h), y))
 
@@ -240,3 +247,93 @@ def test_one_modules_peak_memory_is_a_share_of_the_whole_networks() -> None:
         peaks[method] = unit_peak_memory(units, {"features": x, "labels": y})
     assert len(peaks["bp"]) == 1 and len(peaks["dgl"]) == 6
     assert 0 < max(peaks["dgl"]) < peaks["bp"][0]
+
+
+def test_infopro_takes_the_authors_lambdas_for_its_model_and_k() -> None:
+    """comand.sh, ResNet-32 at K = 4: (λ1, λ2) = (6, 0) at module 1 and (1, 2) at module 3, linear in
+    between (i / (K − 2)); a K the table lacks is refused in one line."""
+    torch.manual_seed(0)
+    model = build_model("resnet32", (3, 16, 16), 4, width=0.25)
+    units = build_units("infopro", model, 4, modules=4, lambdas="resnet32")
+    assert [u.recon_weight for u in units[:-1]] == [6.0, 3.5, 1.0]
+    assert [u.head_weight for u in units[:-1]] == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="method.lambdas='resnet32' at K = 3: the authors' table has resnet32: K = 2, 4, 8, 16"):
+        build_units("infopro", build_model("resnet32", (3, 16, 16), 4, width=0.25), 4, modules=3, lambdas="resnet32")
+
+
+def test_contsup_reconstructs_with_infopros_decoder_and_weights() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet110", (3, 16, 16), 4, width=0.25)
+    units = build_units("contsup", model, 4, modules=2, reconstruct=True, lambdas="resnet110")
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    first = units[0]
+    step_ = first.forward_train({"features": x, "labels": y})
+    losses = first.local_losses(step_)
+    assert first.weights == (5.0, 0.5)  # ResNet-110 at K = 2: λ1 = 5, λ2 = 0.5
+    h = step_.outputs["features"]
+    torch.testing.assert_close(losses["block1/reconstruction"], 5.0 * F.binary_cross_entropy_with_logits(first.decoder(h), x))
+    torch.testing.assert_close(losses["block1/ce"], 0.5 * F.cross_entropy(first.head.classifier(h), y))
+    assert units[-1].decoder is None and "block1/reconstruction" not in build_units("contsup", model_of("vgg"), 4, modules=2)[0].local_losses(
+        build_units("contsup", model_of("vgg"), 4, modules=2)[0].forward_train({"features": tiny_batch(8)[0], "labels": tiny_batch(8)[1]}))
+
+
+def test_greedy_sl_head_is_a_pooled_linear_classifier() -> None:
+    """The InfoPro paper's Greedy SL: global average pooling, one Linear; the last module learns from
+    the network's classifier."""
+    _, units = units_of("greedy_sl", modules=2)
+    x, y = tiny_batch(8)
+    step_ = units[0].forward_train({"features": x, "labels": y})
+    h = step_.outputs["features"]
+    linear = [m for m in units[0].head.modules() if isinstance(m, nn.Linear)]
+    assert len(linear) == 1 and linear[0].in_features == h.shape[1]
+    expected = F.cross_entropy(F.linear(h.mean((2, 3)), linear[0].weight, linear[0].bias), y)
+    torch.testing.assert_close(units[0].local_losses(step_)["block1/ce"], expected)
+    assert units[1].head is None and units[1].predictor_trains_body
+
+
+@pytest.mark.parametrize(("epochs", "modules", "rule", "expected"), [
+    (100, 4, "growing", [10, 20, 30, 40]),  # the authors' 10 + 10·i
+    (4, 2, "growing", [1, 3]), (10, 3, "growing", [2, 3, 5]),  # shares ∝ i + 1, largest remainder
+    (5, 2, "even", [3, 2]), (4, 4, "even", [1, 1, 1, 1]), (3, 4, "even", [1, 1, 1, 0]),  # too few epochs: the last never trains
+])
+def test_cascade_shares_out_the_epochs(epochs: int, modules: int, rule: str, expected: list[int]) -> None:
+    from scpl_kit.methods.cascade import stage_epochs
+
+    got = stage_epochs(epochs, modules, rule)
+    assert got == expected and sum(got) == epochs
+    _, units = units_of("cascade", modules=modules, stage_epochs=rule)
+    turns = []
+    for epoch in range(1, epochs + 1):
+        for unit in units:
+            unit.start_epoch(epoch, epochs)
+        turns.append([u.role for u in units].index("active"))
+    assert [turns.count(k) for k in range(modules)] == expected
+    assert [u.epochs_trained(epochs) for u in units] == expected  # each schedule spans its own stage
+
+
+def test_cascade_authors_head_and_plateau_schedule_per_stage() -> None:
+    """The authors' head: Flatten → Dropout 0.5 → 512 → ReLU → Dropout 0.5 → 256 → ReLU → classes. A
+    plateau schedule steps only for the module whose stage it is."""
+    from scpl_kit.engines.sequential import SequentialEngine
+    from scpl_kit.updater import OptimizerSettings, UpdateRecipe
+
+    _, units = units_of("cascade", modules=2, head="authors")
+    kinds = [type(m).__name__ for m in units[0].head.classifier]
+    assert kinds == ["Flatten", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert [m.out_features for m in units[0].head.classifier if isinstance(m, nn.Linear)] == [512, 256, 4]
+    engine = SequentialEngine("cpu")
+    engine.setup(units, recipe=UpdateRecipe(OptimizerSettings(name="sgd", lr=0.01, momentum=0.9, schedule="plateau", patience=0), 1, 4))
+    for epoch in (1, 2):
+        for unit in units:
+            unit.start_epoch(epoch, 4)
+        engine.end_epoch(0.5)
+    assert [u.lr for u in engine.updaters] == pytest.approx([0.001, 0.01])  # module 1's rate dropped on its own plateau only
+
+
+def test_balanced_cuts_are_infopro_stars() -> None:
+    """ResNet-110 at K = 2: InfoPro*'s cut after BasicBlock 15 (the stem is layer 0); a K it lacks is refused."""
+    model = build_model("resnet110", (3, 16, 16), 4, width=0.25)
+    build_units("infopro", model, 4, modules=2, cuts="balanced")
+    assert [len(block) for block in model.blocks] == [16, 39]
+    with pytest.raises(CutError, match="balanced cuts for K = 2, 3, 4, not method.modules=8"):
+        build_units("infopro", build_model("resnet110", (3, 16, 16), 4, width=0.25), 4, modules=8, cuts="balanced")

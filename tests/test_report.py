@@ -51,3 +51,17 @@ def test_local_k_table_puts_infopros_published_numbers_beside_the_matching_rows(
     assert pd.isna(table.loc[("scpl", 2), "published_test_error"])  # the InfoPro paper has no SCPL row
     assert table.loc[("dgl", 2), "error_mean"] == 12.5 and table.loc[("dgl", 2), "error_std"] == round(2**0.5 / 2, 2)
     assert table.loc[("dgl", 4), "mem_vs_bp"] == 0.25
+
+
+def test_greedy_sl_not_early_exit_stands_beside_the_infopro_papers_greedy_sl() -> None:
+    """Greedy SL there is a pooled linear head per module; Early Exit is the SCPL paper's method, another
+    head: only greedy_sl's rows get the published Greedy SL errors, and no grid row the memory ratios
+    (InfoPro*'s balanced cuts, compared in the memory check)."""
+    from scpl_kit.report.local_k import local_runs, local_table
+
+    part = {"profile": "paper_local", "dataset": "cifar10", "model": "resnet32", "ks": [2], "seeds": [0], "methods": ["greedy_sl", "early_exit"]}
+    runs = pd.DataFrame([{"method": m, "k": k, "seed": s, "test_error": 10.0, "peak_module_mem_mb": 1.0} for m, k, s in local_runs(part)])
+    published = pd.read_csv(Path(__file__).parents[1] / "src/scpl_kit/report/published_local.csv")
+    table = local_table(runs, part, published).set_index(["method", "k"])
+    assert table.loc[("greedy_sl", 2), "published_test_error"] == 10.30 and pd.isna(table.loc[("early_exit", 2), "published_test_error"])
+    assert "published_mem_vs_bp" not in table.columns

@@ -67,6 +67,8 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **options(cfg.model))
     if data.embeddings is not None:  # text data prepared with pretrained word vectors (GloVe)
         model.load_embeddings(data.embeddings)
+    if "mean" in data.meta:  # image data: the normalisation a method may undo (InfoPro reconstructs pixels)
+        model.set_input_statistics(data.meta["mean"], data.meta["std"])
     return model, build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
 
 

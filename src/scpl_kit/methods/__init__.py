@@ -19,9 +19,10 @@ MethodBuilder = Callable[..., list[LocalUnit]]
 METHODS: Registry[MethodBuilder] = Registry("method")
 
 
-def build_units(name: str, model: BlockModel, num_classes: int, modules: int | None = None, cuts: list[int] | None = None,
+def build_units(name: str, model: BlockModel, num_classes: int, modules: int | None = None, cuts: list[int] | str | None = None,
                 **options: Any) -> list[LocalUnit]:
-    """`modules`/`cuts` (null: the model's own blocks) recut `model` in place, then `name`'s builder runs."""
+    """`modules`/`cuts` (null: the model's own blocks; `cuts: balanced`: its memory-balanced ones) recut `model`
+    in place, then `name`'s builder runs."""
     model.recut(modules, cuts)
     return METHODS.build(name, model, num_classes, **options)
 
@@ -34,6 +35,6 @@ def check_decouplable(method: str, model: BlockModel) -> None:
         raise ValueError(f"method {method} trains blocks separately, but the model has {len(model.blocks)} block; {fix} or use method=bp")
 
 
-from scpl_kit.methods import al, bp, cascade, contsup, dgl, early_exit, infopro, scpl  # noqa: E402,F401  (register every method)
+from scpl_kit.methods import al, bp, cascade, contsup, dgl, early_exit, greedy_sl, infopro, scpl  # noqa: E402,F401  (register every method)
 
 __all__ = ["METHODS", "LocalUnit", "NonFiniteLossError", "build_units", "check_decouplable"]

@@ -14,6 +14,8 @@ its bridge, then the inverse chain h_K … h_1 back down to class scores, so eve
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,15 +29,20 @@ CODE = "code"  # the label code t_k handed from block k to block k+1
 BRIDGED = "al_bridge/"  # a block's bridge output, waiting for its own back phase to join the decoding
 
 
-def sigmoid_layer(in_features: int, out_features: int) -> nn.Sequential:
-    """Linear + Sigmoid, initialised as Associated Learning's TensorFlow code does (He-normal weights,
-    zero bias; tensorflow_ver/ of github.com/4hfly/Associated_Learning).
+INITS = ("he", "default")
+
+
+def sigmoid_layer(in_features: int, out_features: int, init: str = "he") -> nn.Sequential:
+    """Linear + Sigmoid. init he: as Associated Learning's TensorFlow code (He-normal weights, zero
+    bias; tensorflow_ver/ of github.com/4hfly/Associated_Learning); default: PyTorch's, as the SCPL
+    authors' PyTorch AL (github.com/minyaho/scpl, model/ResNet.py).
     PyTorch's default init has ~2.4× smaller weights; through sigmoids that shrinks the label codes'
-    spread between classes block after block, until t_4 is the same for every class (measured:
-    across-class std 4e-5 after 3 epochs, every readout at chance)."""
+    spread between classes block after block, until t_4 is the same for every class (measured on the
+    offline profile: across-class std 4e-5 after 3 epochs, every readout at chance)."""
     linear = nn.Linear(in_features, out_features)
-    nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")  # std = sqrt(2 / in_features)
-    nn.init.zeros_(linear.bias)
+    if init == "he":
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")  # std = sqrt(2 / in_features)
+        nn.init.zeros_(linear.bias)
     return nn.Sequential(linear, nn.Sigmoid())
 
 
@@ -46,14 +53,9 @@ class AssociatedUnit(LocalUnit):
                  num_classes: int, is_last: bool, label_lr_scale: float = 2.0) -> None:
         super().__init__(name, encoder)
         self.bridge, self.label_encoder, self.inverse = bridge, label_encoder, inverse
-        self.num_classes, self.is_last, self.label_lr_scale = num_classes, is_last, label_lr_scale
-
-    def parameter_groups(self) -> list[dict]:
-        """The label path (g_k, h_k) learns at `label_lr_scale` times the rate of the rest."""
-        label_path = [*self.label_encoder.parameters(), *self.inverse.parameters()]
-        ids = {id(p) for p in label_path}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        return [{"params": rest}, {"params": label_path, "lr_scale": self.label_lr_scale}]
+        self.num_classes, self.is_last = num_classes, is_last
+        # The label path (g_k, h_k) learns at `label_lr_scale` times the rate (LocalUnit.parameter_groups).
+        self.label_encoder.lr_scale = self.inverse.lr_scale = label_lr_scale
 
     @property
     def bridge_dtype(self) -> torch.dtype:
@@ -93,16 +95,18 @@ class AssociatedUnit(LocalUnit):
 
 @METHODS.register("al")
 def build_al(model: BlockModel, num_classes: int, bridge_hidden: int = 2500, code_dim: int = 500,
-             label_lr_scale: float = 2.0) -> list[AssociatedUnit]:
+             label_lr_scale: float = 2.0, init: str = "he") -> list[AssociatedUnit]:
     """Paper sizes: bridge Flatten → Linear(·, 2500) → Sigmoid → Linear(2500, 500) → Sigmoid; label
-    codes of 500 (Linear + Sigmoid encoders and inverses)."""
+    codes of 500 (Linear + Sigmoid encoders and inverses). `init`: he | default (`sigmoid_layer`)."""
+    if init not in INITS:
+        raise ValueError(f"method.init={init!r}; valid: {', '.join(INITS)}")
     check_decouplable("al", model)
     units, last = [], len(model.blocks) - 1
     for k, (block, shape) in enumerate(zip(model.blocks, model.block_output_shapes())):
         code_in = num_classes if k == 0 else code_dim
-        bridge = nn.Sequential(nn.Flatten(), sigmoid_layer(int(torch.Size(shape).numel()), bridge_hidden), sigmoid_layer(bridge_hidden, code_dim))
+        layer = functools.partial(sigmoid_layer, init=init)
+        bridge = nn.Sequential(nn.Flatten(), layer(int(torch.Size(shape).numel()), bridge_hidden), layer(bridge_hidden, code_dim))
         units.append(AssociatedUnit(
-            f"block{k + 1}", block, bridge, sigmoid_layer(code_in, code_dim), sigmoid_layer(code_dim, code_in), num_classes, k == last,
-            label_lr_scale,
+            f"block{k + 1}", block, bridge, layer(code_in, code_dim), layer(code_dim, code_in), num_classes, k == last, label_lr_scale,
         ))
     return units

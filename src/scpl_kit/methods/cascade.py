@@ -1,11 +1,12 @@
 """Deep cascade learning (Marquez, Hare & Niranjan, IEEE TNNLS 2018; methods.md §5).
 
-The modules take turns: module 1 trains with a fresh output head for the first 1/K of the epochs,
-is then frozen (no gradient, BatchNorm statistics fixed), and module 2 trains on its outputs with a
-fresh head of its own, and so on; the last module's head is the model's predictor. The turn is set
-by the epoch (`start_epoch`), so a resumed run picks up where it stopped, and engines need to know
-nothing: a frozen unit only runs forward, a waiting one hands its input on untouched. Each unit's
-learning-rate schedule decays over its own turn.
+The modules take turns: module 1 trains with a fresh output head for its share of the epochs
+(`stage_epochs`: even, or growing as the authors' 10 + 10·i), is then frozen (no gradient,
+BatchNorm statistics fixed), and module 2 trains on its outputs with a fresh head of its own, and so
+on; the last module's head is the model's predictor. The turn is set by the epoch (`start_epoch`),
+so a resumed run picks up where it stopped, and engines need to know nothing: a frozen unit only
+runs forward, a waiting one hands its input on untouched. Each unit's learning-rate schedule spans
+its own turn (`epochs_trained`): it starts afresh at every stage, as the authors reset the rate.
 
 Inference reads the latest module that has trained: its head's scores are the model's, and every
 trained module's head is an exit, so a run's history shows the accuracy after each stage (the
@@ -23,6 +24,7 @@ import itertools
 from typing import Literal
 
 import torch
+from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.heads import ClassifierHead, spatial_classifier
@@ -100,18 +102,37 @@ class CascadeUnit(LocalUnit):
         return out
 
 
+HEADS = ("pooled", "authors")
+
+
+def authors_head(shape: tuple[int, ...], num_classes: int, width: int = 512) -> nn.Sequential:
+    """The first author's Keras output head (github.com/EnriqueSMarquez/CascadeLearning, utils.py):
+    Flatten → Dropout(0.5) → Dense(512) → ReLU → Dropout(0.5) → Dense(256) → ReLU → Dense(classes), no pooling."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Dropout(0.5), nn.Linear(int(torch.Size(shape).numel()), width), nn.ReLU(inplace=True),
+        nn.Dropout(0.5), nn.Linear(width, width // 2), nn.ReLU(inplace=True), nn.Linear(width // 2, num_classes),
+    )
+
+
 @METHODS.register("cascade")
-def build_cascade(model: BlockModel, num_classes: int, mlp_hidden: int | None = None, mlp_layers: int = 1, side: int = 2) -> list[CascadeUnit]:
-    """Output heads: average pooling to `side`×`side`, `mlp_layers` hidden Linear layers, a Linear to
-    classes (DGL's head without its convs; the TNNLS paper's own head could not be checked: no code
-    of the authors' is public)."""
+def build_cascade(model: BlockModel, num_classes: int, head: str = "pooled", stage_epochs: str = "even", mlp_hidden: int | None = None,
+                  mlp_layers: int = 1, side: int = 2) -> list[CascadeUnit]:
+    """Output heads, `head`: pooled = average pooling to `side`×`side`, `mlp_layers` hidden Linear layers,
+    a Linear to classes (DGL's head without its convs: cheap on a CPU); authors = the authors' head
+    (`authors_head`). `stage_epochs`: how the run's epochs are shared out (`stage_epochs()`)."""
+    if head not in HEADS:
+        raise ValueError(f"method.head={head!r}; valid: {', '.join(HEADS)}")
     check_decouplable("cascade", model)
+    stage_epochs_rule = stage_epochs  # the name `stage_epochs` is the function's below the option
     shapes, last = model.block_output_shapes(), len(model.blocks) - 1
+
+    def output_head(shape: tuple[int, ...]) -> ClassifierHead:
+        if head == "authors":
+            return ClassifierHead(authors_head(shape, num_classes))
+        return ClassifierHead(spatial_classifier(shape, num_classes, mlp_hidden, mlp_layers, conv_layers=0, side=side))
+
     return [
-        CascadeUnit(
-            f"block{k + 1}", block, k, len(model.blocks),
-            head=None if k == last else ClassifierHead(spatial_classifier(shape, num_classes, mlp_hidden, mlp_layers, conv_layers=0, side=side)),
-            predictor=model.predictor if k == last else None,
-        )
+        CascadeUnit(f"block{k + 1}", block, k, len(model.blocks), head=None if k == last else output_head(shape),
+                    predictor=model.predictor if k == last else None, stages=stage_epochs_rule)
         for k, (block, shape) in enumerate(zip(model.blocks, shapes))
     ]

@@ -16,21 +16,25 @@ network's own classifier (the model's predictor).
 Facts from the authors' code (github.com/Tab-ct/ContSup, built on InfoPro's): the E encoder is
 conv3×3 → 12 → BN → ReLU → conv3×3 → C → BN → ReLU at the input's side, then average pooling to the
 boundary's side; the R encoder conv1×1 → C → BN → ReLU, then the same pooling (convs with bias). At
-the first boundary R1 encodes the input itself, and R1E uses E alone there.
+the first boundary R1 encodes the input itself, and R1E uses E alone there. `reconstruct: true` is
+their `h_reconstruct` option, with which every ResNet-110 result of theirs was trained: each local
+module also reconstructs the input in [0, 1] pixels from its output (before the next context is
+added) with InfoPro's decoder and loss, λ₁·BCE + λ₂·head, λ from InfoPro's table (`lambdas`).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.heads import ClassifierHead, SupConHead
-from scpl_kit.methods.infopro import aux_classifier, require_images
-from scpl_kit.methods.units import LocalUnit
+from scpl_kit.methods.infopro import Decoder, aux_classifier, interpolated, paper_lambdas, reconstruction_loss, require_images
+from scpl_kit.methods.units import LocalUnit, UnitStep
 from scpl_kit.models.base import BlockModel
-from scpl_kit.signal import FEATURES, Signal, network_input
+from scpl_kit.signal import FEATURES, Signal, network_input, summary
 
 MODES: dict[str, tuple[str, ...]] = {"R0": (), "E": ("E",), "R1": ("R1",), "R1E": ("R1", "E")}
 PREVIOUS = "contsup/previous"  # the feature that entered the unit before: R1's context for the next one
@@ -53,9 +57,23 @@ def context_encoder(kind: str, context_shape: tuple[int, ...], target_shape: tup
 
 class ContextUnit(LocalUnit):
     def __init__(self, name: str, body: nn.Module, encoders: dict[str, nn.Module], head: nn.Module | None = None,
-                 predictor: nn.Module | None = None) -> None:
+                 predictor: nn.Module | None = None, decoder: Decoder | None = None, weights: tuple[float, float] = (0.0, 1.0),
+                 input_statistics: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> None:
+        """`decoder`: reconstruct the input from this module's output, the losses then weighted
+        `weights` = (λ₁ reconstruction, λ₂ head); `input_statistics`: the data's (mean, std)."""
         super().__init__(name, body, head=head, predictor=predictor, predictor_trains_body=predictor is not None, carries_input=True)
         self.encoders = nn.ModuleDict(encoders)
+        self.decoder, self.weights, self.input_statistics = decoder, weights, input_statistics
+
+    def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
+        losses = super().local_losses(step)
+        if self.decoder is None:
+            return losses
+        recon_weight, head_weight = self.weights
+        losses = {name: head_weight * loss for name, loss in losses.items()}
+        image = network_input(step.inputs)
+        losses[f"{self.name}/reconstruction"] = recon_weight * reconstruction_loss(self.decoder, summary(step.outputs), image, *self.input_statistics)
+        return losses
 
     def supplied(self, signal: Signal) -> Signal:
         """h' = h + Σ M(c); the contexts arrive detached, like h."""
@@ -73,15 +91,20 @@ class ContextUnit(LocalUnit):
 
 @METHODS.register("contsup")
 def build_contsup(model: BlockModel, num_classes: int, context: Literal["R0", "E", "R1", "R1E"] = "R1E",
-                  loss: Literal["ce", "supcon"] = "ce", hidden: int = 128, temperature: float = 0.07) -> list[LocalUnit]:
+                  loss: Literal["ce", "supcon"] = "ce", hidden: int = 128, temperature: float = 0.07, reconstruct: bool = False,
+                  lambdas: str | None = None, recon_weight: list[float] = (5.0, 0.0), head_weight: list[float] = (1.0, 1.0)) -> list[LocalUnit]:
+    """`reconstruct`: the authors' h_reconstruct (InfoPro's decoder on every local module), weighted by
+    recon_weight / head_weight from module 1 to module K−1, or by InfoPro's table (`lambdas`)."""
     if context not in MODES:
         raise ValueError(f"unknown contsup context {context!r}; valid modes: {', '.join(MODES)}")
     if loss not in ("ce", "supcon"):
         raise ValueError(f"unknown contsup loss {loss!r}; valid losses: ce, supcon")
     check_decouplable("contsup", model)
     shapes, last = model.block_output_shapes(), len(model.blocks) - 1
-    if MODES[context]:
+    if MODES[context] or reconstruct:
         require_images("contsup", shapes[:-1], model.input_shape)
+    if reconstruct and lambdas is not None:  # λ weigh the reconstruction against the head: nothing to weigh without it
+        recon_weight, head_weight = paper_lambdas(lambdas, len(model.blocks))
     inputs = [tuple(model.input_shape), *shapes]  # what enters unit k, and (k − 1) the one before
     units: list[LocalUnit] = []
     for k, (block, shape) in enumerate(zip(model.blocks, shapes)):
@@ -92,5 +115,7 @@ def build_contsup(model: BlockModel, num_classes: int, context: Literal["R0", "E
             continue
         classifier = aux_classifier(shape, num_classes if loss == "ce" else hidden, hidden) if len(shape) == 3 else nn.Linear(shape[0], num_classes)
         head = ClassifierHead(classifier) if loss == "ce" else SupConHead(classifier, temperature, "standard")
-        units.append(ContextUnit(f"block{k + 1}", block, encoders, head=head))
+        decoder = Decoder(shape[0], model.input_shape) if reconstruct else None
+        weights = (interpolated(recon_weight, k, last), interpolated(head_weight, k, last))
+        units.append(ContextUnit(f"block{k + 1}", block, encoders, head, None, decoder, weights, (model.input_mean, model.input_std)))
     return units

@@ -3,10 +3,11 @@
 Greedy local learning whose local loss also asks each module to keep what it was given: module k
 (all but the last) learns from
 
-    λ₁ₖ · reconstruction(decoder(hₖ), x)  +  λ₂ₖ · (cross-entropy of a classifier | SupCon of a projection)(hₖ)
+    λ₁ₖ · BCE(sigmoid(decoder(hₖ)), pixels(x))  +  λ₂ₖ · (cross-entropy of a classifier | SupCon of a projection)(hₖ)
 
 where the decoder reconstructs the network's input x from the module's output (so x travels with
-the activations, as the signal's `input`). The last module learns from the network's own classifier
+the activations, as the signal's `input`), in [0, 1] pixels: x·std + mean, the data's normalisation
+undone (the model carries it: `BlockModel.set_input_statistics`). The last module learns from the network's own classifier
 (the model's predictor), as in the authors' code. λ moves linearly over the modules from
 (recon_weight[0], head_weight[0]) at module 1 to (recon_weight[1], head_weight[1]) at module K−1:
 early modules mostly keep information, later ones mostly separate classes.
@@ -16,13 +17,14 @@ the decoder upsamples the feature bilinearly to the image's side, then conv3×3 
 ReLU → conv3×3 → image channels (bias); the auxiliary net '1c2f' is a conv3×3 (doubling the channels
 at stride 2 on maps wider than 8, else keeping them at stride 1; no bias) → BN → ReLU → global
 average pooling → Linear(·, 128) → ReLU → Linear(128, classes, or 128 for SupCon at τ 0.07);
-λ moves as i / (K − 2) over the local modules. Their cut points are the even ones
-(`BlockModel.recut`) for ResNet-32 at every K, and within one layer of them for ResNet-110.
-One departure: InfoPro's decoder ends in a sigmoid and its loss is binary cross-entropy against
-the image in [0, 1]; here it is the mean squared error against the normalised input the network
-sees, because the normalisation belongs to the data, not to the method. λ defaults are InfoPro's
-ResNet-32 K = 2 pair at module 1 and no reconstruction at module K − 1; the paper tunes them per K
-(conf/method/infopro.yaml lists its values).
+λ moves as i / (K − 2) over the local modules; the decoder ends in a sigmoid and its loss is the
+mean binary cross-entropy against the image in [0, 1] (here the sigmoid is folded into the loss,
+`binary_cross_entropy_with_logits`: the same function, and safe under bf16 autocast). λ₁, λ₂ are set
+per model and K in the authors' command script: `lambdas: resnet32 | resnet110` takes that table
+(LAMBDAS) at the run's K. Their even cut points equal `BlockModel.recut`'s for ResNet-32 at every K;
+for ResNet-110 at K = 2 and 3 only (at K = 4 and 8 theirs start each module one layer earlier, at
+K = 16 up to 7 layers apart: docs/deviations.md). Their memory-balanced cuts (InfoPro*) are
+`method.cuts: balanced` (ResNet-110, K = 2, 3, 4).
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ from scpl_kit.models.base import BlockModel
 from scpl_kit.signal import network_input, summary
 
 LOSSES = ("ce", "contrast")
+# The authors' (λ₁, λ₂ at module 1; λ₁, λ₂ at module K−1) per model and K: CIFAR-10, contrast,
+# InfoPro-Pytorch's comand.sh (lines 7-10 ResNet-32, 15-18 ResNet-110). As (recon_weight, head_weight).
+LAMBDAS: dict[str, dict[int, tuple[tuple[float, float], tuple[float, float]]]] = {
+    "resnet32": {2: ((5, 0), (1, 0)), 4: ((6, 1), (0, 2)), 8: ((5, 0), (0, 2)), 16: ((5, 0.2), (0.05, 0.5))},
+    "resnet110": {2: ((5, 0), (0.5, 0)), 4: ((1, 0), (0, 1)), 8: ((5, 0), (0, 1)), 16: ((5, 0.5), (0, 1))},
+}
+
+
+def paper_lambdas(model_name: str, k: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(recon_weight, head_weight) pairs of the authors' table for `model_name` at K = `k`."""
+    if model_name not in LAMBDAS or k not in LAMBDAS[model_name]:
+        have = "; ".join(f"{m}: K = {', '.join(map(str, ks))}" for m, ks in LAMBDAS.items())
+        raise ValueError(f"method.lambdas={model_name!r} at K = {k}: the authors' table has {have}; give recon_weight and head_weight instead (lambdas: null)")
+    return LAMBDAS[model_name][k]
+
+
+def pixels(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """The network's input back in [0, 1] pixels (the data's normalisation undone)."""
+    return x if mean is None else x * std.to(x.device) + mean.to(x.device)
 
 
 def require_images(method: str, shapes: list[tuple[int, ...]], input_shape: tuple[int, ...]) -> None:
@@ -51,7 +72,7 @@ def require_images(method: str, shapes: list[tuple[int, ...]], input_shape: tupl
 
 class Decoder(nn.Module):
     """Upsample the feature map to the input's side (bilinear), then conv3×3 → BN → ReLU → conv3×3 back
-    to the input's channels: InfoPro's decoder, less its final sigmoid."""
+    to the input's channels: InfoPro's decoder, its final sigmoid left to the loss (logits out)."""
 
     def __init__(self, in_channels: int, image_shape: tuple[int, int, int], hidden: int = 12) -> None:
         super().__init__()
@@ -79,16 +100,23 @@ def aux_classifier(shape: tuple[int, ...], out_dim: int, hidden: int) -> nn.Sequ
     )
 
 
+def reconstruction_loss(decoder: Decoder, features: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """InfoPro's: mean BCE between the decoder's sigmoid and the input in [0, 1] pixels."""
+    return F.binary_cross_entropy_with_logits(decoder(features).float(), pixels(x, mean, std).float())
+
+
 class InfoProUnit(LocalUnit):
-    def __init__(self, name: str, body: nn.Module, head: nn.Module, decoder: Decoder, recon_weight: float, head_weight: float) -> None:
+    def __init__(self, name: str, body: nn.Module, head: nn.Module, decoder: Decoder, recon_weight: float, head_weight: float,
+                 input_mean: torch.Tensor | None = None, input_std: torch.Tensor | None = None) -> None:
         super().__init__(name, body, head=head, carries_input=True)
         self.decoder, self.recon_weight, self.head_weight = decoder, recon_weight, head_weight
+        self.input_mean, self.input_std = input_mean, input_std
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
         """Both terms logged as weighted (their sum is what the module descends)."""
         losses = {name: self.head_weight * loss for name, loss in super().local_losses(step).items()}
-        image = network_input(step.inputs)
-        losses[f"{self.name}/reconstruction"] = self.recon_weight * F.mse_loss(self.decoder(summary(step.outputs)), image)
+        reconstruction = reconstruction_loss(self.decoder, summary(step.outputs), network_input(step.inputs), self.input_mean, self.input_std)
+        losses[f"{self.name}/reconstruction"] = self.recon_weight * reconstruction
         return losses
 
 
@@ -100,10 +128,15 @@ def interpolated(pair: tuple[float, float] | list[float], k: int, count: int) ->
 
 @METHODS.register("infopro")
 def build_infopro(model: BlockModel, num_classes: int, loss: Literal["ce", "contrast"] = "contrast", recon_weight: list[float] = (5.0, 0.0),
-                  head_weight: list[float] = (1.0, 1.0), hidden: int = 128, decoder_width: int = 12, temperature: float = 0.07) -> list[LocalUnit]:
+                  head_weight: list[float] = (1.0, 1.0), lambdas: str | None = None, hidden: int = 128, decoder_width: int = 12,
+                  temperature: float = 0.07) -> list[LocalUnit]:
+    """`lambdas`: a model of the authors' λ table (resnet32, resnet110), which then sets recon_weight
+    and head_weight for the run's K."""
     if loss not in LOSSES:
         raise ValueError(f"unknown infopro loss {loss!r}; valid losses: {', '.join(LOSSES)}")
     check_decouplable("infopro", model)
+    if lambdas is not None:
+        recon_weight, head_weight = paper_lambdas(lambdas, len(model.blocks))
     shapes, local = model.block_output_shapes(), len(model.blocks) - 1
     require_images("infopro", shapes[:-1], model.input_shape)
     units: list[LocalUnit] = []
@@ -113,6 +146,6 @@ def build_infopro(model: BlockModel, num_classes: int, loss: Literal["ce", "cont
         else:
             head = SupConHead(aux_classifier(shape, hidden, hidden), temperature, "standard")
         units.append(InfoProUnit(f"block{k + 1}", block, head, Decoder(shape[0], model.input_shape, decoder_width),
-                                 interpolated(recon_weight, k, local), interpolated(head_weight, k, local)))
+                                 interpolated(recon_weight, k, local), interpolated(head_weight, k, local), model.input_mean, model.input_std))
     units.append(LocalUnit(f"block{local + 1}", model.blocks[-1], predictor=model.predictor, predictor_trains_body=True))
     return units

@@ -100,9 +100,17 @@ class LocalUnit(nn.Module):
         self.carries_input = carries_input
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """What the engine's updater optimizes: torch parameter groups, with `lr_scale` where a part
-        learns at another rate (AL's label path). One group of every parameter unless overridden."""
-        return [{"params": list(self.parameters())}]
+        """What the engine's updater optimizes: torch parameter groups, one per learning-rate scale. A
+        submodule that has an `lr_scale` attribute learns at that multiple of the rate, its parameters
+        and its children's (a child's own scale wins): AL's label path, a text model's word vectors."""
+        scale: dict[int, float] = {}
+        for module in self.modules():  # parents before children
+            if getattr(module, "lr_scale", None) is not None:
+                scale.update((id(p), float(module.lr_scale)) for p in module.parameters())
+        groups: dict[float, list[nn.Parameter]] = {}
+        for p in self.parameters():
+            groups.setdefault(scale.get(id(p), 1.0), []).append(p)
+        return [{"params": params, "lr_scale": s} for s, params in groups.items()]
 
     def epochs_trained(self, epochs: int) -> int:
         """How many of the run's `epochs` this unit trains in: its schedule spans them (a deep-cascade

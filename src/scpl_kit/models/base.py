@@ -105,18 +105,37 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList(chain(block) if isinstance(block, list) else block for block in blocks)
         self.predictor = predictor
         self.input_shape = tuple(input_shape)
+        # The data's per-channel normalisation (set by `set_input_statistics`): a method that
+        # reconstructs the input in pixels (InfoPro) undoes it. None: the input is taken as it is.
+        self.input_mean: torch.Tensor | None = None
+        self.input_std: torch.Tensor | None = None
+        # InfoPro*'s memory-balanced cut points per K (`method.cuts: balanced`), where a model has them.
+        self.balanced_cuts: dict[int, list[int]] = {}
+
+    def set_input_statistics(self, mean: list[float], std: list[float]) -> None:
+        """The per-channel mean and std the data was normalised with (prepared data's meta.json)."""
+        self.input_mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.input_std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def layers(self) -> list[nn.Module]:
         """The model's layers in order: the finest cut points, each in exactly one block."""
         return [layer for block in self.blocks for layer in (block if isinstance(block, Chain) else [block])]
 
-    def recut(self, modules: int | None = None, cuts: list[int] | None = None) -> None:
+    def recut(self, modules: int | None = None, cuts: list[int] | str | None = None) -> None:
         """Regroup the layers into `modules` blocks of even size, or start a new block at each layer
-        index in `cuts`. The layers (and their parameters) stay the same objects."""
+        index in `cuts`; `cuts: balanced` takes the model's memory-balanced cuts for `modules`.
+        The layers (and their parameters) stay the same objects."""
         layers = self.layers()
         n = len(layers)
         if cuts is None and modules is None:
             return
+        if isinstance(cuts, str):
+            if cuts != "balanced":
+                raise CutError(f"method.cuts={cuts!r}: give layer indices, null (even cuts) or balanced")
+            if modules not in self.balanced_cuts:
+                have = ", ".join(map(str, sorted(self.balanced_cuts))) or "none"
+                raise CutError(f"method.cuts=balanced: this model has balanced cuts for K = {have}, not method.modules={modules}")
+            cuts = self.balanced_cuts[modules]
         if cuts is None:
             if not 1 <= modules <= n:
                 raise CutError(f"method.modules={modules} does not fit this model: it has {n} layers, so K can be 1..{n}")

@@ -107,12 +107,19 @@ def cifar_resnet(name: str, depth: int) -> None:
 
     @MODELS.register(name)
     def build(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, batchnorm: bool = True) -> BlockModel:
-        return resnet(input_shape, num_classes, name, CIFAR_STEM, CIFAR_STAGES, n, width, batchnorm, leaky=False, shortcut_kernel=1, stem_alone=True)
+        model = resnet(input_shape, num_classes, name, CIFAR_STEM, CIFAR_STAGES, n, width, batchnorm, leaky=False, shortcut_kernel=1, stem_alone=True)
+        model.balanced_cuts = dict(BALANCED_CUTS.get(name, {}))
+        return model
 
     build.__doc__ = f"CIFAR ResNet-{depth}: {3 * n} BasicBlocks in three stages, 4 blocks by default."
 
 
 CIFAR_STEM = 16
+# InfoPro*'s memory-balanced cut points (`method.cuts: balanced`), the ones its published GPU memory was
+# measured with: `InfoPro_balanced_memory` of the authors' configs.py (CIFAR-10), entry [s, l] = after
+# BasicBlock l (0-based) of stage s, here as the index of the layer that starts each module
+# ((s − 1)·n + l + 2: layer 0 is the stem). Only ResNet-110 has them.
+BALANCED_CUTS: dict[str, dict[int, list[int]]] = {"resnet110": {2: [16], 3: [11, 22], 4: [8, 16, 28]}}
 CIFAR_STAGES: list[tuple[int, int]] = [(16, 1), (32, 2), (64, 2)]
 cifar_resnet("resnet32", 32)
 cifar_resnet("resnet110", 110)

@@ -65,8 +65,11 @@ def sinusoidal_table(steps: int, dim: int) -> torch.Tensor:
 
 
 class EmbeddingBlock(SignalBlock):
-    def __init__(self, vocab_size: int, dim: int, max_len: int, positional: str = "none", embed_std: float | None = None) -> None:
+    def __init__(self, vocab_size: int, dim: int, max_len: int, positional: str = "none", embed_std: float | None = None,
+                 lr_scale: float = 1.0) -> None:
+        """`lr_scale`: the word vectors learn at this multiple of the rate (LocalUnit.parameter_groups)."""
         super().__init__()
+        self.lr_scale = lr_scale
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         # Word vectors trained from scratch start at std dim^-0.5 (fairseq's and the Transformer paper's
         # scale), not PyTorch's N(0, 1): at std 1 the random start swamps what a few hundred steps learn
@@ -87,9 +90,12 @@ class EmbeddingBlock(SignalBlock):
 
 
 class BiLSTMBlock(SignalBlock):
-    def __init__(self, in_dim: int, hidden: int, packed: bool = True) -> None:
+    def __init__(self, in_dim: int, hidden: int, packed: bool = True, layer_norm: bool = False) -> None:
+        """`layer_norm`: LayerNorm over the two directions' features handed to the next block (not the
+        summary): what lets end-to-end BP train three stacked BiLSTMs on little data (docs/text.md)."""
         super().__init__()
         self.lstm = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(2 * hidden) if layer_norm else nn.Identity()
         self.packed = packed
 
     def forward(self, signal: Signal) -> Signal:
@@ -105,7 +111,7 @@ class BiLSTMBlock(SignalBlock):
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # T unchanged
         else:  # the released code: the forward direction reads the padding, the backward one starts in it
             out, (h, _) = self.lstm(x)
-        return {**signal, FEATURES: out, SUMMARY: h.mean(0)}  # h: [2 directions, B, hidden]
+        return {**signal, FEATURES: self.norm(out), SUMMARY: h.mean(0)}  # h: [2 directions, B, hidden]
 
 
 class TransformerBlock(SignalBlock):
@@ -166,17 +172,19 @@ def predictor(dim: int, num_classes: int) -> nn.Sequential:
 
 @MODELS.register("lstm")
 def lstm(input_shape: tuple[int], num_classes: int, vocab_size: int = 30000, dim: int = 300, packed: bool = True,
-         embed_std: float | None = None) -> SequenceModel:
+         embed_std: float | None = None, embed_lr_scale: float = 1.0, layer_norm: bool = False) -> SequenceModel:
     max_len = check_text_input("lstm", input_shape)
     # Block 2 reads word vectors (dim); blocks 3-4 read the previous block's two directions side by side.
-    sequence = [BiLSTMBlock(dim if k == 0 else 2 * dim, dim, packed) for k in range(PAPER_BLOCKS - 1)]
-    return SequenceModel([EmbeddingBlock(vocab_size, dim, max_len, embed_std=embed_std), *sequence], predictor(dim, num_classes), input_shape)
+    sequence = [BiLSTMBlock(dim if k == 0 else 2 * dim, dim, packed, layer_norm) for k in range(PAPER_BLOCKS - 1)]
+    embedding = EmbeddingBlock(vocab_size, dim, max_len, embed_std=embed_std, lr_scale=embed_lr_scale)
+    return SequenceModel([embedding, *sequence], predictor(dim, num_classes), input_shape)
 
 
 @MODELS.register("transformer")
 def transformer(
     input_shape: tuple[int], num_classes: int, vocab_size: int = 30000, dim: int = 300, heads: int = 6,
     ff_dim: int = 300, dropout: float = 0.1, positional: str = "none", final_norm: bool = True, embed_std: float | None = None,
+    embed_lr_scale: float = 1.0,
 ) -> SequenceModel:
     max_len = check_text_input("transformer", input_shape)
     if dim % heads:
@@ -184,4 +192,4 @@ def transformer(
     if positional not in POSITIONAL:
         raise ModelInputError(f"unknown model.positional {positional!r}; valid: {', '.join(POSITIONAL)}")
     sequence = [TransformerBlock(dim, heads, ff_dim, dropout, final_norm) for _ in range(PAPER_BLOCKS - 1)]
-    return SequenceModel([EmbeddingBlock(vocab_size, dim, max_len, positional, embed_std), *sequence], predictor(dim, num_classes), input_shape)
+    return SequenceModel([EmbeddingBlock(vocab_size, dim, max_len, positional, embed_std, embed_lr_scale), *sequence], predictor(dim, num_classes), input_shape)
