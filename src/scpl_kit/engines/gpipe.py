@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, LossMeter, as_signal
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, as_signal
 from scpl_kit.engines.distributed import gather_to_main, reports_peer_failures
 from scpl_kit.engines.pipeline import PipelineEngine, check_stages, time_chain, wait_sent
 from scpl_kit.methods.units import LocalUnit, NonFiniteLossError, moved
@@ -193,7 +193,7 @@ class GPipeEngine(PipelineEngine):
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
-        (state,) = super().training_state()
+        (state,) = Engine.training_state(self)  # this process's view of the one unit (not the pipeline engine's gather)
         mine = {
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
             "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
@@ -206,7 +206,7 @@ class GPipeEngine(PipelineEngine):
         return [state]
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        super().load_training_state(states[:1])
+        Engine.load_training_state(self, states)  # every stage loads the whole unit
 
 
 @ENGINES.register("gpipe")
