@@ -358,3 +358,28 @@ def test_readme_extension_examples_run() -> None:
         assert re.search(rf'register\w*\("{re.escape(config["name"])}"', blocks["python"]), (
             f"the {kind} example's config names {config['name']!r}, which its code does not register"
         )
+
+
+def test_deviations_state_what_the_configs_compose_to() -> None:
+    """docs/deviations.md: in every section with a `<!-- compose: ... -->` line, each `key: value` of a
+    table's kit column is what that configuration composes to."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from scpl_kit.config import compose_config
+
+    text = (REPO / "docs" / "deviations.md").read_text()
+    sections = re.split(r"<!-- compose: (.+?) -->", text)[1:]
+    assert len(sections) >= 8 * 2, "every method's section names its configuration"
+    checked = 0
+    for overrides, body in zip(sections[::2], sections[1::2]):
+        cfg = compose_config(overrides.split())
+        body = body.split("\n## ")[0]  # up to the next section
+        for row in (line for line in body.splitlines() if line.startswith("|") and not line.startswith("|---")):
+            kit = [c.strip() for c in row.strip("|").split("|")][2]  # every table's third column is the kit's
+            for key, value in re.findall(r"`([a-z_]+\.[a-z_.]+): ([^`]+)`", kit):
+                got = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
+                assert got == yaml.safe_load(value), f"deviations.md ({overrides}): {key} is {got!r}, the page says {value}"
+                checked += 1
+    assert checked >= 40, checked

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scpl_kit.methods import METHODS, build_units
 from scpl_kit.methods.heads import build_projector
@@ -158,3 +159,43 @@ def test_bad_model_and_engine_options_are_named() -> None:
         build_model("vgg", (1, 28, 28), 10, widht=0.5)
     with pytest.raises(ValueError, match="engine 'sequential' has no option 'devic'; valid options: device"):
         build_engine("sequential", devic="cpu")
+
+
+def test_al_flat_bridge_reads_the_map_before_resnets_global_pooling() -> None:
+    """bridge_input=flat (the SCPL authors' AL): the last ResNet block's bridge sees its 128·4·4 map
+    before the pooling, flattened; the other blocks' bridges are unchanged."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", (3, 32, 32), 10, width=0.25)
+    units = build_units("al", model, 10, bridge_input="flat", bridge_hidden=16, code_dim=8)
+    assert [u.bridge[1][0].in_features for u in units] == [16384, 8192, 4096, 128 * 4 * 4]
+    h = {"features": torch.randn(4, 3, 32, 32), "labels": torch.arange(4)}
+    for unit in units[:-1]:
+        h = unit.forward_train(h).handoff()
+    last = units[-1]
+    step_ = last.forward_train(h)
+    *trunk, final = list(last.body)
+    x = h["features"]
+    for layer in trunk:
+        x = layer(x)
+    feature_map = final[0](x)  # the last layer: BasicBlock → global pooling → flatten
+    assert step_.outputs["features"].shape == (4, 128)  # what the block hands on is still pooled
+    expected = F.mse_loss(last.bridge(feature_map.flatten(1)), step_.outputs["code"].detach())
+    torch.testing.assert_close(last.local_losses(step_)["block4/bridge_mse"], expected)
+
+
+def test_al_text_variant_is_the_al_authors_text_layers() -> None:
+    """variant=text: bridge Linear + Tanh to the code, Tanh label encoders, a linear inverse, and the
+    first block's inverse (Linear + Tanh) trained with cross-entropy on the labels."""
+    torch.manual_seed(0)
+    model = build_model("lstm", (12,), 4, vocab_size=50, dim=8)
+    units = build_units("al", model, 4, variant="text", code_dim=6)
+    first, second = units[0], units[1]
+    assert [type(m).__name__ for m in first.bridge] == ["Flatten", "Linear", "Tanh"] and first.bridge[1].out_features == 6
+    assert [type(m).__name__ for m in first.inverse] == ["Linear", "Tanh"] and type(second.inverse).__name__ == "Linear"
+    ids = torch.randint(2, 50, (5, 12))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    step_ = first.forward_train({"features": ids, "lengths": torch.full((5,), 12), "labels": y})
+    losses = first.local_losses(step_)
+    t1 = torch.tanh(F.linear(F.one_hot(y, 4).float(), first.label_encoder[0].weight, first.label_encoder[0].bias))
+    torch.testing.assert_close(losses["block1/inverse_ce"], F.cross_entropy(first.inverse(t1), y))
+    torch.testing.assert_close(losses["block1/bridge_mse"], F.mse_loss(first.bridge(step_.outputs["summary"]), t1))

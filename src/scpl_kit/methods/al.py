@@ -27,6 +27,26 @@ from scpl_kit.signal import LABELS, Signal, summary, without_summary
 
 CODE = "code"  # the label code t_k handed from block k to block k+1
 BRIDGED = "al_bridge/"  # a block's bridge output, waiting for its own back phase to join the decoding
+BRIDGE_INPUTS = ("pooled", "flat")
+VARIANTS = ("vision", "text")
+
+
+class PoolInput:
+    """The feature map that entered a block's global pooling in its last forward (a forward pre-hook):
+    what a `flat` bridge reads, as the SCPL authors' AL reads ResNet-18's 512·4·4 map before pooling."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        self.map: torch.Tensor | None = None
+        pool.register_forward_pre_hook(self.keep)
+
+    def keep(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.map = args[0]
+
+
+def final_pooling(block: nn.Module) -> nn.Module | None:
+    """The global average pooling a block ends with (the kit's ResNets' last block), if it has one."""
+    pools = [m for m in block.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    return pools[-1] if pools else None
 
 
 INITS = ("he", "default")
@@ -50,8 +70,13 @@ class AssociatedUnit(LocalUnit):
     phases = ("forward", "back")
 
     def __init__(self, name: str, encoder: nn.Module, bridge: nn.Module, label_encoder: nn.Module, inverse: nn.Module,
-                 num_classes: int, is_last: bool, label_lr_scale: float = 2.0) -> None:
+                 num_classes: int, is_last: bool, label_lr_scale: float = 2.0, pool_input: PoolInput | None = None,
+                 decode_labels: bool = False) -> None:
+        """`pool_input`: the bridge reads the map before the block's global pooling (flat), else its output.
+        `decode_labels`: this (first) block's inverse is trained with cross-entropy against the labels
+        instead of the MSE against their one-hot code (the AL authors' text code)."""
         super().__init__(name, encoder)
+        self.pool_input, self.decode_labels = pool_input, decode_labels
         self.bridge, self.label_encoder, self.inverse = bridge, label_encoder, inverse
         self.num_classes, self.is_last = num_classes, is_last
         # The label path (g_k, h_k) learns at `label_lr_scale` times the rate (LocalUnit.parameter_groups).
@@ -67,14 +92,18 @@ class AssociatedUnit(LocalUnit):
         code_in = signal[CODE] if CODE in signal else F.one_hot(signal[LABELS], self.num_classes).to(self.bridge_dtype)
         out = run_block(self.body, signal)  # engines hand inputs on detached: f_k's input is sg(x_k)
         code = self.label_encoder(code_in.detach())
-        return UnitStep({**signal, CODE: code_in}, {**out, CODE: code})
+        # What the bridge reads rides with the step's inputs, which are never handed on.
+        return UnitStep({**signal, CODE: code_in, BRIDGED: self.bridge_input(out)}, {**out, CODE: code})
+
+    def bridge_input(self, out: Signal) -> torch.Tensor:
+        return self.pool_input.map if self.pool_input is not None else summary(out)
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
-        features, code, code_in = summary(step.outputs), step.outputs[CODE], step.inputs[CODE]
-        return {
-            f"{self.name}/bridge_mse": F.mse_loss(self.bridge(features), code.detach()),
-            f"{self.name}/inverse_mse": F.mse_loss(self.inverse(code), code_in.detach()),
-        }
+        features, code, code_in = step.inputs[BRIDGED], step.outputs[CODE], step.inputs[CODE]
+        decoded = self.inverse(code)
+        inverse = (f"{self.name}/inverse_ce", F.cross_entropy(decoded, step.inputs[LABELS])) if self.decode_labels else (
+            f"{self.name}/inverse_mse", F.mse_loss(decoded, code_in.detach()))
+        return {f"{self.name}/bridge_mse": F.mse_loss(self.bridge(features), code.detach()), inverse[0]: inverse[1]}
 
     def infer(self, signal: Signal, phase: str = "forward") -> Signal:
         """forward: the encoder, and the bridge's guess of t_k set aside. back: that guess joins the
@@ -82,7 +111,7 @@ class AssociatedUnit(LocalUnit):
         After h_1 every `exit/block<j>` is block j's readout, and `scores` is the last block's."""
         if phase == "forward":
             out = run_block(self.body, signal)
-            return {**without_summary(out), BRIDGED + self.name: self.bridge(summary(out))}
+            return {**without_summary(out), BRIDGED + self.name: self.bridge(self.bridge_input(out))}
         out = dict(signal)
         guess = out.pop(BRIDGED + self.name)
         out[EXIT + self.name] = guess
@@ -95,18 +124,40 @@ class AssociatedUnit(LocalUnit):
 
 @METHODS.register("al")
 def build_al(model: BlockModel, num_classes: int, bridge_hidden: int = 2500, code_dim: int = 500,
-             label_lr_scale: float = 2.0, init: str = "he") -> list[AssociatedUnit]:
+             label_lr_scale: float = 2.0, init: str = "he", bridge_input: str = "pooled", variant: str = "vision") -> list[AssociatedUnit]:
     """Paper sizes: bridge Flatten → Linear(·, 2500) → Sigmoid → Linear(2500, 500) → Sigmoid; label
-    codes of 500 (Linear + Sigmoid encoders and inverses). `init`: he | default (`sigmoid_layer`)."""
+    codes of 500 (Linear + Sigmoid encoders and inverses). `init`: he | default (`sigmoid_layer`).
+    `bridge_input`: pooled = what the block hands on; flat = a block that ends in global pooling (a
+    ResNet's last) gives its bridge the flattened map before the pooling.
+    `variant: text` builds the layers as the AL authors' text code (github.com/Hibb-bb/AL,
+    distributed_model.py; Wu et al., ICLR 2022): bridge one Linear(·, code_dim) + Tanh (bridge_hidden
+    unused), label encoders Linear + Tanh, inverses Linear (+ Tanh on the first block's, which is
+    trained with cross-entropy on the labels), PyTorch's initialisation (init unused)."""
     if init not in INITS:
         raise ValueError(f"method.init={init!r}; valid: {', '.join(INITS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"method.variant={variant!r}; valid: {', '.join(VARIANTS)}")
+    if bridge_input not in BRIDGE_INPUTS:
+        raise ValueError(f"method.bridge_input={bridge_input!r}; valid: {', '.join(BRIDGE_INPUTS)}")
     check_decouplable("al", model)
+    pools = [final_pooling(block) if bridge_input == "flat" else None for block in model.blocks]
+    pool_inputs = [PoolInput(pool) if pool is not None else None for pool in pools]
+    shapes = model.block_output_shapes()  # its dummy forward also leaves each pooling's input map
+    shapes = [tuple(p.map.shape[1:]) if p is not None else shape for p, shape in zip(pool_inputs, shapes)]
     units, last = [], len(model.blocks) - 1
-    for k, (block, shape) in enumerate(zip(model.blocks, model.block_output_shapes())):
+    for k, (block, shape) in enumerate(zip(model.blocks, shapes)):
         code_in = num_classes if k == 0 else code_dim
-        layer = functools.partial(sigmoid_layer, init=init)
-        bridge = nn.Sequential(nn.Flatten(), layer(int(torch.Size(shape).numel()), bridge_hidden), layer(bridge_hidden, code_dim))
+        features = int(torch.Size(shape).numel())
+        if variant == "text":
+            bridge = nn.Sequential(nn.Flatten(), nn.Linear(features, code_dim), nn.Tanh())
+            encoder = nn.Sequential(nn.Linear(code_in, code_dim), nn.Tanh())
+            inverse = nn.Sequential(nn.Linear(code_dim, code_in), nn.Tanh()) if k == 0 else nn.Linear(code_dim, code_in)
+        else:
+            layer = functools.partial(sigmoid_layer, init=init)
+            bridge = nn.Sequential(nn.Flatten(), layer(features, bridge_hidden), layer(bridge_hidden, code_dim))
+            encoder, inverse = layer(code_in, code_dim), layer(code_dim, code_in)
         units.append(AssociatedUnit(
-            f"block{k + 1}", block, bridge, layer(code_in, code_dim), layer(code_dim, code_in), num_classes, k == last, label_lr_scale,
+            f"block{k + 1}", block, bridge, encoder, inverse, num_classes, k == last, label_lr_scale, pool_inputs[k],
+            decode_labels=variant == "text" and k == 0,
         ))
     return units
