@@ -188,3 +188,22 @@ def test_no_engine_names_a_method() -> None:
         assert not names & set(METHODS.names()), f"{path.name} names a method"
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert {m for m in imported if m.startswith("scpl_kit.methods")} <= {"scpl_kit.methods.units"}, path.name
+
+
+def test_only_the_updater_builds_or_steps_an_optimizer() -> None:
+    """The update step is the engine's, through scpl_kit.updater: no method or engine module names
+    torch.optim or calls an optimizer's or scheduler's step (gpipe's stage timing runs a backward on
+    copies, which steps nothing)."""
+    import ast
+    from pathlib import Path
+
+    import scpl_kit.engines
+    import scpl_kit.methods
+
+    for package in (scpl_kit.methods, scpl_kit.engines):
+        for path in Path(package.__file__).parent.glob("*.py"):
+            tree = ast.parse(path.read_text())
+            attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+            assert "optim" not in attributes, path.name
+            calls = [ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)]
+            assert not [c for c in calls if c.endswith(("optimizer.step", "scheduler.step", "optimizer.zero_grad"))], path.name
