@@ -294,7 +294,8 @@ def test_greedy_sl_head_is_a_pooled_linear_classifier() -> None:
 @pytest.mark.parametrize(("epochs", "modules", "rule", "expected"), [
     (100, 4, "growing", [10, 20, 30, 40]),  # the authors' 10 + 10·i
     (4, 2, "growing", [1, 3]), (10, 3, "growing", [2, 3, 5]),  # shares ∝ i + 1, largest remainder
-    (5, 2, "even", [3, 2]), (4, 4, "even", [1, 1, 1, 1]), (3, 4, "even", [1, 1, 1, 0]),  # too few epochs: the last never trains
+    (4, 4, "growing", [1, 1, 1, 1]), (5, 4, "growing", [1, 1, 1, 2]),  # at least one epoch each
+    (5, 2, "even", [3, 2]), (4, 4, "even", [1, 1, 1, 1]), (7, 3, "even", [3, 2, 2]),
 ])
 def test_cascade_shares_out_the_epochs(epochs: int, modules: int, rule: str, expected: list[int]) -> None:
     from scpl_kit.methods.cascade import stage_epochs
@@ -309,6 +310,15 @@ def test_cascade_shares_out_the_epochs(epochs: int, modules: int, rule: str, exp
         turns.append([u.role for u in units].index("active"))
     assert [turns.count(k) for k in range(modules)] == expected
     assert [u.epochs_trained(epochs) for u in units] == expected  # each schedule spans its own stage
+
+
+def test_cascade_refuses_fewer_epochs_than_modules() -> None:
+    from scpl_kit.methods.cascade import stage_epochs
+
+    assert stage_epochs(3, 4, "even") == [1, 1, 1, 0]
+    _, units = units_of("cascade", modules=4)
+    with pytest.raises(ValueError, match="trainer.epochs=3 is fewer than deep cascade's 4 modules"):
+        units[0].start_epoch(1, 3)
 
 
 def test_cascade_authors_head_and_plateau_schedule_per_stage() -> None:

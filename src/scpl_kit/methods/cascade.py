@@ -42,7 +42,9 @@ def stage_epochs(epochs: int, modules: int, rule: str = "even") -> list[int]:
     even: shared out evenly, the earlier modules taking the remainder (module k trains in the epochs
     e where (e − 1)·K // epochs = k). growing: module i (0-based) gets a share proportional to i + 1,
     as the authors' Keras code trains stage i for 10 + 10·i epochs (K = 4: 10, 20, 30, 40 of 100),
-    rounded by largest remainder so the shares add up to the run."""
+    rounded by largest remainder so the shares add up to the run, and every module given at least one
+    when there are enough (taken from the largest share). Fewer epochs than modules leave some with
+    none, which a training run refuses (`CascadeUnit.start_epoch`)."""
     if rule not in STAGE_RULES:
         raise ValueError(f"method.stage_epochs={rule!r}; valid: {', '.join(STAGE_RULES)}")
     if rule == "even":
@@ -52,6 +54,9 @@ def stage_epochs(epochs: int, modules: int, rule: str = "even") -> list[int]:
     counts = [int(x) for x in exact]
     for k in sorted(range(modules), key=lambda k: counts[k] - exact[k])[: epochs - sum(counts)]:
         counts[k] += 1
+    for k in range(modules if epochs >= modules else 0):
+        if counts[k] == 0:
+            counts[k], counts[counts.index(max(counts))] = 1, max(counts) - 1
     return counts
 
 
@@ -70,6 +75,8 @@ class CascadeUnit(LocalUnit):
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Module k (0-based) trains in the k-th run of epochs that `stage_epochs` gives it."""
+        if epochs < self.module_count:  # a module without an epoch would hand the next one raw input
+            raise ValueError(f"trainer.epochs={epochs} is fewer than deep cascade's {self.module_count} modules: each trains in epochs of its own")
         bounds = list(itertools.accumulate(stage_epochs(epochs, self.module_count, self.stages)))
         turn = bisect.bisect_left(bounds, epoch)
         self.role = "frozen" if self.index < turn else "active" if self.index == turn else "waiting"
