@@ -209,7 +209,7 @@ DOORS = {
     "train: zero attention heads": ("train", [*TRAIN, "profile=smoke_text", "model.heads=0"], {}, "model.heads=0: expected an integer ≥ 1"),
     "train: a target accuracy above 1": ("train", [*TRAIN, "trainer.stop_at_val_acc=1.5"], {}, "trainer.stop_at_val_acc=1.5: expected a number > 0 and ≤ 1 or null"),
     # the update step (conf/optimizer/)
-    "train: an unknown optimizer group": ("train", [*TRAIN, "optimizer=adagrad"], {}, "Could not find 'optimizer/adagrad'; available options in 'optimizer': adam, adamw, sgd"),
+    "train: an unknown optimizer group": ("train", [*TRAIN, "optimizer=adagrad"], {}, "Could not find 'optimizer/adagrad'; available options in 'optimizer': adam, adamw, infopro, sgd"),
     "train: an unknown optimizer": ("train", [*TRAIN, "optimizer.name=adagrad"], {}, "optimizer.name='adagrad': valid: adam, adamw, sgd"),
     "train: an unknown schedule": ("train", [*TRAIN, "optimizer.schedule=linear"], {}, "optimizer.schedule='linear': valid: constant, cosine, step, plateau"),
     "train: negative weight decay": ("train", [*TRAIN, "optimizer.weight_decay=-1e-4"], {}, "optimizer.weight_decay=-0.0001: expected a number ≥ 0"),
