@@ -1,7 +1,8 @@
 """GPipe for end-to-end methods: the one unit's blocks split into stages, one process per stage,
 each mini-batch cut into M micro-batches that flow through PyTorch's own pipeline schedules
 (torch.distributed.pipelining: ScheduleGPipe, or Schedule1F1B). Gradients of the micro-batches are
-accumulated (and averaged by the schedule) and every stage steps once per mini-batch.
+accumulated (averaged through each micro-batch's loss, divided by M) and every stage's updater steps
+once per mini-batch (the run's optimizer, clipping on the norm over all stages, bf16 if asked).
 M = 1 is naive model parallelism: the "BP on K devices" baseline. Unless `stages` are given, the
 blocks are split by their measured forward+backward times (`balance: time`), as the pipeline engine
 splits its units.
