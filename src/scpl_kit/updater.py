@@ -80,8 +80,8 @@ class OptimizerSettings:
     @classmethod
     def from_config(cls, node: Any) -> "OptimizerSettings":
         """From the composed `optimizer` node (a DictConfig or a dict); lists become tuples."""
-        values = {key: tuple(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
-                  for key, value in dict(node).items()}
+        plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in plain.items()}
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"optimizer has no key {', '.join(map(repr, unknown))}; valid keys: {', '.join(cls.__dataclass_fields__)}")

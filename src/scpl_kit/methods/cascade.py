@@ -36,7 +36,7 @@ Role = Literal["waiting", "active", "frozen"]
 STAGE_RULES = ("even", "growing")
 
 
-def stage_epochs(epochs: int, modules: int, rule: str = "even") -> list[int]:
+def epochs_per_stage(epochs: int, modules: int, rule: str = "even") -> list[int]:
     """How many of the run's epochs each module trains, in order.
 
     even: shared out evenly, the earlier modules taking the remainder (module k trains in the epochs
@@ -62,22 +62,22 @@ def stage_epochs(epochs: int, modules: int, rule: str = "even") -> list[int]:
 
 class CascadeUnit(LocalUnit):
     def __init__(self, name: str, body: torch.nn.Module, index: int, modules: int, head: ClassifierHead | None,
-                 predictor: torch.nn.Module | None, stages: str = "even") -> None:
+                 predictor: torch.nn.Module | None, stage_rule: str = "even") -> None:
         super().__init__(name, body, head=head, predictor=predictor, predictor_trains_body=True)
-        self.index, self.module_count, self.stages = index, modules, stages
+        self.index, self.module_count, self.stage_rule = index, modules, stage_rule
         self.role: Role = "active"  # until an epoch says otherwise (a bare training step trains every unit)
         # Saved with the weights: inference must know which modules have trained, wherever it runs.
         self.register_buffer("trained", torch.zeros((), dtype=torch.uint8))
 
     def epochs_trained(self, epochs: int) -> int:
         """Its own stage: the schedule decays over the module's turn."""
-        return stage_epochs(epochs, self.module_count, self.stages)[self.index]
+        return epochs_per_stage(epochs, self.module_count, self.stage_rule)[self.index]
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Module k (0-based) trains in the k-th run of epochs that `stage_epochs` gives it."""
+        """Module k (0-based) trains in the k-th run of epochs that `epochs_per_stage` gives it."""
         if epochs < self.module_count:  # a module without an epoch would hand the next one raw input
             raise ValueError(f"trainer.epochs={epochs} is fewer than deep cascade's {self.module_count} modules: each trains in epochs of its own")
-        bounds = list(itertools.accumulate(stage_epochs(epochs, self.module_count, self.stages)))
+        bounds = list(itertools.accumulate(epochs_per_stage(epochs, self.module_count, self.stage_rule)))
         turn = bisect.bisect_left(bounds, epoch)
         self.role = "frozen" if self.index < turn else "active" if self.index == turn else "waiting"
 
@@ -126,11 +126,10 @@ def build_cascade(model: BlockModel, num_classes: int, head: str = "pooled", sta
                   mlp_layers: int = 1, side: int = 2) -> list[CascadeUnit]:
     """Output heads, `head`: pooled = average pooling to `side`×`side`, `mlp_layers` hidden Linear layers,
     a Linear to classes (DGL's head without its convs: cheap on a CPU); authors = the authors' head
-    (`authors_head`). `stage_epochs`: how the run's epochs are shared out (`stage_epochs()`)."""
+    (`authors_head`). `stage_epochs`: how the run's epochs are shared out (`epochs_per_stage`)."""
     if head not in HEADS:
         raise ValueError(f"method.head={head!r}; valid: {', '.join(HEADS)}")
     check_decouplable("cascade", model)
-    stage_epochs_rule = stage_epochs  # the name `stage_epochs` is the function's below the option
     shapes, last = model.block_output_shapes(), len(model.blocks) - 1
 
     def output_head(shape: tuple[int, ...]) -> ClassifierHead:
@@ -140,6 +139,6 @@ def build_cascade(model: BlockModel, num_classes: int, head: str = "pooled", sta
 
     return [
         CascadeUnit(f"block{k + 1}", block, k, len(model.blocks), head=None if k == last else output_head(shape),
-                    predictor=model.predictor if k == last else None, stages=stage_epochs_rule)
+                    predictor=model.predictor if k == last else None, stage_rule=stage_epochs)
         for k, (block, shape) in enumerate(zip(model.blocks, shapes))
     ]

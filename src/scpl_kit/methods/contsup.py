@@ -31,10 +31,10 @@ from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
 from scpl_kit.methods.heads import ClassifierHead, SupConHead
-from scpl_kit.methods.infopro import Decoder, aux_classifier, interpolated, paper_lambdas, reconstruction_loss, require_images
+from scpl_kit.methods.infopro import Decoder, aux_classifier, interpolated, paper_lambdas, require_images, with_reconstruction
 from scpl_kit.methods.units import LocalUnit, UnitStep
 from scpl_kit.models.base import BlockModel
-from scpl_kit.signal import FEATURES, Signal, network_input, summary
+from scpl_kit.signal import FEATURES, Signal, network_input
 
 MODES: dict[str, tuple[str, ...]] = {"R0": (), "E": ("E",), "R1": ("R1",), "R1E": ("R1", "E")}
 PREVIOUS = "contsup/previous"  # the feature that entered the unit before: R1's context for the next one
@@ -69,11 +69,7 @@ class ContextUnit(LocalUnit):
         losses = super().local_losses(step)
         if self.decoder is None:
             return losses
-        recon_weight, head_weight = self.weights
-        losses = {name: head_weight * loss for name, loss in losses.items()}
-        image = network_input(step.inputs)
-        losses[f"{self.name}/reconstruction"] = recon_weight * reconstruction_loss(self.decoder, summary(step.outputs), image, *self.input_statistics)
-        return losses
+        return with_reconstruction(self.name, losses, step, self.decoder, self.weights, self.input_statistics)
 
     def supplied(self, signal: Signal) -> Signal:
         """h' = h + Σ M(c); the contexts arrive detached, like h."""

@@ -105,6 +105,18 @@ def reconstruction_loss(decoder: Decoder, features: torch.Tensor, x: torch.Tenso
     return F.binary_cross_entropy_with_logits(decoder(features).float(), pixels(x, mean, std).float())
 
 
+def with_reconstruction(unit: str, head_losses: dict[str, torch.Tensor], step: UnitStep, decoder: Decoder, weights: tuple[float, float],
+                        statistics: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """λ₂ · the head's losses + λ₁ · the reconstruction of the network's input from `unit`'s output
+    (`weights` = (λ₁, λ₂); `statistics`: the data's mean and std). Each term is logged as weighted:
+    their sum is what the module descends. InfoPro's local loss, and ContSup's with reconstruction."""
+    recon_weight, head_weight = weights
+    losses = {name: head_weight * loss for name, loss in head_losses.items()}
+    reconstruction = reconstruction_loss(decoder, summary(step.outputs), network_input(step.inputs), *statistics)
+    losses[f"{unit}/reconstruction"] = recon_weight * reconstruction
+    return losses
+
+
 class InfoProUnit(LocalUnit):
     def __init__(self, name: str, body: nn.Module, head: nn.Module, decoder: Decoder, recon_weight: float, head_weight: float,
                  input_mean: torch.Tensor | None = None, input_std: torch.Tensor | None = None) -> None:
@@ -113,11 +125,8 @@ class InfoProUnit(LocalUnit):
         self.input_mean, self.input_std = input_mean, input_std
 
     def local_losses(self, step: UnitStep) -> dict[str, torch.Tensor]:
-        """Both terms logged as weighted (their sum is what the module descends)."""
-        losses = {name: self.head_weight * loss for name, loss in super().local_losses(step).items()}
-        reconstruction = reconstruction_loss(self.decoder, summary(step.outputs), network_input(step.inputs), self.input_mean, self.input_std)
-        losses[f"{self.name}/reconstruction"] = self.recon_weight * reconstruction
-        return losses
+        weights, statistics = (self.recon_weight, self.head_weight), (self.input_mean, self.input_std)
+        return with_reconstruction(self.name, super().local_losses(step), step, self.decoder, weights, statistics)
 
 
 def interpolated(pair: tuple[float, float] | list[float], k: int, count: int) -> float:
