@@ -127,8 +127,17 @@ class MlflowTracker:
         `name (digest)`, so runs trained on different preparations of one dataset look different."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        from mlflow.exceptions import MlflowException
+
         dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}), profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # MLflow's SQL store looks the dataset up, then inserts it: two runs of one experiment
+            # starting together (the repro pool) may both insert, and the second breaks the unique
+            # key. By now the dataset exists, so the second try only links it to this run.
+            self.client.log_inputs(self.run_id, inputs)
 
     def log_json(self, data: dict[str, Any], name: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
