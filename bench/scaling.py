@@ -53,13 +53,12 @@ Columns.
   intra_node_bytes_per_step, inter_node_bytes_per_step
                       bytes moved between workers per training step (one global batch), all workers
                       together, in the last epoch, within a simulated node and across nodes (node of a
-                      rank: rank // ranks_per_node). Collectives: the engines' own counters (ddp,
-                      hierarchical: each rank's payload to the all-reduces and averages, summed over
-                      ranks; with 2 ranks that is what a ring all-reduce puts on the wire). Point-to-point
-                      sends (pipeline, gpipe: activations, gradients, labels and their descriptions) and
-                      RPC (async: each push's update and the weights it pulls back) are counted by this
-                      bench in the worker processes (it wraps torch.distributed's send/isend and
-                      rpc_sync). Per-epoch bookkeeping objects (losses, speeds) are not counted.
+                      rank: rank // ranks_per_node): the engine's own count (its transport, logged as
+                      comm/...; what is counted: src/scpl_kit/engines/transport.py). Collectives: each
+                      rank's payload to the all-reduces and averages, summed over ranks (with 2 ranks
+                      what a ring all-reduce puts on the wire); point to point (pipeline, gpipe:
+                      activations, gradients, labels and their descriptions); RPC (async: each push's
+                      update and the weights it pulls back). Bookkeeping objects (losses, speeds) are not counted.
   peak_act_mem_mb     the largest worker's high-water mark of tensor memory allocated during 4 training
                       steps above what it held before (scpl_kit.memory.peak_memory_mb: activations,
                       gradient and optimizer temporaries, buffers sent or received), measured in each
@@ -87,18 +86,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.distributed.pipelining  # noqa: F401  (the gpipe engine's; imported once here, in the server workers fork from: 1.7 s less per gpipe worker)
 import mlflow  # noqa: F401  (the same for the runs' MLflow tracking: imported once, in the server)
 import torch.multiprocessing as mp
@@ -352,65 +350,6 @@ def warnings(table: pd.DataFrame) -> list[str]:
 
 # -- measurement: one configuration, one round, in fresh processes ---------------------------------------------
 
-class Traffic:
-    """Bytes this process sends point to point (torch.distributed send/isend) and over RPC (rpc_sync:
-    the request's tensors and the reply's), by where they go: within this rank's simulated node or
-    across. Counts only while `counting` (the training epochs)."""
-
-    def __init__(self, rank: int, ranks_per_node: int) -> None:
-        self.rank, self.ranks_per_node, self.counting, self.sent = rank, ranks_per_node, False, Counter()
-
-    def where(self, peer: int) -> str:
-        return "intra" if peer // self.ranks_per_node == self.rank // self.ranks_per_node else "inter"
-
-    def add(self, tensors: Any, peer: int) -> None:
-        if self.counting:
-            self.sent[self.where(peer)] += sum(t.numel() * t.element_size() for t in tensors_in(tensors))
-
-    def install(self) -> None:
-        """Wrap the send functions where engines and torch.distributed.pipelining look them up (the
-        package and distributed_c10d, whose checks of a P2POp's function compare against its own name)."""
-        from torch.distributed import distributed_c10d as c10d
-        from torch.distributed import rpc
-
-        def sending(send):
-            def counted(tensor, dst=None, *args, **kwargs):
-                peer = dst if dst is not None else kwargs.get("group_dst")
-                group = kwargs.get("group")
-                if peer is not None and group is not None and "group_dst" in kwargs:
-                    peer = dist.get_global_rank(group, peer)
-                self.add([tensor], peer if peer is not None else self.rank)
-                return send(tensor, dst, *args, **kwargs)
-            counted.__name__ = send.__name__
-            return counted
-
-        for name in ("send", "isend"):
-            wrapped = sending(getattr(c10d, name))
-            setattr(c10d, name, wrapped)
-            setattr(dist, name, wrapped)
-        if hasattr(rpc, "rpc_sync"):
-            original = rpc.rpc_sync
-
-            def rpc_sync(to, func, args=None, kwargs=None, timeout=-1.0):
-                peer = rpc.get_worker_info(to).id if isinstance(to, str) else getattr(to, "id", self.rank)
-                self.add(args or (), peer)
-                answer = original(to, func, args, kwargs, timeout)
-                self.add(answer, peer)  # the reply crosses the same link (sent by the peer; counted here)
-                return answer
-
-            rpc.rpc_sync = rpc_sync
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_in(v)]
-    return []
-
-
 class Recorder:
     """A listener that keeps every epoch's record (main process)."""
 
@@ -422,41 +361,27 @@ class Recorder:
 
 
 def worker(rank: int, world: int, port: int, cfg: Any, setup: Setup, with_memory: bool, results) -> None:
-    """One worker of one run: what `python -m scpl_kit.train` does (scpl_kit.train.run), plus the byte
-    counts and, on request, a profiled pass for peak memory after training."""
+    """One worker of one run: what `python -m scpl_kit.train` does (scpl_kit.train.run), plus, on
+    request, a profiled pass for peak memory after training. Bytes sent come from the engine's own
+    count (its transport; the epoch records' `comm/...`)."""
     if world > 1:
         set_rank_env(rank, world, port)
-    traffic = Traffic(rank, setup.ranks_per_node)
-    traffic.install()
+        os.environ["LOCAL_WORLD_SIZE"] = str(setup.ranks_per_node)  # the simulated nodes, as torchrun would describe them
     check_values(cfg)
     configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
     data = load_data(cfg)
     check_batch_fits(cfg, data.meta["sizes"]["train"])
     model, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
-    train_epoch = engine.train_epoch
-
-    def counted_epoch(*args, **kwargs):
-        traffic.sent.clear()
-        traffic.counting = True
-        try:
-            return train_epoch(*args, **kwargs)
-        finally:
-            traffic.counting = False
-
-    engine.train_epoch = counted_epoch  # the trainer calls the instance's
     try:
         engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), update_recipe(cfg, data))
         recorder = Recorder()
         train_with(cfg, data, engine, [recorder])
-        steps = data.meta["sizes"]["train"] // cfg.trainer.batch_size  # global batches per epoch (the last partial one dropped)
-        stats = engine.epoch_stats()  # the last epoch's, per step (collectives the engine counts)
-        sent = {where: stats.get(f"comm/{where}_node_bytes_per_step", 0.0) + traffic.sent[where] / steps for where in ("intra", "inter")}
         memory = math.nan
         if with_memory:
             batches = list(itertools.islice(data.loader("train", cfg.trainer.batch_size, drop_last=True), MEMORY_STEPS))
-            memory = peak_memory_mb(lambda: train_epoch(batches))
-        results.put({"rank": rank, "history": recorder.history if engine.is_main else None, "sent": sent, "memory": memory})
+            memory = peak_memory_mb(lambda: engine.train_epoch(batches))
+        results.put({"rank": rank, "history": recorder.history if engine.is_main else None, "memory": memory})
     finally:
         engine.close()
 
@@ -473,7 +398,8 @@ def measure(config: Config, setup: Setup, seed: int, with_memory: bool) -> Round
     tta, epoch = time_to_accuracy(history, setup.target)
     return RoundResult(
         samples_per_s=steady_samples_per_s(history), time_to_acc_s=tta, epochs_to_acc=epoch, final_val_acc=history[-1]["val_acc"],
-        intra_node_bytes_per_step=sum(r["sent"]["intra"] for r in reports), inter_node_bytes_per_step=sum(r["sent"]["inter"] for r in reports),
+        intra_node_bytes_per_step=history[-1].get("comm/intra_node_bytes_per_step", 0.0),  # the job's, the last epoch's
+        inter_node_bytes_per_step=history[-1].get("comm/inter_node_bytes_per_step", 0.0),
         peak_act_mem_mb=max(r["memory"] for r in reports) if with_memory else math.nan, val_accs=tuple(r["val_acc"] for r in history),
     )
 

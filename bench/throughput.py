@@ -186,13 +186,13 @@ def bp_block_times(model: str, setup: Setup, example, microbatches: int, modules
     from scpl_kit.engines.gpipe import block_step_times
 
     (unit,) = build_units(Case("bp", "sequential", 1, model=model, modules=modules), setup)
-    return median_times(lambda: block_step_times(unit.body, example, torch.device("cpu"), microbatches))
+    return median_times(lambda: block_step_times(unit.network(), example, torch.device("cpu"), microbatches))
 
 
 def scpl_unit_times(case: Case, setup: Setup, example) -> list[float]:
     """Seconds of one training step (forward, loss, backward, optimizer step) of each SCPL module,
-    each fed the one before's output (pipeline.unit_step_times, the pipeline engine's own measurement)."""
-    from scpl_kit.engines.pipeline import unit_step_times
+    each fed the one before's output (balance.unit_step_times, the pipeline engine's own measurement)."""
+    from scpl_kit.engines.balance import unit_step_times
 
     units = build_units(case, setup)
     return median_times(lambda: unit_step_times(units, example, torch.device("cpu")))
@@ -221,7 +221,7 @@ def calibrate(setup: Setup) -> dict:
 
 def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
     """The configurations to measure, each pipeline with its own balanced split, and their ideal speed-ups."""
-    from scpl_kit.engines.pipeline import balanced_stages, stage_time
+    from scpl_kit.engines.balance import balanced_stages, stage_time
 
     started = time.perf_counter()
     times = calibrate(setup)

@@ -12,9 +12,10 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
+from scpl_kit.engines.balance import balanced_stages, even_stages, unit_step_times
 from scpl_kit.engines.gpipe import block_step_times
 from scpl_kit.engines.launch import free_port, set_rank_env
-from scpl_kit.engines.pipeline import PipelineEngine, balanced_stages, even_stages, unit_step_times
+from scpl_kit.engines.pipeline import PipelineEngine
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
 from scpl_kit.train import run
@@ -101,7 +102,7 @@ def test_step_times_find_the_heavy_block_and_leave_the_run_untouched(method: str
     times = unit_step_times(units, example, torch.device("cpu"))
     assert len(times) == len(units) and all(t > 0 for t in times)
     if method == "bp":
-        times = block_step_times(model, example, torch.device("cpu"), microbatches=2)
+        times = block_step_times(units[0].network(), example, torch.device("cpu"), microbatches=2)
     assert len(times) == 4 and all(t > 0 for t in times)
     assert balanced_stages(times, 2) == [[0], [1, 2, 3]] != even_stages(4, 2)
     assert torch.equal(rng, torch.get_rng_state())

@@ -1,6 +1,8 @@
 """Every method on every model: the losses fall, nothing crosses a block where nothing should, and
 Associated Learning's loss and inference match computations written out here."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,24 @@ def test_no_engine_names_a_method() -> None:
         assert not names & set(METHODS.names()), f"{path.name} names a method"
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert {m for m in imported if m.startswith("scpl_kit.methods")} <= {"scpl_kit.methods.units"}, path.name
+
+
+def test_no_engine_imports_another_engine() -> None:
+    """Engines share mechanisms kept below them (balance, replicas, staged, transport, distributed),
+    never one another: no registered engine's module imports another's, nor reads a unit's insides
+    (`.body`, `.head`: a network to cut into stages comes through `LocalUnit.network()`)."""
+    import ast
+    import inspect
+
+    from scpl_kit.engines import ENGINES
+
+    modules = {inspect.getmodule(ENGINES.get(name)).__name__ for name in ENGINES.names()}
+    for module in modules:
+        tree = ast.parse(Path(inspect.getfile(__import__(module, fromlist=["_"]))).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & (modules - {module}), module
+        attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert not attributes & {"body", "head"}, module
 
 
 def test_only_the_updater_builds_or_steps_an_optimizer() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import REPO
 
@@ -161,16 +160,6 @@ def test_configs_and_their_training_overrides(tmp_path: Path) -> None:
     assert {"model.width=0.125", "trainer.batch_size=64", "trainer.epochs=2", "seed=2", "trainer.threads=1", "engine=ddp"} <= set(overrides)
     with pytest.raises(ValueError, match="unknown configuration"):
         scaling.configs(setup, ["bp1", "nope"])
-
-
-def test_traffic_counts_bytes_by_node() -> None:
-    traffic = scaling.Traffic(rank=1, ranks_per_node=2)
-    assert traffic.where(0) == "intra" and traffic.where(2) == "inter"
-    traffic.add([torch.zeros(10)], 0)  # not counting (outside a training epoch)
-    traffic.counting = True
-    traffic.add({"features": torch.zeros(4, 3), "labels": torch.zeros(4, dtype=torch.int64)}, 3)
-    traffic.add(([torch.zeros(2, dtype=torch.float16)], "not a tensor"), 0)
-    assert traffic.sent == {"inter": 4 * 3 * 4 + 4 * 8, "intra": 2 * 2}
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -34,7 +34,6 @@ from scpl_kit.stage_pool import Stage, cpu_count, run_stages
 
 log = logging.getLogger("scpl_kit.submit")
 COMMANDS = ("train", "sweep", "repro")
-SINGLE_PROCESS_ENGINES = ("sequential", "threads")
 
 
 class JobFailed(RuntimeError):
@@ -120,12 +119,15 @@ def wait_for(jobs: Sequence[Any]) -> None:
 
 
 def submit_training(spec: DictConfig, overrides: list[str]) -> Submitted:
+    from scpl_kit.engines import ENGINES  # imported here: torch takes seconds, and other commands do not need it
+
     cfg = compose_config(overrides)  # a bad override fails here, in seconds, not in the queue
     ranks = spec.nodes * spec.tasks_per_node
-    if ranks > 1 and cfg.engine.name in SINGLE_PROCESS_ENGINES:
+    if ranks > 1 and not ENGINES.get(cfg.engine.name).multiprocess:
+        several = [name for name in ENGINES.names() if ENGINES.get(name).multiprocess]
         raise ConfigError(
             f"launcher.nodes × launcher.tasks_per_node = {ranks} processes, but engine={cfg.engine.name} runs in one; "
-            "choose a multi-process engine (ddp, hierarchical, async, pipeline, gpipe) or one task"
+            f"choose a multi-process engine ({', '.join(several)}) or one task"
         )
     job = make_executor(spec, f"train-{cfg.method.name}").submit(TrainingJob(), overrides)
     return Submitted(f"training {shlex.join(overrides)} on {spec.nodes} node(s) × {spec.tasks_per_node} task(s)", [job])

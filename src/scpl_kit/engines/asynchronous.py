@@ -30,6 +30,7 @@ checkpoints save rank 0's, and a resumed run gives it to every worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -43,12 +44,13 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size
-from scpl_kit.engines.data_parallel import predict_in_slices
+from scpl_kit.engines.balance import synchronize, unit_step_times
+from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size, reports_peer_failures
 from scpl_kit.engines.distributed import (
-    check_processes, check_slowdown, close_distributed, init_distributed, reports_peer_failures, simulate_slowness, stage_device,
+    check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
 )
-from scpl_kit.engines.pipeline import synchronize, unit_step_times
+from scpl_kit.engines.replicas import predict_in_slices
+from scpl_kit.engines.transport import Transport
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
 from scpl_kit.updater import UpdateRecipe, train_step
@@ -139,7 +141,11 @@ def notes_failure(method: F) -> F:
     return noted  # type: ignore[return-value]
 
 
+@ENGINES.register("async")
 class AsyncEngine(Engine):
+    multiprocess = True
+    exact = False  # stale updates: not what one process computes
+
     def __init__(self, max_staleness: int = 4, push_every: int = 1, slow_rank: int | None = None, slowdown: float = 1.0,
                  backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
         if push_every < 1:
@@ -153,6 +159,7 @@ class AsyncEngine(Engine):
         self.max_staleness, self.push_every = max_staleness, push_every
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
         self.device = stage_device(device)
+        self.transport = Transport(self.device)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s)
         with warnings.catch_warnings():  # RPC's start-up uses a deprecated call of its own; nothing to act on
             warnings.simplefilter("ignore", UserWarning)
@@ -186,54 +193,60 @@ class AsyncEngine(Engine):
 
     def _take_rank0_state(self) -> None:
         """Every rank takes rank 0's whole state (integer buffers too): one model everywhere."""
-        for unit in self.units:
-            for tensor in unit.state_dict().values():
-                dist.broadcast(tensor, 0)
+        self.transport.broadcast_(tensor for unit in self.units for tensor in unit.state_dict().values())
         self.base = [t.detach().to("cpu", copy=True) for t in self.shared]
 
     @notes_failure
-    @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
+        return super().train_epoch(batches, on_batch)
+
+    def epoch_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """The epoch's shares of the batches, from the workers' speeds (all_gather doubles as the start line)."""
         speeds: list[Any] = [None] * self.world
-        dist.all_gather_object(speeds, self.speed)  # doubles as the epoch's start line
-        shares = [s / sum(speeds) for s in speeds]
+        dist.all_gather_object(speeds, self.speed)
+        self.shares = [s / sum(speeds) for s in speeds]
         if self.is_main:
             log.info("async shares of the epoch's batches: %s", ", ".join(
-                f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(shares, speeds))))
-        meter, steps, samples, busy, unpushed = LossMeter(), 0, 0, 0.0, 0
-        for unit in self.units:
-            unit.train()
-        # Every rank reads every batch and keeps its own: the kit's loaders index tensors held in
-        # memory, so reading a batch it skips is cheap (a crop, at most), and every rank sees the
-        # trainer's shuffled sequence (same seed) without a sampler of its own.
-        for batch, owner in zip(batches, interleaved_owners(shares)):
+                f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(self.shares, speeds))))
+        self.steps, self.samples, self.busy, self.unpushed = 0, 0, 0.0, 0
+        return contextlib.nullcontext()
+
+    def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
+        """This worker's batches. Every rank reads every batch and keeps its own: the kit's loaders
+        index tensors held in memory, so reading a batch it skips is cheap (a crop, at most), and every
+        rank sees the trainer's shuffled sequence (same seed) without a sampler of its own."""
+        for batch, owner in zip(batches, interleaved_owners(self.shares)):
             if owner != self.rank:
                 self._follow_schedules()
                 continue
-            start = time.perf_counter()
-            signal = moved(as_signal(batch), self.device)
-            size, losses = batch_size(signal), {}
-            for unit, updater in zip(self.units, self.updaters):
-                signal, unit_losses = train_step(unit, updater, signal)
-                losses.update(unit_losses)
-            synchronize(self.device)
-            simulate_slowness(start, self.slowdown)  # a heterogeneous worker (engine.slow_rank), if asked for
-            unpushed += 1
-            if unpushed == self.push_every:
-                self._push_pull()
-                unpushed = 0
-            busy += time.perf_counter() - start
-            meter.add(losses)
-            steps, samples = steps + 1, samples + size
-            if on_batch is not None:
-                on_batch(size)
-        if unpushed:  # the epoch's last local steps reach the global model too
+            signal = as_signal(batch)
+            yield moved(signal, self.device), batch_size(signal)
+
+    def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
+        start, size, losses = time.perf_counter(), batch_size(signal), {}
+        for unit, updater in zip(self.units, self.updaters):
+            signal, unit_losses = train_step(unit, updater, signal)
+            losses.update(unit_losses)
+        synchronize(self.device)
+        simulate_slowness(start, self.slowdown)  # a heterogeneous worker (engine.slow_rank), if asked for
+        self.unpushed += 1
+        if self.unpushed == self.push_every:
+            self._push_pull()
+            self.unpushed = 0
+        self.busy += time.perf_counter() - start
+        self.steps, self.samples = self.steps + 1, self.samples + size
+        return losses
+
+    def finish_batches(self) -> None:
+        if self.unpushed:  # the epoch's last local steps reach the global model too
             start = time.perf_counter()
             self._push_pull()
-            busy += time.perf_counter() - start
-        if steps:
-            self.speed = samples / busy  # next epoch's share
-        return self._end_epoch(meter, steps, shares[self.rank], time.time())
+            self.busy += time.perf_counter() - start
+        if self.steps:
+            self.speed = self.samples / self.busy  # next epoch's share
+
+    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
+        return self._end_epoch(meter, self.steps, self.shares[self.rank], time.time())
 
     def _follow_schedules(self) -> None:
         """Another worker trains this batch. Each unit's learning-rate schedule still steps, so every
@@ -246,10 +259,10 @@ class AsyncEngine(Engine):
         """Push this step's update, pull the global weights; no waiting for other workers."""
         update = [t.detach().cpu() - b for t, b in zip(self.shared, self.base)]
         if self.rank == SERVER_RANK:
-            weights = _server.push_pull(self.rank, update)
+            weights = _server.push_pull(self.rank, update)  # in this process: nothing sent
         else:
             try:
-                weights = rpc.rpc_sync(worker_name(SERVER_RANK), _push_pull, args=(self.rank, update), timeout=self.timeout_s)
+                weights = self.transport.rpc_sync(SERVER_RANK, worker_name(SERVER_RANK), _push_pull, update, self.rank, timeout=self.timeout_s)
             except RuntimeError as error:
                 if "On WorkerInfo" in str(error):  # the server's own error, raised there: not a lost peer
                     raise
@@ -296,7 +309,7 @@ class AsyncEngine(Engine):
         return stats
 
     def epoch_stats(self) -> dict[str, float]:
-        return dict(self.stats)
+        return {**super().epoch_stats(), **self.stats}
 
     @notes_failure
     @reports_peer_failures
@@ -330,9 +343,3 @@ class AsyncEngine(Engine):
             log.warning("rank %d: RPC shutdown: %s", self.rank, str(error).splitlines()[0][:200])
         _server = None
         close_distributed()
-
-
-@ENGINES.register("async")
-def asynchronous(max_staleness: int = 4, push_every: int = 1, slow_rank: int | None = None, slowdown: float = 1.0,
-                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> AsyncEngine:
-    return AsyncEngine(max_staleness, push_every, slow_rank, slowdown, backend, device, timeout_s, processes)

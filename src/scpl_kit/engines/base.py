@@ -1,16 +1,30 @@
-"""The interface every engine offers the trainer. Engines know LocalUnit, never a particular method.
+"""The interface every engine offers the trainer, and the one batch loop they all run.
 
-An engine places its units, then builds each one's `Updater` from the run's `UpdateRecipe`
-(`attach_updaters`): the update step is the engine's, through the updater every engine shares."""
+Engines know LocalUnit, never a particular method. An engine places its units, then builds each
+one's `Updater` from the run's `UpdateRecipe` (`attach_updaters`). Training is `Engine.train_epoch`,
+the same loop for every engine; an engine contributes its schedule through a few hooks:
+
+    batches_here(batches)  which batches this process trains, as signals on its device (slices, receives)
+    train_batch(signal)    one batch through this process's units: the schedule
+    epoch_scope()          what holds over the epoch (the group a batch spreads over, a thread pool)
+    finish_batches()       after the last batch (pending sends, a final push, parameter averaging)
+    epoch_losses(meter)    this epoch's mean losses, merged over the processes
+
+and declares what the rest of the kit needs to know: `multiprocess` (one process per rank, started
+by torchrun) and `exact` (computes what the sequential engine computes, or approximates it)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, TypeVar
 
 import torch
+import torch.distributed as dist
 
-from scpl_kit.methods.units import LocalUnit, readouts
+from scpl_kit.engines.transport import Transport
+from scpl_kit.methods.units import LocalUnit, inference_route, moved, readouts
 from scpl_kit.signal import FEATURES, LABELS, Signal
 from scpl_kit.updater import UpdateRecipe, Updater
 
@@ -52,6 +66,30 @@ class PeerError(RuntimeError):
     """Another process of the job stopped answering: stuck, or crashed (its own log says why)."""
 
 
+# How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
+PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_peer_failures(method: F) -> F:
+    """Turn the backend's error for a silent or vanished peer (a raw gloo/NCCL message and traceback)
+    into a PeerError that says what happened and where to look. A multi-process engine has `rank` and `timeout_s`."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
+                raise
+            raise PeerError(
+                f"rank {getattr(self, 'rank', 0)}: another rank stopped answering (stuck for engine.timeout_s={getattr(self, 'timeout_s', 0):g} s, or crashed; "
+                f"its own log says why). Backend: {str(error).splitlines()[0][:200]}"
+            ) from None
+
+    return guarded  # type: ignore[return-value]
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` means the first GPU when there is one, else the CPU."""
     if device == "auto":
@@ -62,8 +100,13 @@ def resolve_device(device: str) -> torch.device:
 class Engine(ABC):
     """Multi-process engines run the trainer on every process; only the main one logs and writes."""
 
+    multiprocess: ClassVar[bool] = False  # one process per rank, started by torchrun (else one process)
+    exact: ClassVar[bool] = True  # trains the weights the sequential engine would (False: an approximation)
     units: list[LocalUnit]  # the units this process trains
     updaters: list[Updater]  # one per unit of `units`, built after placing them
+    device: torch.device  # this process's (first) device
+    transport: Transport  # what every tensor sent to another process or device goes through
+    steps_in_epoch: int = 0
 
     @abstractmethod
     def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
@@ -77,9 +120,50 @@ class Engine(ABC):
         """One updater per unit of this process, over the parameters as placed (or wrapped) now."""
         self.updaters = [recipe.updater(unit, norm_group) for unit in self.units] if recipe is not None else []
 
-    @abstractmethod
+    @reports_peer_failures
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        """Train every unit on every batch; return the mean of each loss, keyed `unit/loss`."""
+        """Train every unit on every batch; return the mean of each loss, keyed `unit/loss`. The one
+        batch loop of the kit: engines differ only in the hooks it calls."""
+        meter = LossMeter()
+        self.transport.sent.clear()  # this epoch's training traffic only (not set-up, not the last inference)
+        for module in self.local_modules():
+            module.train()
+        with self.epoch_scope():
+            for signal, samples in self.batches_here(batches):
+                meter.add(self.train_batch(signal))
+                if on_batch is not None:
+                    on_batch(samples)
+            self.finish_batches()
+        self.steps_in_epoch = len(batches) if hasattr(batches, "__len__") else meter.count  # the job's steps: its batches
+        return self.epoch_losses(meter)
+
+    def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
+        """(signal, samples) for each batch this process trains: the batch on this process's device,
+        and how many samples of the job's batch it stands for (what the progress bar counts)."""
+        for batch in batches:
+            signal = as_signal(batch)
+            yield moved(signal, self.device_of(0)), batch_size(signal)
+
+    @abstractmethod
+    def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
+        """One batch through this process's units, each learning from its losses; the losses."""
+
+    def epoch_scope(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def finish_batches(self) -> None:
+        """After the epoch's last batch, before its losses are merged."""
+
+    def epoch_losses(self, meter: "LossMeter") -> dict[str, float]:
+        return meter.means()
+
+    def device_of(self, index: int) -> torch.device:
+        """Where this process's unit `index` runs."""
+        return self.device
+
+    def local_modules(self) -> list[torch.nn.Module]:
+        """What this process runs, put in training or inference mode as a whole: its units."""
+        return list(self.units)
 
     @abstractmethod
     def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
@@ -91,9 +175,10 @@ class Engine(ABC):
         return True
 
     def epoch_stats(self) -> dict[str, float]:
-        """What the engine measured in the last training epoch, logged with the epoch's record
-        (e.g. bytes sent per step); nothing for engines that measure nothing."""
-        return {}
+        """What the engine measured in the last training epoch, logged with the epoch's record: the
+        job's bytes per step within and across nodes (`comm/...`), and what else an engine measures.
+        Collective on multi-process engines: every process calls it after `train_epoch`."""
+        return self.transport.take_stats(self.steps_in_epoch)
 
     def end_epoch(self, val_acc: float) -> None:
         """After an epoch's evaluation: the schedules that step on validation accuracy (reduce-on-plateau),
@@ -132,3 +217,34 @@ class LossMeter:
 
     def means(self) -> dict[str, float]:
         return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
+
+
+class InProcessEngine(Engine):
+    """Every unit in this one process, unit i on `device_of(i)`; inference runs the route in order."""
+
+    def __init__(self, devices: list[str]) -> None:
+        if not devices:
+            raise ValueError("an engine needs at least one device, e.g. devices: [cpu, cpu] or [cuda:0, cuda:1]")
+        self.devices = [resolve_device(d) for d in devices]
+        self.device = self.devices[0]
+        self.transport = Transport(self.device, local=True)
+        self.units, self.updaters = [], []
+
+    def device_of(self, index: int) -> torch.device:
+        return self.devices[index % len(self.devices)]
+
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
+        self.units = [unit.to(self.device_of(i)) for i, unit in enumerate(units)]
+        self.attach_updaters(recipe)
+
+    @torch.no_grad()
+    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        for unit in self.units:
+            unit.eval()
+        route, collected = inference_route(self.units), ReadoutCollector()
+        for batch in batches:
+            signal = as_signal(batch, with_labels=False)
+            for i, phase in route:
+                signal = self.units[i].infer(moved(signal, self.device_of(i)), phase)
+            collected.add(signal)
+        return collected.result()

@@ -26,11 +26,9 @@ trained on (a DistributedSampler would shuffle per process instead).
 
 from __future__ import annotations
 
-import logging
-import os
+import contextlib
 import time
-from collections import Counter
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,88 +41,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, ReadoutCollector, as_signal, batch_size
+from scpl_kit.engines.base import Batch, Engine, LossMeter, as_signal, batch_size, reports_peer_failures
 from scpl_kit.engines.distributed import (
-    check_processes, check_slowdown, close_distributed, init_distributed, reports_peer_failures, simulate_slowness, stage_device,
+    check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
 )
+from scpl_kit.engines.replicas import check_even_split, mean_over_ranks, predict_in_slices, replicated, slice_of
+from scpl_kit.engines.transport import Transport, tensor_bytes
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
-from scpl_kit import updater as update
-
-log = logging.getLogger(__name__)
-INTRA, INTER = "intra_node", "inter_node"
-
-
-def slice_of(signal: Signal, rank: int, world: int) -> Signal:
-    """Rank `rank`'s share of every sample-indexed tensor of the batch (equal slices, in rank order)."""
-    return {name: tensor.tensor_split(world)[rank] for name, tensor in signal.items()}
-
-
-def check_even_split(example: Signal | None, parts: int, what: str) -> None:
-    if example is not None and batch_size(example) % parts:
-        raise ValueError(
-            f"trainer.batch_size={batch_size(example)} does not split evenly over {parts} {what}: make it a multiple "
-            f"of {parts} (each trains on an equal slice of every batch)"
-        )
-
-
-def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup | None = None) -> DistributedDataParallel:
-    """`unit` under DistributedDataParallel over `group` (all ranks: None). DDP broadcasts the weights of
-    the group's first rank at the start, and its BatchNorm statistics before every training forward."""
-    return DistributedDataParallel(unit, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
-
-
-def train_step(unit: LocalUnit, updater: update.Updater, wrapped: DistributedDataParallel | None, signal: Signal) -> tuple[Signal, dict[str, torch.Tensor]]:
-    """The unit's training step, with the forward through its DDP wrapper when it has one and computes
-    gradients this step (DDP must see the forward of every backward it averages, and expects a backward after each)."""
-    return update.train_step(unit, updater, signal, wrapped if wrapped is not None and unit.trains else None)
-
-
-def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batches: Iterable[Batch], device: torch.device) -> dict[str, torch.Tensor]:
-    """Inference when every process holds the same units: each answers its slice of every batch, and
-    the slices come back together, in order, on every process (collective)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    parts = []
-    for batch in batches:
-        signal, collected = slice_of(as_signal(batch, with_labels=False), rank, world), ReadoutCollector()
-        for i, phase in route:
-            signal = units[i].infer(moved(signal, device), phase)
-        collected.add(signal)
-        parts.append(collected.result())
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, parts)
-    names = gathered[0][0].keys() if parts else ()
-    return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def counted(hook: Callable[..., Any], counter: Counter, key: str) -> Callable[..., Any]:
-    """A DDP communication hook that adds the bytes of every gradient bucket it sends to `counter[key]`:
-    the payload this process contributes to the all-reduce (a ring all-reduce moves about twice that)."""
-
-    def counting_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        counter[key] += tensor_bytes([bucket.buffer()])
-        return hook(state, bucket)
-
-    # DDP checks a hook's annotations as objects; `from __future__ import annotations` made them strings.
-    counting_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
-    return counting_hook
-
-
-def node_groups(ranks_per_node: int | None, world: int) -> tuple[int, dist.ProcessGroup]:
-    """Ranks per node (torchrun's LOCAL_WORLD_SIZE unless given) and this rank's node's group.
-    torchrun numbers the ranks of a node consecutively, which is what new_subgroups groups."""
-    size = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if size < 1 or world % size:
-        raise ValueError(f"engine.ranks_per_node={size} must divide the {world} processes into equal nodes")
-    group, _ = dist.new_subgroups(group_size=size)
-    return size, group
+from scpl_kit.updater import UpdateRecipe, train_step
 
 
 class DataParallelEngine(Engine):
+    multiprocess = True
+
     def __init__(self, sync_batchnorm: bool = False, ranks_per_node: int | None = None, average_every: int | None = None,
                  slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto", device: str = "auto",
                  timeout_s: float = 300.0, processes: int | None = None) -> None:
@@ -137,28 +67,23 @@ class DataParallelEngine(Engine):
         check_processes(processes, self.world)
         check_slowdown(slow_rank, slowdown, self.world)
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
-        self.ranks_per_node, self.node_group = node_groups(ranks_per_node, self.world)
-        self.nodes = self.world // self.ranks_per_node
+        self.device = stage_device(device)
+        self.transport = Transport(self.device, ranks_per_node)
+        # torchrun numbers the ranks of a node consecutively, which is what new_subgroups groups.
+        self.node_group, _ = dist.new_subgroups(group_size=self.transport.ranks_per_node)
         self.sync_batchnorm, self.average_every = sync_batchnorm, average_every
         # The processes whose slices make one batch: all of them under DDP; a node's under hierarchical
         # averaging, where each node learns on its own between averages (SupCon and whole-batch
         # BatchNorm then see the node's batch, and nothing crosses nodes between averages).
         self.batch_group = self.node_group if average_every else dist.group.WORLD
-        self.device = stage_device(device)
-        self.sent: Counter = Counter()  # bytes this process contributed to collectives, by where they went
         self.units, self.replicas, self.averagers, self.updaters = [], [], [], []
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def everywhere(self) -> str:
-        """Where a collective over every rank goes: across nodes when there are several."""
-        return INTER if self.nodes > 1 else INTRA
-
     @reports_peer_failures
-    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: update.UpdateRecipe | None = None) -> None:
+    def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         check_even_split(example, self.world, "processes")
         self.units = [self._prepared(unit) for unit in units]
         self.replicas = [self._replicate(unit) for unit in self.units]
@@ -181,58 +106,49 @@ class DataParallelEngine(Engine):
         """The unit under DDP, with a communication hook that counts what it sends."""
         replica = replicated(unit, self.device)
         if self.average_every is None:  # the stock all-reduce over every rank, counted
-            replica.register_comm_hook(None, counted(default_hooks.allreduce_hook, self.sent, self.everywhere))
+            replica.register_comm_hook(None, self.transport.counted_hook(default_hooks.allreduce_hook))
         else:  # local SGD from the first step: gradients averaged within the node only
             state = PostLocalSGDState(process_group=None, subgroup=self.node_group, start_localSGD_iter=0)
-            within = INTRA if self.ranks_per_node > 1 else "none"  # a one-rank node sends nothing
-            replica.register_comm_hook(state, counted(post_localSGD_hook, self.sent, within))
+            replica.register_comm_hook(state, self.transport.counted_hook(post_localSGD_hook, self.node_group))
         return replica
 
-    @reports_peer_failures
-    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        meter, self.steps = LossMeter(), 0
-        self.sent.clear()  # the same counter: the communication hooks hold it
-        for unit in self.units:
-            unit.train()
-        with batch_group.spread_over(self.batch_group):
-            for batch in batches:
-                started, whole = time.perf_counter(), as_signal(batch)
-                signal = moved(slice_of(whole, self.rank, self.world), self.device)
-                losses = {}
-                for i, (unit, replica) in enumerate(zip(self.units, self.replicas)):
-                    signal, unit_losses = train_step(unit, self.updaters[i], replica, signal)
-                    losses.update(unit_losses)
-                    if self.averagers and unit.trains:
-                        self._average(self.averagers[i], unit)
-                simulate_slowness(started, self.slowdown)
-                meter.add(losses)
-                self.steps += 1
-                if on_batch is not None:
-                    on_batch(batch_size(whole))
-        if self.averagers:  # one model to evaluate and save
-            for unit in self.units:
-                self.sent[self.everywhere] += tensor_bytes(unit.parameters())
-                average_parameters(iter(unit.parameters()), dist.group.WORLD)
-        self.sent[INTRA if self.average_every else self.everywhere] += batch_group.take_sent_bytes()
-        return self._epoch_losses(meter)
+    def epoch_scope(self) -> contextlib.AbstractContextManager[Any]:
+        return batch_group.spread_over(self.batch_group)
+
+    def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
+        for batch in batches:
+            whole = as_signal(batch)
+            yield moved(slice_of(whole, self.rank, self.world), self.device), batch_size(whole)
+
+    def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
+        started, losses = time.perf_counter(), {}
+        for unit, replica, updater, averager in zip(self.units, self.replicas, self.updaters, self.averagers or [None] * len(self.units)):
+            # Through DDP when the unit computes gradients this step (DDP must see the forward of
+            # every backward it averages, and expects a backward after each).
+            signal, unit_losses = train_step(unit, updater, signal, replica if unit.trains else None)
+            losses.update(unit_losses)
+            if averager is not None and unit.trains:
+                self._average(averager, unit)
+        simulate_slowness(started, self.slowdown)
+        return losses
 
     def _average(self, averager: PeriodicModelAverager, unit: LocalUnit) -> None:
         """Parameters averaged over every rank when the averager's period comes round (counted)."""
         due = averager.step >= averager.warmup_steps and (averager.step - averager.warmup_steps) % averager.period == 0
         if due:
-            self.sent[self.everywhere] += tensor_bytes(unit.parameters())
+            self.transport.collective(tensor_bytes(unit.parameters()))
         averager.average_parameters(unit.parameters())
 
-    def _epoch_losses(self, meter: LossMeter) -> dict[str, float]:
-        """Each loss averaged over the ranks: with equal slices, the whole batch's mean (collective)."""
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, meter.means())
-        return {name: sum(part[name] for part in gathered) / self.world for name in gathered[0]}
+    def finish_batches(self) -> None:
+        if self.averagers:  # one model to evaluate and save
+            for unit in self.units:
+                self.transport.collective(tensor_bytes(unit.parameters()))
+                average_parameters(iter(unit.parameters()), dist.group.WORLD)
+        self.transport.collective(batch_group.take_sent_bytes(), self.batch_group)  # SupCon over the slices
 
-    def epoch_stats(self) -> dict[str, float]:
-        """Bytes this process sent per training step in the last epoch, within nodes and across them."""
-        steps = max(self.steps, 1)
-        return {f"comm/{where}_bytes_per_step": self.sent[where] / steps for where in (INTRA, INTER)}
+    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
+        """Each loss averaged over the ranks: with equal slices, the whole batch's mean (collective)."""
+        return mean_over_ranks(meter.means())
 
     @reports_peer_failures
     @torch.no_grad()
@@ -253,13 +169,17 @@ class DataParallelEngine(Engine):
 
 
 @ENGINES.register("ddp")
-def ddp(sync_batchnorm: bool = False, ranks_per_node: int | None = None, slow_rank: int | None = None, slowdown: float = 1.0,
-        backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> DataParallelEngine:
-    return DataParallelEngine(sync_batchnorm, ranks_per_node, None, slow_rank, slowdown, backend, device, timeout_s, processes)
+class DDPEngine(DataParallelEngine):
+    def __init__(self, sync_batchnorm: bool = False, ranks_per_node: int | None = None, slow_rank: int | None = None, slowdown: float = 1.0,
+                 backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+        super().__init__(sync_batchnorm, ranks_per_node, None, slow_rank, slowdown, backend, device, timeout_s, processes)
 
 
 @ENGINES.register("hierarchical")
-def hierarchical(average_every: int = 50, ranks_per_node: int | None = None, sync_batchnorm: bool = False, slow_rank: int | None = None,
+class HierarchicalEngine(DataParallelEngine):
+    exact = False  # equals DDP only when parameters are averaged every step (and the loss is per sample)
+
+    def __init__(self, average_every: int = 50, ranks_per_node: int | None = None, sync_batchnorm: bool = False, slow_rank: int | None = None,
                  slowdown: float = 1.0, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
-                 processes: int | None = None) -> DataParallelEngine:
-    return DataParallelEngine(sync_batchnorm, ranks_per_node, average_every, slow_rank, slowdown, backend, device, timeout_s, processes)
+                 processes: int | None = None) -> None:
+        super().__init__(sync_batchnorm, ranks_per_node, average_every, slow_rank, slowdown, backend, device, timeout_s, processes)

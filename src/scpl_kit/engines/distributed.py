@@ -1,42 +1,18 @@
 """What every multi-process engine shares: joining torchrun's process group, this process's device,
-and turning a silent or vanished peer into one clear error."""
+the number of processes, and a simulated slow worker. (A silent or vanished peer becomes one clear
+error through `base.reports_peer_failures`.)"""
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from scpl_kit.engines.base import LaunchError, PeerError
-
-# How gloo and NCCL say that the other side of a send, receive or collective went away or went silent.
-PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "pair closure", "Broken pipe")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def reports_peer_failures(method: F) -> F:
-    """Turn the backend's error for a silent or vanished peer (a raw gloo/NCCL message and traceback)
-    into a PeerError that says what happened and where to look. The engine has `rank` and `timeout_s`."""
-
-    @functools.wraps(method)
-    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except RuntimeError as error:
-            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
-                raise
-            raise PeerError(
-                f"rank {self.rank}: another rank stopped answering (stuck for engine.timeout_s={self.timeout_s:g} s, or crashed; "
-                f"its own log says why). Backend: {str(error).splitlines()[0][:200]}"
-            ) from None
-
-    return guarded  # type: ignore[return-value]
-
+from scpl_kit.engines.base import LaunchError
 
 def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the process group torchrun described in the environment (once per process)."""

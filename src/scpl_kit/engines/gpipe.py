@@ -20,13 +20,15 @@ import torch.distributed as dist
 from torch import nn
 
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, as_signal
-from scpl_kit.engines.distributed import gather_to_main, reports_peer_failures
-from scpl_kit.engines.pipeline import PipelineEngine, check_stages, time_chain, wait_sent
-from scpl_kit.methods.units import LocalUnit, NonFiniteLossError, moved
-from scpl_kit.updater import UpdateRecipe
-from scpl_kit.models.base import BlockModel, run_block
+from scpl_kit.engines.balance import check_stages, time_chain
+from scpl_kit.engines.base import Batch, Engine, as_signal, reports_peer_failures
+from scpl_kit.engines.distributed import gather_to_main
+from scpl_kit.engines.staged import Segment, StagedEngine, wait_sent
+from scpl_kit.engines.transport import tensor_bytes
+from scpl_kit.methods.units import LocalUnit, Network, NonFiniteLossError, moved
+from scpl_kit.models.base import run_block
 from scpl_kit.signal import LABELS, Signal, summary, without_summary
+from scpl_kit.updater import UpdateRecipe
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # classes of torch.distributed.pipelining
 
@@ -50,18 +52,18 @@ class StageModule(nn.Module):
         return out if len(out) > 1 else out[0]
 
 
-def block_step_times(model: BlockModel, example: Signal, device: torch.device, microbatches: int) -> list[float]:
+def block_step_times(network: Network, example: Signal, device: torch.device, microbatches: int) -> list[float]:
     """Seconds of each block's forward and backward on one micro-batch of `example`, each block fed the
     one before's output, run as a one-block StageModule (the predictor joins the last block, as it
     joins the last stage). A stand-in loss (the output's sum): the real one's cost is the head's,
     small beside a block's. Timed on copies, as `unit_step_times` does, so the model does not change."""
     size = max(1, len(example[LABELS]) // microbatches)
     signal = {key: tensor[:size] for key, tensor in example.items() if key != LABELS}
-    keys, last = tuple(signal), len(model.blocks) - 1
+    keys, last = tuple(signal), len(network.blocks) - 1
 
     def trials() -> Iterator[Callable[[Signal], Signal]]:
-        for i, block in enumerate(model.blocks):
-            stage = StageModule([copy.deepcopy(block)], copy.deepcopy(model.predictor) if i == last else None, keys).to(device).train()
+        for i, block in enumerate(network.blocks):
+            stage = StageModule([copy.deepcopy(block)], copy.deepcopy(network.predictor) if i == last else None, keys).to(device).train()
 
             def step(signal: Signal, stage: StageModule = stage, i: int = i) -> Signal:
                 # A later stage also sends its input's gradient back, so it is part of the time.
@@ -85,9 +87,10 @@ def padded_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, pad) if any(pad) else tensor
 
 
-class GPipeEngine(PipelineEngine):
-    """Reuses the pipeline engine's processes and point-to-point inference; training goes through
-    PyTorch's schedule. `stages` group the model's *blocks* (the predictor joins the last stage)."""
+@ENGINES.register("gpipe")
+class GPipeEngine(StagedEngine):
+    """One end-to-end network (a unit whose `network()` describes it) split into stages; training
+    goes through PyTorch's schedule. `stages` group the network's *blocks* (the predictor joins the last stage)."""
 
     def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None, balance: str = "time",
                  backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
@@ -97,22 +100,26 @@ class GPipeEngine(PipelineEngine):
         self.microbatches, self.schedule_name = microbatches, schedule
 
     def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
-        body = units[0].body if len(units) == 1 else None
-        if body is None or not hasattr(body, "blocks"):
+        network = units[0].network() if len(units) == 1 else None
+        if network is None:
             raise ValueError(
                 f"engine=gpipe pipelines one end-to-end network (method=bp); this method gives {len(units)} units. "
                 "Decoupled methods run across processes with engine=pipeline."
             )
         (self.unit,) = units
-        n_blocks = len(body.blocks)
-        measure = (lambda: block_step_times(body, example, self.device, self.microbatches)) if example is not None else None
-        self.stages = self.stages or self._split(n_blocks, "blocks", measure)
+        self.network = network
+        n_blocks = len(network.blocks)
+        measure = (lambda: block_step_times(network, example, self.device, self.microbatches)) if example is not None else None
+        self.stages = self.stages or self.split(n_blocks, "blocks", measure)
         check_stages(self.stages, n_blocks, self.world, "blocks")
         self.units = [self.unit.to(self.device)]
-        self.example = body.example_signal()  # the names and full shapes of what enters every stage
-        self.stage_module = StageModule([body.blocks[i] for i in self.stages[self.rank]], body.predictor if self.is_last else None, tuple(self.example))
-        prefixes = [f"body.blocks.{i}." for i in self.stages[self.rank]] + (["body.predictor."] if self.is_last else [])
-        self.own_keys = {k for k in self.unit.state_dict() if k.startswith(tuple(prefixes))}
+        self.example = network.example  # the names and full shapes of what enters every stage
+        self.stage_module = StageModule([network.blocks[i] for i in self.stages[self.rank]], network.predictor if self.is_last else None, tuple(self.example))
+        # The unit's state entries this stage owns: those holding the stage module's tensors.
+        owned = {id(t) for t in self.stage_module.state_dict(keep_vars=True).values()}
+        self.own_keys = {k for k, t in self.unit.state_dict(keep_vars=True).items() if id(t) in owned}
+        self.chunks: list[tuple[int, int]] = []  # (bytes forward, bytes backward) of each forward call in a step
+        self.stage_module.register_forward_hook(self._note_activations)
         # Imported here: it loads torch._dynamo (a second per process), which no other engine needs.
         from torch.distributed import pipelining
 
@@ -125,76 +132,88 @@ class GPipeEngine(PipelineEngine):
         # process updates exactly its stage; clipping sums the squared norm over the stages.
         self.attach_updaters(recipe, norm_group=dist.group.WORLD if self.world > 1 else None)
 
+    def _note_activations(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        """What the schedule sends for a micro-batch (torch.distributed.pipelining sends it; the
+        transport counts it in `train_batch`): the stage's output forward, its input's gradient backward."""
+        if module.training:
+            outputs = output if isinstance(output, tuple) else (output,)
+            self.chunks.append((0 if self.is_last else tensor_bytes(outputs), 0 if self.is_first else tensor_bytes(t for t in inputs if t.is_floating_point())))
+
     @property
     def loss_share(self) -> int:
         """What a micro-batch's loss is divided by: the mean over the micro-batches and the batches accumulated."""
         return self.microbatches * self.updaters[0].settings.accumulate
 
     def _loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.unit.head(scores, labels) / self.loss_share
+        return self.network.loss(scores, labels) / self.loss_share
 
-    def _labels(self, labels: torch.Tensor | None, pending: list) -> torch.Tensor | None:
+    def _labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The last stage computes the loss, so the first one sends it each batch's labels."""
         if self.world == 1:
             return labels
         if self.is_first:
-            wait_sent(pending)  # the previous batch's labels
+            wait_sent(self.pending)  # the previous batch's labels
             for tensor in (torch.tensor([labels.numel()], device=self.device), labels.to(self.device)):
-                pending.append(dist.isend(tensor, self.world - 1))  # the work keeps the tensor until sent
+                self.pending.append(self.transport.isend(tensor, self.world - 1))
             return None
         if self.is_last:
             size = torch.empty(1, dtype=torch.int64, device=self.device)
-            dist.recv(size, 0)
+            self.transport.recv(size, 0)
             received = torch.empty(int(size), dtype=torch.int64, device=self.device)
-            dist.recv(received, 0)
+            self.transport.recv(received, 0)
             return received
         return None
 
-    @reports_peer_failures
-    def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
-        meter, pending = LossMeter(), []
-        self.stage_module.train()
-        source = (as_signal(batch) for batch in batches) if self.is_first else ({} for _ in range(len(batches)))  # type: ignore[arg-type]
-        for signal in source:
-            labels = signal.pop(LABELS, None)
-            target = self._labels(labels, pending)
-            updater = self.updaters[0]
-            updater.zero_grad()
-            losses: list[torch.Tensor] = []
-            args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.is_first else ()
-            with updater.autocast():
-                self.schedule.step(*args, target=target, losses=losses)  # forward and backward of every micro-batch
-            updater.finish_step()
-            updater.steps += 1
-            if self.is_last:
-                # Equal micro-batches: the mini-batch's mean loss (undoing `_loss`'s division).
-                loss = torch.stack(losses).sum().detach().float() * updater.settings.accumulate
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(self.unit.name, self.unit.head_loss_name, updater.steps, loss.item())
-                meter.add({self.unit.head_loss_name: loss})
-            if on_batch is not None and labels is not None:
-                on_batch(len(labels))
-        wait_sent(pending)
-        return self._epoch_losses(meter)  # only the last stage has a loss
+    def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
+        """The first stage reads the data (its labels go to the last); the others' inputs come
+        through the schedule."""
+        if self.is_first:
+            for batch in batches:
+                signal = as_signal(batch)
+                yield signal, len(signal[LABELS])
+        else:
+            for _ in range(len(batches)):  # type: ignore[arg-type]
+                yield {}, 0
 
-    def _segments(self) -> list[tuple[int, list[Callable[[Signal], Signal]]]]:
+    def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
+        target = self._labels(signal.pop(LABELS, None))
+        updater = self.updaters[0]
+        updater.zero_grad()
+        losses: list[torch.Tensor] = []
+        args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.is_first else ()
+        self.chunks.clear()
+        with updater.autocast():
+            self.schedule.step(*args, target=target, losses=losses)  # forward and backward of every micro-batch
+        # The last M forwards are the micro-batches'; the first step's schedule also runs one forward
+        # of its own first, to infer the shapes it exchanges, and sends only those shapes.
+        for forward, backward in self.chunks[-self.microbatches:]:
+            self.transport.count(forward, [self.rank + 1])
+            self.transport.count(backward, [self.rank - 1])
+        updater.finish_step()
+        updater.steps += 1
+        if not self.is_last:
+            return {}
+        # Equal micro-batches: the mini-batch's mean loss (undoing `_loss`'s division).
+        loss = torch.stack(losses).sum().detach().float() * updater.settings.accumulate
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.unit.name, self.network.loss_name, updater.steps, loss.item())
+        return {self.network.loss_name: loss}
+
+    def segments(self) -> list[Segment]:
         """Inference is the stages in rank order, each its share of the network (the last one ends in class scores)."""
         def own(signal: Signal) -> Signal:
             out = self.stage_module(*(signal[key] for key in self.example))
             return dict(zip(self.example, out if isinstance(out, tuple) else (out,)))
 
-        own = [own]
-        return [(rank, own if rank == self.rank else []) for rank in range(self.world)]
+        return [(rank, [own] if rank == self.rank else []) for rank in range(self.world)]
 
-    @reports_peer_failures
-    def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        self.stage_module.eval()
-        return super().predict(batches)
+    def local_modules(self) -> list[nn.Module]:
+        return [self.stage_module]  # this stage's share of the unit
 
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
         """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
-        (state,) = Engine.training_state(self)  # this process's view of the one unit (not the pipeline engine's gather)
+        (state,) = Engine.training_state(self)  # this process's view of the one unit
         mine = {
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
             "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
@@ -205,12 +224,3 @@ class GPipeEngine(PipelineEngine):
         state["module"] = {k: v for part in gathered for k, v in part["module"].items()}
         state["optimizer"]["state"] = {k: v for part in gathered for k, v in part["optimizer_state"].items()}
         return [state]
-
-    def load_training_state(self, states: list[dict[str, Any]]) -> None:
-        Engine.load_training_state(self, states)  # every stage loads the whole unit
-
-
-@ENGINES.register("gpipe")
-def gpipe(microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None, balance: str = "time",
-          backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> GPipeEngine:
-    return GPipeEngine(microbatches, schedule, stages, balance, backend, device, timeout_s, processes)

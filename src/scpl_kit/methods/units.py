@@ -23,7 +23,7 @@ classifier's cross-entropy, whichever method trains it, so charts of different m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,19 @@ class UnitStep:
 
     def handoff(self) -> Signal:
         return detached(without_summary(self.outputs))
+
+
+@dataclass
+class Network:
+    """A unit that is one network trained end to end (BP), as the engines that split a network into
+    pipeline stages need it: its blocks in order, the predictor after the last, the loss on the
+    predictor's class scores, and one sample's signal as the first block takes it (names, shapes)."""
+
+    blocks: list[nn.Module]
+    predictor: nn.Module
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_name: str
+    example: Signal
 
 
 class LocalUnit(nn.Module):
@@ -155,6 +168,10 @@ class LocalUnit(nn.Module):
             # reaches this unit's blocks (never an earlier unit's: inputs arrive detached).
             losses["predictor/ce"] = F.cross_entropy(self.predictor(out if self.predictor_trains_body else out.detach()), labels)
         return losses
+
+    def network(self) -> Network | None:
+        """This unit as one network to cut into stages, if it is one (None: a decoupled method's unit)."""
+        return None
 
     @property
     def head_loss_name(self) -> str:

@@ -1,0 +1,62 @@
+"""Batch slicing and replication, shared by the engines that hold copies of units on several
+processes (DDP, hierarchical averaging, replicated pipelines, asynchronous workers)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from scpl_kit.engines.base import Batch, ReadoutCollector, as_signal, batch_size
+from scpl_kit.methods.units import LocalUnit, moved
+from scpl_kit.signal import Signal
+
+
+def slice_of(signal: Signal, rank: int, world: int) -> Signal:
+    """Rank `rank`'s share of every sample-indexed tensor of the batch (equal slices, in rank order)."""
+    return {name: tensor.tensor_split(world)[rank] for name, tensor in signal.items()}
+
+
+def check_even_split(example: Signal | None, parts: int, what: str) -> None:
+    if example is not None and batch_size(example) % parts:
+        raise ValueError(
+            f"trainer.batch_size={batch_size(example)} does not split evenly over {parts} {what}: make it a multiple "
+            f"of {parts} (each trains on an equal slice of every batch)"
+        )
+
+
+def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup | None = None) -> DistributedDataParallel:
+    """`unit` under DistributedDataParallel over `group` (all ranks: None). DDP broadcasts the weights of
+    the group's first rank at the start, and its BatchNorm statistics before every training forward."""
+    return DistributedDataParallel(unit, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+
+
+def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batches: Iterable[Batch], device: torch.device) -> dict[str, torch.Tensor]:
+    """Inference when every process holds the same units: each answers its slice of every batch, and
+    the slices come back together, in order, on every process (collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = []
+    for batch in batches:
+        signal, collected = slice_of(as_signal(batch, with_labels=False), rank, world), ReadoutCollector()
+        for i, phase in route:
+            signal = units[i].infer(moved(signal, device), phase)
+        collected.add(signal)
+        parts.append(collected.result())
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, parts)
+    names = gathered[0][0].keys() if parts else ()
+    return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
+
+
+def mean_over_ranks(losses: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+    """Each loss's mean over the processes that have it, weighted (say, by the steps each took);
+    on every process (collective). With equal slices of each batch, the whole batch's mean."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (losses, weight))
+    names = {name for part, _ in gathered for name in part}
+    return {
+        name: sum(part[name] * w for part, w in gathered if name in part) / sum(w for part, w in gathered if name in part)
+        for name in names
+    }
