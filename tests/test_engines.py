@@ -153,6 +153,19 @@ def test_stages_by_time_by_default_by_count_on_request(tmp_path: Path) -> None:
     }
 
 
+def test_bp_schedules_place_stages_and_idle_as_the_bubble_model_says() -> None:
+    """Looped stages (rank r: r, r+K) and the V (rank r: r, 2K−1−r), as torch's schedules place them;
+    the bubble model's idle share (K−1)/(vM+K−1), and none for the zero-bubble schedules."""
+    from scpl_kit.engines.gpipe import idle_share, stage_owner
+
+    assert [stage_owner(s, 2, "loop") for s in range(4)] == [0, 1, 0, 1]
+    assert [stage_owner(s, 3, "v") for s in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert idle_share("gpipe", 2, 4) == idle_share("1f1b", 2, 4) == 1 / 5
+    assert idle_share("gpipe", 4, 1) == 3 / 4  # naive model parallelism: one process works at a time
+    assert idle_share("interleaved_1f1b", 2, 4) == 1 / 9
+    assert idle_share("zero_bubble", 2, 4) == idle_share("zbv", 2, 4) == 0.0
+
+
 def test_an_unknown_balance_is_refused() -> None:
     with pytest.raises(ValueError, match="engine.balance='fast'; valid: time, count"):
         PipelineEngine(balance="fast")
@@ -252,11 +265,19 @@ def bp_with_gradient_accumulation(cfg: DictConfig, microbatches: int) -> list[di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("microbatches", [1, 4])
-def test_gpipe_matches_bp_with_gradient_accumulation(smoke_config, tmp_path: Path, microbatches: int) -> None:
+@pytest.mark.parametrize(("schedule", "microbatches", "checkpoint"), [
+    ("gpipe", 1, False), ("gpipe", 4, False), ("1f1b", 4, False), ("interleaved_1f1b", 4, False), ("zero_bubble", 4, False),
+    ("zbv", 4, False), ("1f1b", 4, True),
+])
+def test_bp_pipeline_schedules_match_bp_with_gradient_accumulation(smoke_config, tmp_path: Path, schedule: str, microbatches: int,
+                                                                   checkpoint: bool) -> None:
+    """Every schedule (2 processes; the last three with 2 stages each, so the smoke VGG's 4 blocks make
+    4 stages), with and without activation checkpointing, ends an epoch with plain BP's weights. The
+    model has no BatchNorm: per-micro-batch statistics are GPipe's known difference."""
     cfg = smoke_config(
-        "method=bp", "model.batchnorm=false", "trainer.threads=1", "trainer.epochs=1", "engine=gpipe",
-        f"engine.microbatches={microbatches}", "engine.timeout_s=120", f"out_dir={tmp_path / 'gpipe'}",
+        "method=bp", "model.batchnorm=false", "trainer.threads=1", "trainer.epochs=1", "engine=gpipe", f"engine.schedule={schedule}",
+        f"engine.microbatches={microbatches}", f"method.checkpoint={str(checkpoint).lower()}", "engine.timeout_s=120",
+        f"out_dir={tmp_path / 'gpipe'}",
     )
     reports = run_ranks(cfg, 2, tmp_path)
     assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports

@@ -122,6 +122,31 @@ def test_bp_is_one_unit_training_every_parameter() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("model_name", ["vgg", "transformer"])
+def test_bp_with_activation_checkpointing_keeps_less_and_computes_plain_bps_gradients(model_name: str) -> None:
+    """BP's `checkpoint` keeps only each block's input for the backward (fewer saved bytes, counted by
+    autograd's saved-tensor hooks) and recomputes the rest: the loss and every gradient are plain BP's
+    (the Transformer's dropout included: the recomputation repeats its random draws)."""
+    runs = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        shape = (1, 16, 16) if model_name == "vgg" else (16,)
+        model = build_model(model_name, shape, 4, **({"width": 0.125, "predictor_hidden": 16} if model_name == "vgg" else {"vocab_size": 50, "dim": 12, "heads": 2, "ff_dim": 12}))
+        (unit,) = build_units("bp", model, 4, checkpoint=checkpoint)
+        batch = model.example_batch(8, 4) if model_name == "transformer" else {"features": torch.randn(8, *shape), "labels": torch.arange(8) % 4}
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = unit.local_losses(unit.forward_train(batch))["predictor/ce"]
+        loss.backward()
+        runs[checkpoint] = (loss.detach(), {n: p.grad.clone() for n, p in unit.named_parameters()}, sum(saved))
+    (plain_loss, plain_grads, plain_saved), (loss, grads, kept) = runs[False], runs[True]
+    assert kept < plain_saved / 2
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_inference_runs_blocks_then_predictor() -> None:
     model, units = units_with_optimizers("scpl")
     model.eval()

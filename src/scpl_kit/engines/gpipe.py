@@ -1,18 +1,28 @@
-"""GPipe for end-to-end methods: the one unit's blocks split into stages, one process per stage,
-each mini-batch cut into M micro-batches that flow through PyTorch's own pipeline schedules
-(torch.distributed.pipelining: ScheduleGPipe, or Schedule1F1B). Gradients of the micro-batches are
-accumulated (averaged through each micro-batch's loss, divided by M) and every stage's updater steps
-once per mini-batch (the run's optimizer, clipping on the norm over all stages, bf16 if asked).
-M = 1 is naive model parallelism: the "BP on K devices" baseline. Unless `stages` are given, the
-blocks are split by their measured forward+backward times (`balance: time`), as the pipeline engine
-splits its units.
+"""BP's pipelines: the one end-to-end network's blocks split into stages over the processes, each
+mini-batch cut into M micro-batches that flow through one of PyTorch's own pipeline schedules
+(torch.distributed.pipelining), `engine.schedule`, with the bubble model's idle share (K processes,
+M micro-batches; transfers aside):
 
-    torchrun --nproc-per-node 2 -m scpl_kit.train engine=gpipe method=bp engine.microbatches=4
+    gpipe             every micro-batch forward, then every backward          (K−1)/(M+K−1)
+    1f1b              one forward, one backward, in turn (less memory)        (K−1)/(M+K−1)
+    interleaved_1f1b  2 stages per process, looped (rank r: stages r, r+K)    (K−1)/(2M+K−1)
+    zero_bubble       interleaved, input and weight gradients apart           about 0: weight gradients fill it
+    zbv               2 stages per process in a V (rank r: r and 2K−1−r)      about 0
+
+Gradients of the micro-batches are accumulated (each micro-batch's loss divided by M) and every
+stage's updater steps once per mini-batch (the run's optimizer, clipping on the norm over all
+stages, bf16 if asked). M = 1 with `gpipe` is naive model parallelism: the "BP on K devices"
+baseline. Unless `stages` are given, the blocks are split by their measured forward+backward times
+(`balance: time`), as the pipeline engine splits its units. The network comes from the unit
+(`LocalUnit.network()`), with activation checkpointing when the method asks for it (BP's `checkpoint`).
+
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=gpipe method=bp engine.microbatches=4 engine.schedule=zbv
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -26,11 +36,34 @@ from scpl_kit.engines.distributed import gather_to_main
 from scpl_kit.engines.staged import Segment, StagedEngine, wait_sent
 from scpl_kit.engines.transport import tensor_bytes
 from scpl_kit.methods.units import LocalUnit, Network, NonFiniteLossError, moved
-from scpl_kit.models.base import run_block
-from scpl_kit.signal import LABELS, Signal, summary, without_summary
+from scpl_kit.models.base import run_blocks
+from scpl_kit.signal import LABELS, Signal, summary
 from scpl_kit.updater import UpdateRecipe
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # classes of torch.distributed.pipelining
+# engine.schedule -> (class of torch.distributed.pipelining, stages per process, how stages map to processes)
+SCHEDULES = {
+    "gpipe": ("ScheduleGPipe", 1, "loop"),
+    "1f1b": ("Schedule1F1B", 1, "loop"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
+    "zero_bubble": ("ScheduleInterleavedZeroBubble", 2, "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
+}
+
+
+def stage_owner(stage: int, processes: int, style: str) -> int:
+    """The process that holds pipeline stage `stage`: looped (stage s on process s mod K), or in a V
+    (out to the last process and back: stages K−1 and K on the same one), as torch's schedules place them."""
+    turn, position = divmod(stage, processes)
+    return position if style == "loop" or turn % 2 == 0 else processes - 1 - position
+
+
+def idle_share(schedule: str, processes: int, microbatches: int) -> float:
+    """The bubble model's share of a step each process waits (transfers aside): (K−1)/(vM+K−1) for v
+    stages per process; the zero-bubble schedules fill the bubble with weight gradients (about 0)."""
+    name, per_process, _ = SCHEDULES[schedule]
+    if "ZeroBubble" in name:
+        return 0.0
+    return (processes - 1) / (per_process * microbatches + processes - 1)
 
 
 class StageModule(nn.Module):
@@ -38,14 +71,12 @@ class StageModule(nn.Module):
     stage: positional tensors in and out. The signal's tensors travel in `keys` order (an image batch is
     its features alone; a text batch adds its lengths), so blocks that read the whole signal work here too."""
 
-    def __init__(self, blocks: list[nn.Module], predictor: nn.Module | None, keys: tuple[str, ...]) -> None:
+    def __init__(self, blocks: list[nn.Module], predictor: nn.Module | None, keys: tuple[str, ...], checkpoint: bool = False) -> None:
         super().__init__()
-        self.blocks, self.predictor, self.keys = nn.ModuleList(blocks), predictor, keys
+        self.blocks, self.predictor, self.keys, self.checkpoint = nn.ModuleList(blocks), predictor, keys, checkpoint
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        signal = dict(zip(self.keys, tensors, strict=True))
-        for block in self.blocks:
-            signal = run_block(block, without_summary(signal))
+        signal = run_blocks(self.blocks, dict(zip(self.keys, tensors, strict=True)), self.checkpoint)
         if self.predictor is not None:
             return self.predictor(summary(signal))
         out = tuple(signal[key] for key in self.keys)
@@ -89,8 +120,9 @@ def padded_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 @ENGINES.register("gpipe")
 class GPipeEngine(StagedEngine):
-    """One end-to-end network (a unit whose `network()` describes it) split into stages; training
-    goes through PyTorch's schedule. `stages` group the network's *blocks* (the predictor joins the last stage)."""
+    """One end-to-end network (a unit whose `network()` describes it) split into stages; training goes
+    through PyTorch's schedule. `stages` group the network's *blocks* into K·v pipeline stages (v per
+    process; the predictor joins the last)."""
 
     def __init__(self, microbatches: int = 4, schedule: str = "gpipe", stages: list[list[int]] | None = None, balance: str = "time",
                  backend: str = "auto", device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
@@ -98,6 +130,11 @@ class GPipeEngine(StagedEngine):
             raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
         super().__init__(stages, balance, backend, device, timeout_s, processes)
         self.microbatches, self.schedule_name = microbatches, schedule
+        class_name, per_process, self.style = SCHEDULES[schedule]
+        self.n_pipeline_stages = per_process * self.world
+        self.owner = [stage_owner(s, self.world, self.style) for s in range(self.n_pipeline_stages)]
+        self.mine = [s for s in range(self.n_pipeline_stages) if self.owner[s] == self.rank]  # this process's stages, in order
+        self.loss_rank = self.owner[-1]  # the process that holds the last stage computes the loss
 
     def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         network = units[0].network() if len(units) == 1 else None
@@ -108,36 +145,48 @@ class GPipeEngine(StagedEngine):
             )
         (self.unit,) = units
         self.network = network
-        n_blocks = len(network.blocks)
+        n_blocks, n_stages = len(network.blocks), self.n_pipeline_stages
+        if n_blocks < n_stages:
+            raise ValueError(
+                f"engine.schedule={self.schedule_name} on {self.world} processes needs {n_stages} pipeline stages, but the network "
+                f"has {n_blocks} blocks: cut it into more (method.modules={n_stages}) or choose a schedule with one stage per process"
+            )
         measure = (lambda: block_step_times(network, example, self.device, self.microbatches)) if example is not None else None
-        self.stages = self.stages or self.split(n_blocks, "blocks", measure)
-        check_stages(self.stages, n_blocks, self.world, "blocks")
+        self.stages = self.stages or self.split(n_blocks, "blocks", measure, groups=n_stages)
+        check_stages(self.stages, n_blocks, n_stages, "blocks")
         self.units = [self.unit.to(self.device)]
         self.example = network.example  # the names and full shapes of what enters every stage
-        self.stage_module = StageModule([network.blocks[i] for i in self.stages[self.rank]], network.predictor if self.is_last else None, tuple(self.example))
-        # The unit's state entries this stage owns: those holding the stage module's tensors.
-        owned = {id(t) for t in self.stage_module.state_dict(keep_vars=True).values()}
+        keys = tuple(self.example)
+        self.stage_modules = {
+            s: StageModule([network.blocks[i] for i in self.stages[s]], network.predictor if s == n_stages - 1 else None, keys, network.checkpoint)
+            for s in self.mine
+        }
+        # The unit's state entries this process owns: those holding its stage modules' tensors.
+        owned = {id(t) for module in self.stage_modules.values() for t in module.state_dict(keep_vars=True).values()}
         self.own_keys = {k for k, t in self.unit.state_dict(keep_vars=True).items() if id(t) in owned}
-        self.chunks: list[tuple[int, int]] = []  # (bytes forward, bytes backward) of each forward call in a step
-        self.stage_module.register_forward_hook(self._note_activations)
+        # (bytes forward, bytes backward) of each forward call of each stage in a step: what the schedule sends.
+        self.chunks: dict[int, list[tuple[int, int]]] = {s: [] for s in self.mine}
+        for s, module in self.stage_modules.items():
+            module.register_forward_hook(functools.partial(self._note_activations, s))
         # Imported here: it loads torch._dynamo (a second per process), which no other engine needs.
         from torch.distributed import pipelining
 
-        stage = pipelining.PipelineStage(self.stage_module, self.rank, self.world, self.device)
-        schedule = getattr(pipelining, SCHEDULES[self.schedule_name])
+        stages = [pipelining.PipelineStage(module, s, n_stages, self.device) for s, module in self.stage_modules.items()]
+        schedule = getattr(pipelining, SCHEDULES[self.schedule_name][0])
         # scale_grads=False: `_loss` divides each micro-batch's loss instead, so that gradients the
         # updater accumulates over batches are not divided again by the next schedule step.
-        self.schedule = schedule(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
-        # Over the whole unit on every stage: the optimizers skip parameters without gradients, so each
-        # process updates exactly its stage; clipping sums the squared norm over the stages.
+        self.schedule = schedule(stages if len(stages) > 1 else stages[0], self.microbatches, loss_fn=self._loss, scale_grads=False)
+        # Over the whole unit on every process: the optimizers skip parameters without gradients, so each
+        # process updates exactly its stages; clipping sums the squared norm over the processes.
         self.attach_updaters(recipe, norm_group=dist.group.WORLD if self.world > 1 else None)
 
-    def _note_activations(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-        """What the schedule sends for a micro-batch (torch.distributed.pipelining sends it; the
-        transport counts it in `train_batch`): the stage's output forward, its input's gradient backward."""
+    def _note_activations(self, stage: int, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        """What the schedule sends for a micro-batch through `stage` (torch.distributed.pipelining sends
+        it; `train_batch` counts it): its output forward, its input's gradient backward."""
         if module.training:
             outputs = output if isinstance(output, tuple) else (output,)
-            self.chunks.append((0 if self.is_last else tensor_bytes(outputs), 0 if self.is_first else tensor_bytes(t for t in inputs if t.is_floating_point())))
+            last, first = stage == self.n_pipeline_stages - 1, stage == 0
+            self.chunks[stage].append((0 if last else tensor_bytes(outputs), 0 if first else tensor_bytes(t for t in inputs if t.is_floating_point())))
 
     @property
     def loss_share(self) -> int:
@@ -148,15 +197,15 @@ class GPipeEngine(StagedEngine):
         return self.network.loss(scores, labels) / self.loss_share
 
     def _labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """The last stage computes the loss, so the first one sends it each batch's labels."""
-        if self.world == 1:
-            return labels
-        if self.is_first:
+        """The process with the last stage computes the loss, so the first one sends it each batch's labels."""
+        if self.loss_rank == 0:
+            return labels if self.rank == 0 else None
+        if self.rank == 0:
             wait_sent(self.pending)  # the previous batch's labels
             for tensor in (torch.tensor([labels.numel()], device=self.device), labels.to(self.device)):
-                self.pending.append(self.transport.isend(tensor, self.world - 1))
+                self.pending.append(self.transport.isend(tensor, self.loss_rank))
             return None
-        if self.is_last:
+        if self.rank == self.loss_rank:
             size = torch.empty(1, dtype=torch.int64, device=self.device)
             self.transport.recv(size, 0)
             received = torch.empty(int(size), dtype=torch.int64, device=self.device)
@@ -165,9 +214,9 @@ class GPipeEngine(StagedEngine):
         return None
 
     def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
-        """The first stage reads the data (its labels go to the last); the others' inputs come
-        through the schedule."""
-        if self.is_first:
+        """The first process reads the data (its labels go to the one with the last stage); the
+        others' inputs come through the schedule."""
+        if self.rank == 0:
             for batch in batches:
                 signal = as_signal(batch)
                 yield signal, len(signal[LABELS])
@@ -180,18 +229,22 @@ class GPipeEngine(StagedEngine):
         updater = self.updaters[0]
         updater.zero_grad()
         losses: list[torch.Tensor] = []
-        args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.is_first else ()
-        self.chunks.clear()
+        args = tuple(padded_to(signal[key], self.example[key].shape).to(self.device) for key in self.example) if self.rank == 0 else ()
+        for chunks in self.chunks.values():
+            chunks.clear()
         with updater.autocast():
             self.schedule.step(*args, target=target, losses=losses)  # forward and backward of every micro-batch
-        # The last M forwards are the micro-batches'; the first step's schedule also runs one forward
-        # of its own first, to infer the shapes it exchanges, and sends only those shapes.
-        for forward, backward in self.chunks[-self.microbatches:]:
-            self.transport.count(forward, [self.rank + 1])
-            self.transport.count(backward, [self.rank - 1])
+        # Each stage's last M forwards are the micro-batches'; the first step's schedule also runs one
+        # forward of its own first, to infer the shapes it exchanges, and sends only those shapes.
+        for s, chunks in self.chunks.items():
+            for forward, backward in chunks[-self.microbatches:]:
+                if s + 1 < self.n_pipeline_stages:
+                    self.transport.count(forward, [self.owner[s + 1]])
+                if s > 0:
+                    self.transport.count(backward, [self.owner[s - 1]])
         updater.finish_step()
         updater.steps += 1
-        if not self.is_last:
+        if self.rank != self.loss_rank:
             return {}
         # Equal micro-batches: the mini-batch's mean loss (undoing `_loss`'s division).
         loss = torch.stack(losses).sum().detach().float() * updater.settings.accumulate
@@ -200,23 +253,30 @@ class GPipeEngine(StagedEngine):
         return {self.network.loss_name: loss}
 
     def segments(self) -> list[Segment]:
-        """Inference is the stages in rank order, each its share of the network (the last one ends in class scores)."""
-        def own(signal: Signal) -> Signal:
-            out = self.stage_module(*(signal[key] for key in self.example))
-            return dict(zip(self.example, out if isinstance(out, tuple) else (out,)))
+        """Inference is the pipeline stages in order, each on its process (the last one ends in class
+        scores); consecutive stages on one process are one segment."""
+        segments: list[Segment] = []
+        for s, owner in enumerate(self.owner):
+            if not segments or segments[-1][0] != owner:
+                segments.append((owner, []))
+            if owner == self.rank:
+                segments[-1][1].append(functools.partial(self._infer_stage, self.stage_modules[s]))
+        return segments
 
-        return [(rank, [own] if rank == self.rank else []) for rank in range(self.world)]
+    def _infer_stage(self, module: StageModule, signal: Signal) -> Signal:
+        out = module(*(signal[key] for key in self.example))
+        return dict(zip(self.example, out if isinstance(out, tuple) else (out,)))
 
     def local_modules(self) -> list[nn.Module]:
-        return [self.stage_module]  # this stage's share of the unit
+        return list(self.stage_modules.values())  # this process's share of the unit
 
     @reports_peer_failures
     def training_state(self) -> list[dict[str, Any]]:
-        """The one unit's state, merged on the main rank from the parts each stage owns; [] elsewhere."""
+        """The one unit's state, merged on the main rank from the parts each process owns; [] elsewhere."""
         (state,) = Engine.training_state(self)  # this process's view of the one unit
         mine = {
             "module": {k: v for k, v in state["module"].items() if k in self.own_keys},
-            "optimizer_state": state["optimizer"]["state"],  # only this stage's parameters ever stepped
+            "optimizer_state": state["optimizer"]["state"],  # only this process's parameters ever stepped
         }
         gathered = gather_to_main(mine)
         if not gathered:

@@ -70,19 +70,21 @@ class StagedEngine(Engine):
         return self.stage == self.n_stages - 1
 
     @reports_peer_failures
-    def split(self, n: int, what: str, measure: Callable[[], list[float]] | None) -> list[list[int]]:
-        """Stages for `n` units (or blocks) when none were given: `balance: time` has rank 0 time each
-        of them (`measure`) and sends every rank the split that minimises the slowest stage, so all
-        ranks agree even though timings differ from process to process; `count` splits evenly."""
-        if self.balance == "count" or self.n_stages == 1:
-            return even_stages(n, self.n_stages)
+    def split(self, n: int, what: str, measure: Callable[[], list[float]] | None, groups: int | None = None) -> list[list[int]]:
+        """`groups` stages (default: one per process of a replica) for `n` units (or blocks) when none
+        were given: `balance: time` has rank 0 time each of them (`measure`) and sends every rank the
+        split that minimises the slowest stage, so all ranks agree even though timings differ from
+        process to process; `count` splits evenly."""
+        groups = groups or self.n_stages
+        if self.balance == "count" or groups == 1:
+            return even_stages(n, groups)
         if measure is None:
             log.info("no example batch to time the %s on; splitting them evenly by count", what)
-            return even_stages(n, self.n_stages)
-        chosen: list[Any] = [even_stages(n, self.n_stages)]
+            return even_stages(n, groups)
+        chosen: list[Any] = [even_stages(n, groups)]
         if self.is_main:
             try:
-                chosen[0] = split_by_time(what, measure(), self.n_stages)
+                chosen[0] = split_by_time(what, measure(), groups)
             except Exception as error:  # the split only guides speed: a run whose timing fails may still train
                 log.warning("could not time the %s (%s: %s); splitting them evenly by count", what, type(error).__name__, error)
         dist.broadcast_object_list(chosen, src=0)

@@ -14,9 +14,13 @@ class EndToEndUnit(LocalUnit):
     body: BlockModel
 
     def network(self) -> Network:
-        return Network(list(self.body.blocks), self.body.predictor, self.head, self.head_loss_name, self.body.example_signal())
+        body = self.body
+        return Network(list(body.blocks), body.predictor, self.head, self.head_loss_name, body.example_signal(), body.checkpoint)
 
 
 @METHODS.register("bp")
-def build_bp(model: BlockModel, num_classes: int) -> list[LocalUnit]:
+def build_bp(model: BlockModel, num_classes: int, checkpoint: bool = False) -> list[LocalUnit]:
+    """`checkpoint`: activation checkpointing of every block (memory for time: each block's forward runs
+    again in the backward), under any engine that runs the network end to end or in stages."""
+    model.checkpoint = checkpoint
     return [EndToEndUnit(f"blocks1-{len(model.blocks)}", model, head=CrossEntropyHead(), head_scope="predictor")]

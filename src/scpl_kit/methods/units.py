@@ -87,6 +87,7 @@ class Network:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     loss_name: str
     example: Signal
+    checkpoint: bool = False  # each block under activation checkpointing
 
 
 class LocalUnit(nn.Module):

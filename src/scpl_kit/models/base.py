@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from scpl_kit.registry import Registry
@@ -48,6 +49,20 @@ def run_block(block: nn.Module, signal: Signal) -> Signal:
     if getattr(block, "takes_signal", False):
         return block(signal)
     return {**signal, FEATURES: block(signal[FEATURES])}
+
+
+def run_blocks(blocks: Iterable[nn.Module], signal: Signal, checkpoint: bool = False) -> Signal:
+    """Blocks in turn, each on the one before's output (its `summary` dropped). `checkpoint`: each
+    block under activation checkpointing (torch.utils.checkpoint, non-reentrant): only its input is
+    kept for the backward, which runs its forward again (the same random draws: dropout repeats).
+    A recomputed BatchNorm updates its running statistics a second time."""
+    for block in blocks:
+        signal = without_summary(signal)
+        if checkpoint and torch.is_grad_enabled():
+            signal = torch.utils.checkpoint.checkpoint(run_block, block, signal, use_reentrant=False)
+        else:
+            signal = run_block(block, signal)
+    return signal
 
 
 class Chain(nn.Sequential):
@@ -111,6 +126,7 @@ class BlockModel(nn.Module):
         self.input_std: torch.Tensor | None = None
         # InfoPro*'s memory-balanced cut points per K (`method.cuts: balanced`), where a model has them.
         self.balanced_cuts: dict[int, list[int]] = {}
+        self.checkpoint = False  # activation checkpointing of each block when run end to end (BP's `checkpoint`)
 
     def set_input_statistics(self, mean: list[float], std: list[float]) -> None:
         """The per-channel mean and std the data was normalised with (prepared data's meta.json)."""
@@ -149,9 +165,7 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList(chain(layers[a:b]) for a, b in zip(bounds, bounds[1:]))
 
     def forward(self, x: torch.Tensor | Signal) -> torch.Tensor | Signal:
-        signal = x if isinstance(x, dict) else {FEATURES: x}
-        for block in self.blocks:
-            signal = run_block(block, without_summary(signal))
+        signal = run_blocks(self.blocks, x if isinstance(x, dict) else {FEATURES: x}, self.checkpoint)
         scores = self.predictor(summary(signal))
         return {**without_summary(signal), FEATURES: scores} if isinstance(x, dict) else scores
 
