@@ -87,11 +87,9 @@ import argparse
 import itertools
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -111,7 +109,8 @@ from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_batch_fits, check_options, check_output_dir, check_values, fail
 from scpl_kit.train import build, load_data, options, train_with, update_recipe
 from scpl_kit.trainer import configure_torch
-from throughput import SPREAD_LIMIT, START_METHOD  # the house rules: the same spread limit, the same worker start
+from scpl_kit.bench import SPREAD_LIMIT, Outcome, interleaved, median, spread
+from throughput import START_METHOD  # the same worker start
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -205,19 +204,6 @@ def time_to_accuracy(history: Sequence[dict[str, float]], target: float) -> tupl
     return math.inf, None
 
 
-def spread(values: Sequence[float]) -> float:
-    """(max - min) / median; nan for no values or a median of 0."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan
-    middle = statistics.median(values)
-    return (max(values) - min(values)) / middle if middle else math.nan
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 @dataclass
 class RoundResult:
     """One configuration's numbers from one round."""
@@ -230,15 +216,6 @@ class RoundResult:
     inter_node_bytes_per_step: float = math.nan
     peak_act_mem_mb: float = math.nan  # measured in the first round only
     val_accs: tuple[float, ...] = ()  # every epoch's validation accuracy (the md's per-round section)
-
-
-@dataclass
-class Outcome:
-    """What a configuration gave over the rounds (results), or why it gave nothing (error)."""
-
-    config: Config
-    results: list[RoundResult] = field(default_factory=list)
-    error: str | None = None
 
 
 def row(outcome: Outcome) -> dict[str, Any]:
@@ -405,34 +382,14 @@ def measure(config: Config, setup: Setup, seed: int, with_memory: bool) -> Round
 
 
 def run_all(setup: Setup, names: Sequence[str], rounds: int) -> list[Outcome]:
-    outcomes = [Outcome(c) for c in configs(setup, names)]
-    for r in range(rounds):
-        started = time.perf_counter()
-        for outcome in outcomes:
-            if outcome.error:
-                continue  # failed in an earlier round: its row stays empty
-            begun = time.perf_counter()
-            try:
-                result = measure(outcome.config, setup, setup.seed + r, with_memory=r == 0)  # memory does not depend on load: once
-            except Exception as error:  # noqa: BLE001  (a failed configuration must not cost the others' numbers)
-                outcome.error = f"{type(error).__name__}: {last_line(error)}"
-                outcome.results.clear()
-                print(f"  round {r + 1}/{rounds}  {outcome.config.name:14s} FAILED: {outcome.error}", flush=True)
-                traceback.print_exception(error, file=sys.stderr)
-                continue
-            outcome.results.append(result)
-            tta = f"{result.time_to_acc_s:6.1f} s (epoch {result.epochs_to_acc})" if result.epochs_to_acc else "not reached"
-            print(f"  round {r + 1}/{rounds}  {outcome.config.name:14s} {result.samples_per_s:7.0f} samples/s  val {accuracies(result.val_accs)}  "
-                  f"to {setup.target:.0%}: {tta}  inter-node {result.inter_node_bytes_per_step:,.0f} B/step"
-                  + (f"  peak {result.peak_act_mem_mb:.1f} MB" if r == 0 else "") + f"  ({time.perf_counter() - begun:.0f} s)", flush=True)
-        print(f"round {r + 1} took {time.perf_counter() - started:.0f} s", flush=True)
-    return outcomes
+    def report(config: Config, r: int, result: RoundResult, seconds: float) -> None:
+        tta = f"{result.time_to_acc_s:6.1f} s (epoch {result.epochs_to_acc})" if result.epochs_to_acc else "not reached"
+        print(f"  round {r + 1}/{rounds}  {config.name:14s} {result.samples_per_s:7.0f} samples/s  val {accuracies(result.val_accs)}  "
+              f"to {setup.target:.0%}: {tta}  inter-node {result.inter_node_bytes_per_step:,.0f} B/step"
+              + (f"  peak {result.peak_act_mem_mb:.1f} MB" if r == 0 else "") + f"  ({seconds:.0f} s)", flush=True)
 
-
-def last_line(error: BaseException) -> str:
-    """A child's exception arrives as its whole traceback: its last non-empty line says what went wrong."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else type(error).__name__
+    # Memory does not depend on the load: measured in the first round only.
+    return interleaved(configs(setup, names), rounds, lambda config, r: measure(config, setup, setup.seed + r, with_memory=r == 0), report)
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------

@@ -55,9 +55,10 @@ import torch
 import torch.multiprocessing as mp
 
 from scpl_kit.allocator import retain_freed_memory
+from scpl_kit.bench import SPREAD_LIMIT, flagged, interleaved, median, spread
 from scpl_kit.environment import describe, one_line
 from scpl_kit.engines.launch import free_port, set_rank_env
-from scpl_kit.memory import peak_memory_mb
+from scpl_kit.engines.measure import MEMORY_STEPS
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_options, check_output_dir, fail
 from scpl_kit.updater import OptimizerSettings, UpdateRecipe
 
@@ -75,7 +76,6 @@ START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "
 TEXT_LENGTH, TEXT_CLASSES, VOCABULARY = 60, 4, 30_000
 VGG_LAYERS, SCPL_KS = 6, (4, 6)  # VGG8's convs (its finest cut); the SCPL module counts to choose from
 GPIPE_MICROBATCHES = {"vgg": (1, 4), "transformer": (4,)}  # M = 1: naive model parallelism
-SPREAD_LIMIT = 0.10
 TIMING_REPEATS = 3  # calibration: the median of this many timings of each block or module
 
 
@@ -144,19 +144,19 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, with_memo
     units = build_units(case, setup)
     engine = build_engine(case)
     engine.setup(units, recipe=UpdateRecipe(OptimizerSettings(), steps_per_epoch=10_000, epochs=1))  # Adam, as the paper trains
-    batches = synthetic_batches(case.model, setup, torch.Generator().manual_seed(rank))
-    done: list[float] = []  # when each batch finished on this rank
-    engine.train_epoch(batches, on_batch=lambda n: done.append(time.perf_counter()))
-    # Steady state: batches after the warm-up, timed between completions on this rank. A pipeline's
-    # fill and drain (K-1 stage steps, once an epoch) stay out: a real epoch (390 batches of CIFAR-10
-    # at batch 128) amortises them, a window of a few batches would not. GPipe's bubble is inside
-    # every step, so it is in. Ranks that see no labels (later GPipe stages) report no rate.
-    rate = (len(done) - setup.warmup) * setup.batch / (done[-1] - done[setup.warmup - 1]) if done else float("nan")
-    # The threads engine holds both workers in one process, and the profiler's accounting of memory
-    # freed on other threads is unreliable: no per-worker figure for it. Four batches, so a stage
-    # holds what it would hold in steady state (a batch queued for, or received from, a neighbour).
-    memory = float("nan") if case.engine == "threads" or not with_memory else peak_memory_mb(lambda: engine.train_epoch(batches[:4]))
-    results.put((rank, rate, memory))
+    # The engine measures itself (engines/measure.py): steady state is the batches after the
+    # warm-up, timed between completions, the slowest rank's pace. A pipeline's fill and drain (K-1
+    # stage steps, once an epoch) stay out: a real epoch (390 batches of CIFAR-10 at batch 128)
+    # amortises them, a window of a few batches would not. GPipe's bubble is inside every step, so it
+    # is in. Memory (first round): the first 4 steps profiled, so a stage holds what it would in steady
+    # state (a batch queued for, or received from, a neighbour), and left out of the timing. The threads
+    # engine holds both workers in one process, and the profiler's accounting of memory freed on other
+    # threads is unreliable: no per-worker figure for it.
+    memory_steps = MEMORY_STEPS if with_memory and case.engine != "threads" else 0
+    engine.measure_steps(memory_steps, warmup=setup.warmup)
+    engine.train_epoch(synthetic_batches(case.model, replace(setup, steps=setup.steps + memory_steps), torch.Generator().manual_seed(rank)))
+    stats = engine.epoch_stats()
+    results.put((rank, stats["time/samples_per_s"], stats["memory/peak_mb"] if memory_steps else float("nan")))
     engine.close()
 
 
@@ -288,27 +288,26 @@ def run_all(setup: Setup, k: int, rounds: int) -> pd.DataFrame:
     import pandas as pd
 
     cases, ideal = plan(setup, k)
-    rates: dict[Case, list[float]] = {case: [] for case in cases}
     memory: dict[Case, float] = {}
-    for r in range(rounds):
-        started = time.perf_counter()
-        for case in cases:
-            rate, mem = measure(case, setup, with_memory=r == 0)  # memory does not depend on load: measured once
-            rates[case].append(rate)
-            memory.setdefault(case, mem)
-            print(f"  round {r + 1}/{rounds}  {label(case):52s} {rate:8.1f} samples/s" + (f"  peak {mem:7.1f} MB" if r == 0 else ""), flush=True)
-        print(f"round {r + 1} took {time.perf_counter() - started:.0f} s", flush=True)
+
+    def measured(case: Case, r: int) -> float:
+        rate, mem = measure(case, setup, with_memory=r == 0)  # memory does not depend on load: measured once
+        memory.setdefault(case, mem)
+        return rate
+
+    def report(case: Case, r: int, rate: float, seconds: float) -> None:
+        print(f"  round {r + 1}/{rounds}  {label(case):52s} {rate:8.1f} samples/s" + (f"  peak {memory[case]:7.1f} MB" if r == 0 else ""), flush=True)
+
     rows = []
-    for case in cases:
-        median = statistics.median(rates[case])
-        spread = (max(rates[case]) - min(rates[case])) / median
+    for outcome in interleaved(cases, rounds, measured, report):
+        case, rates = outcome.config, outcome.results
         rows.append({
             **asdict(case),
             "modules": case.modules or 4,  # the Transformer's own 4 blocks
             "stages": str([list(s) for s in case.stages]) if case.stages else "-",
-            "samples_per_s": median, "spread": spread, "flag": spread > SPREAD_LIMIT,
-            "rate_min": min(rates[case]), "rate_max": max(rates[case]),
-            "ideal_speedup": ideal.get(case, float("nan")), "peak_act_mem_mb": memory[case],
+            "samples_per_s": median(rates), "spread": spread(rates), "flag": flagged(rates),
+            "rate_min": min(rates, default=float("nan")), "rate_max": max(rates, default=float("nan")),
+            "ideal_speedup": ideal.get(case, float("nan")), "peak_act_mem_mb": memory.get(case, float("nan")),
         })
     table = pd.DataFrame(rows)
     # Each model's rows against BP on one worker (and the pipeline against GPipe M=4) of the same model.

@@ -38,13 +38,6 @@ def test_steady_throughput_leaves_the_first_epoch_out() -> None:
     assert scaling.steady_samples_per_s(history[:1]) == pytest.approx(3488 / 4.0)  # one epoch: that one
 
 
-def test_median_and_spread() -> None:
-    assert scaling.median([100.0, 110.0, 90.0]) == 100.0
-    assert scaling.spread([100.0, 110.0, 90.0]) == pytest.approx(0.2)  # (110 - 90) / 100
-    assert scaling.spread([50.0]) == 0.0
-    assert math.isnan(scaling.spread([])) and math.isnan(scaling.median([]))
-
-
 def result(rate: float, tta: float, epochs: int | None, acc: float, inter: float = 0.0, memory: float = math.nan) -> RoundResult:
     return RoundResult(rate, tta, epochs, acc, 0.0, inter, memory)
 

@@ -11,9 +11,12 @@ the differences the tables are about.)
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from scpl_kit.signal import Signal
+
+if TYPE_CHECKING:
+    import torch.profiler
 
 
 def peak_memory_mb(work: Callable[[], object]) -> float:
@@ -22,6 +25,11 @@ def peak_memory_mb(work: Callable[[], object]) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
+    return profiled_peak_mb(prof)
+
+
+def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
+    """The high-water mark (MB) of tensor memory over a finished profiler session, above its start."""
     changes = sorted(
         (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()
     )

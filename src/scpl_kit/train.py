@@ -180,6 +180,8 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         check_writable_dir(out_dir, "out_dir")
         check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None  # checks its store
+    if cfg.trainer.get("measure"):
+        engine.measure_steps()
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, 
 import torch
 import torch.distributed as dist
 
+from scpl_kit.engines.measure import MEMORY_STEPS, StepMeasure, job_stats
 from scpl_kit.engines.transport import Transport
 from scpl_kit.methods.units import LocalUnit, inference_route, moved, readouts
 from scpl_kit.signal import FEATURES, LABELS, Signal
@@ -107,6 +108,7 @@ class Engine(ABC):
     device: torch.device  # this process's (first) device
     transport: Transport  # what every tensor sent to another process or device goes through
     steps_in_epoch: int = 0
+    measure: StepMeasure | None = None  # per-step time and peak memory, when the run asks (`measure_steps`)
 
     @abstractmethod
     def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
@@ -129,8 +131,13 @@ class Engine(ABC):
         for module in self.local_modules():
             module.train()
         with self.epoch_scope():
+            if self.measure is not None:
+                self.measure.start_epoch()
             for signal, samples in self.batches_here(batches):
-                meter.add(self.train_batch(signal))
+                if self.measure is None:
+                    meter.add(self.train_batch(signal))
+                else:
+                    meter.add(self.measure.step(lambda: self.train_batch(signal), samples))  # noqa: B023  (called at once)
                 if on_batch is not None:
                     on_batch(samples)
             self.finish_batches()
@@ -178,7 +185,14 @@ class Engine(ABC):
         """What the engine measured in the last training epoch, logged with the epoch's record: the
         job's bytes per step within and across nodes (`comm/...`), and what else an engine measures.
         Collective on multi-process engines: every process calls it after `train_epoch`."""
-        return self.transport.take_stats(self.steps_in_epoch)
+        stats = self.transport.take_stats(self.steps_in_epoch)
+        if self.measure is not None:
+            stats.update(job_stats(self.transport.gather(self.measure.stats())))
+        return stats
+
+    def measure_steps(self, memory_steps: int = MEMORY_STEPS, warmup: int = 1) -> None:
+        """Time every training step after `warmup`, and take this process's peak memory (`trainer.measure`)."""
+        self.measure = StepMeasure(self.device, memory_steps, warmup)
 
     def end_epoch(self, val_acc: float) -> None:
         """After an epoch's evaluation: the schedules that step on validation accuracy (reduce-on-plateau),

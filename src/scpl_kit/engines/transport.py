@@ -160,6 +160,14 @@ class Transport:
 
     # -- accounting ----------------------------------------------------------------------------
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process (bookkeeping: not counted)."""
+        if not self.distributed or self.world == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def take_stats(self, steps: int) -> dict[str, float]:
         """The job's bytes per training step since the last call, within and across nodes, summed over
         every process (collective; the sum itself is bookkeeping, not counted), then reset."""

@@ -1,0 +1,86 @@
+"""The benchmark harness (scpl_kit.bench) against hand-worked values, and the measurement a run
+takes of itself (trainer.measure)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scpl_kit import bench
+from scpl_kit.engines.measure import StepMeasure, job_stats
+
+
+def test_median_spread_and_flag() -> None:
+    assert bench.median([100.0, 110.0, 90.0]) == 100.0
+    assert bench.spread([100.0, 110.0, 90.0]) == pytest.approx(0.2)  # (110 - 90) / 100
+    assert bench.flagged([100.0, 110.0, 90.0]) and not bench.flagged([100.0, 105.0, 96.0])  # 20% > 10% > 9%
+    assert bench.spread([50.0]) == 0.0 and bench.median([1.0, math.nan, 3.0]) == 2.0  # a failed measurement is left out
+    assert math.isnan(bench.spread([])) and math.isnan(bench.median([])) and not bench.flagged([])
+
+
+def test_rounds_interleave_and_a_failure_costs_only_its_own_row() -> None:
+    calls = []
+
+    def measure(config: str, r: int) -> float:
+        calls.append((r, config))
+        if config == "b" and r == 1:
+            raise RuntimeError("worker died\nTraceback ...\nValueError: the real cause")
+        return {"a": 10.0, "b": 20.0, "c": 30.0}[config] + r
+
+    heard = []
+    outcomes = bench.interleaved(["a", "b", "c"], 3, measure, lambda config, r, result, seconds: heard.append((config, r, result)))
+    assert calls == [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (1, "c"), (2, "a"), (2, "c")]  # b is not tried again
+    assert [(o.config, o.results, o.error) for o in outcomes] == [
+        ("a", [10.0, 11.0, 12.0], None), ("b", [], "RuntimeError: ValueError: the real cause"), ("c", [30.0, 31.0, 32.0], None),
+    ]
+    assert ("b", 0, 20.0) in heard and len(heard) == 7
+
+
+def test_step_measure_times_the_steps_after_the_profiled_ones_and_takes_their_peak() -> None:
+    """CPU: the first 2 steps are profiled (the largest holds a 1 MiB tensor alive), the next is the
+    warm-up, the rest are timed; samples count only in timed steps; intervals run from one step's end
+    to the next's."""
+    measure = StepMeasure(torch.device("cpu"), memory_steps=2)
+    sizes = [2**18, 2**16, 2**10, 2**10, 2**10, 2**10]  # float32 elements: 1 MiB, 256 KiB, ...
+
+    def work(n: int) -> dict[str, torch.Tensor]:
+        held = torch.ones(n)
+        return {"loss": held.sum()}
+
+    for n in sizes:
+        measure.step(lambda n=n: work(n), samples=8)
+    stats = measure.stats()
+    assert len(measure.intervals) == 3 and measure.samples == 24  # steps 4..6 timed, each from the end of the one before
+    assert stats["peak_mb"] == pytest.approx(1.0, abs=0.01)
+    assert stats["samples_per_s"] == pytest.approx(24 / sum(measure.intervals))
+    assert stats["step_s"] == sorted(measure.intervals)[1]
+
+
+def test_job_stats_keep_the_slowest_pace_and_the_largest_peak() -> None:
+    per_process = [{"samples_per_s": 100.0, "peak_mb": 5.0, "step_s": 0.1}, {"samples_per_s": 80.0, "peak_mb": 7.0, "step_s": 0.2}]
+    assert job_stats(per_process) == {
+        "time/samples_per_s": 80.0, "memory/peak_mb": 7.0, "time/step_s": 0.2,
+        "time/rank0/samples_per_s": 100.0, "memory/rank0/peak_mb": 5.0, "time/rank1/samples_per_s": 80.0, "memory/rank1/peak_mb": 7.0,
+    }
+    assert job_stats(per_process[:1]) == {"time/samples_per_s": 100.0, "memory/peak_mb": 5.0, "time/step_s": 0.1}
+
+
+def test_a_measured_run_records_its_pace_and_memory_every_epoch(smoke_config, tmp_path: Path) -> None:
+    """trainer.measure=true: every epoch's record has the steady samples/s and the peak memory, and the
+    weights are those of the same run unmeasured (measurement changes no number it trains on)."""
+    from scpl_kit.train import run
+    from test_training import history, same_weights, weights
+
+    measured = smoke_config("method=scpl", "trainer.measure=true", f"out_dir={tmp_path / 'measured'}", f"trainer.checkpoint_dir={tmp_path / 'c1'}")
+    plain = smoke_config("method=scpl", f"out_dir={tmp_path / 'plain'}", f"trainer.checkpoint_dir={tmp_path / 'c2'}")
+    run(measured)
+    run(plain)
+    records = pd.read_csv(tmp_path / "measured" / "history.csv")
+    assert (records["time/samples_per_s"] > 0).all() and (records["memory/peak_mb"] > 0).all() and (records["time/step_s"] > 0).all()
+    kept = [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in history(tmp_path / "measured")]
+    assert kept == history(tmp_path / "plain")
+    assert same_weights(weights(tmp_path / "measured"), weights(tmp_path / "plain"))
