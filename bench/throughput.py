@@ -148,7 +148,7 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, with_memo
     # warm-up, timed between completions, the slowest rank's pace. A pipeline's fill and drain (K-1
     # stage steps, once an epoch) stay out: a real epoch (390 batches of CIFAR-10 at batch 128)
     # amortises them, a window of a few batches would not. GPipe's bubble is inside every step, so it
-    # is in. Memory (first round): the first 4 steps profiled, so a stage holds what it would in steady
+    # is in. Memory (first round): 4 steps after the warm-up profiled, so a stage holds what it would in steady
     # state (a batch queued for, or received from, a neighbour), and left out of the timing. The threads
     # engine holds both workers in one process, and the profiler's accounting of memory freed on other
     # threads is unreliable: no per-worker figure for it.

@@ -41,11 +41,11 @@ def test_rounds_interleave_and_a_failure_costs_only_its_own_row() -> None:
 
 
 def test_step_measure_times_the_steps_after_the_profiled_ones_and_takes_their_peak() -> None:
-    """CPU: the first 2 steps are profiled (the largest holds a 1 MiB tensor alive), the next is the
-    warm-up, the rest are timed; samples count only in timed steps; intervals run from one step's end
-    to the next's."""
+    """CPU: the first step is the warm-up (its 4 MiB are not a step's peak), the next 2 are profiled
+    (the larger holds a 1 MiB tensor alive), the rest are timed; samples count only in timed steps;
+    intervals run from one step's end to the next's."""
     measure = StepMeasure(torch.device("cpu"), memory_steps=2)
-    sizes = [2**18, 2**16, 2**10, 2**10, 2**10, 2**10]  # float32 elements: 1 MiB, 256 KiB, ...
+    sizes = [2**20, 2**18, 2**16, 2**10, 2**10, 2**10]  # float32 elements: 4 MiB, 1 MiB, 256 KiB, ...
 
     def work(n: int) -> dict[str, torch.Tensor]:
         held = torch.ones(n)

@@ -4,11 +4,11 @@ record (MLflow `time/...`, `memory/...`). Benchmarks read these instead of instr
 
 Time: the interval between one step's completion and the next's, with the device synchronised at
 each (CUDA runs asynchronously: without it the clock would time the queueing), so a stage that waits
-for its input pays for the wait, as it does in a pipeline. The profiled steps (CPU) and then `warmup` more (at least
-one) are not timed. Memory: on CUDA, torch.cuda.max_memory_allocated over the
-epoch; on the CPU, the profiler's high-water mark of tensor memory over the first `memory_steps`
-steps (above what was held before each: activations, gradients, optimizer temporaries, buffers sent
-or received), in one profiler session, which slows those steps, so they are left out of the timing.
+for its input pays for the wait, as it does in a pipeline. The `warmup` steps (at least one) and the profiled ones
+(CPU) after them are not timed. Memory: on CUDA, torch.cuda.max_memory_allocated over the
+epoch; on the CPU, the profiler's high-water mark of tensor memory over `memory_steps` steps after
+the warm-up (above what was held before them: activations, gradients, optimizer temporaries, buffers
+sent or received), in one profiler session, which slows those steps, so they are left out of the timing.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ MEMORY_STEPS = 4  # CPU: steps profiled for memory (a step's peak barely varies;
 
 class StepMeasure:
     def __init__(self, device: torch.device, memory_steps: int = MEMORY_STEPS, warmup: int = 1) -> None:
-        """`warmup`: steps after the profiled ones left out of the timing (at least one: the first
-        timed interval starts where it ends)."""
+        """`warmup`: the first steps, neither profiled nor timed (at least one: lazily made state, such
+        as Adam's moments, is the weights' memory, not a step's; and the first timed interval starts
+        where the step before ends)."""
         self.device, self.warmup = device, max(warmup, 1)
         self.memory_steps = memory_steps if device.type == "cpu" else 0  # CUDA reads its allocator's peak instead
         self.start_epoch()
@@ -48,17 +49,17 @@ class StepMeasure:
     def step(self, work: Callable[[], dict[str, torch.Tensor]], samples: int) -> dict[str, torch.Tensor]:
         """Run one training step (`work`), measuring it. The profiled steps run in one profiler session
         (starting and stopping it around each step, while a pipeline's receiving thread runs, can crash it)."""
-        if self.steps == 0 and self.memory_steps:
+        if self.steps == self.warmup and self.memory_steps:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             self.profiler.__enter__()
         losses = work()
         synchronize(self.device)
         now = time.perf_counter()
-        if self.steps >= self.memory_steps + self.warmup:
+        if self.steps >= self.warmup + self.memory_steps:
             self.intervals.append(now - self.last)
             self.samples += samples
         self.last, self.steps = now, self.steps + 1
-        if self.steps == self.memory_steps:
+        if self.steps == self.warmup + self.memory_steps and self.profiler is not None:
             self._stop_profiler()
             self.last = time.perf_counter()  # the profiler's own work stays out of the next interval
         return losses
