@@ -89,6 +89,8 @@ class Case:
     stages: tuple[tuple[int, ...], ...] | None = None
     model: str = "vgg"
     modules: int | None = None  # recut the model into this many blocks (None: its own)
+    schedule: str = "gpipe"  # BP's pipeline schedule (engine=gpipe)
+    checkpoint: bool = False  # BP: activation checkpointing of every block
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def build_units(case: Case, setup: Setup):
     if case.method == "scpl":  # the paper's text SCPL: SupCon on the block's summary itself
         options = {"projector": "i"} if case.model == "transformer" else {"projector": "m", "pool": case.projector == "pooled"}
     else:
-        options = {}
+        options = {"checkpoint": True} if case.checkpoint else {}
     return from_method(case.method, model, TEXT_CLASSES if case.model == "transformer" else 10, modules=case.modules, **options)
 
 
@@ -133,7 +135,7 @@ def build_engine(case: Case):
     if case.engine == "threads":
         return from_registry("threads", devices=["cpu"] * case.workers)
     if case.engine == "gpipe":
-        return from_registry("gpipe", microbatches=case.microbatches, stages=stages, backend="gloo", device="cpu", timeout_s=120)
+        return from_registry("gpipe", microbatches=case.microbatches, schedule=case.schedule, stages=stages, backend="gloo", device="cpu", timeout_s=120)
     return from_registry("pipeline", stages=stages, backend="gloo", device="cpu", timeout_s=120)
 
 
