@@ -5,13 +5,14 @@ wrap torch's functions to see the traffic.
 
 What is counted, per kind of traffic (the bytes the *sending* process contributes, once):
 - point to point (`isend`, `send_signal`): the tensors sent, with a signal's short layout header;
-- collectives (`counted_hook` for DDP's gradient buckets, `all_reduce_`, `broadcast_`): the payload
-  this process contributes (a ring all-reduce moves about twice that over the links; we count the
-  payload, which is what an engine can change);
+- collectives (`counted_hook` for DDP's gradient buckets, `collective` for what an engine reduces
+  itself, `broadcast_`): the payload this process contributes (a ring all-reduce moves about twice
+  that over the links; we count the payload, which is what an engine can change);
 - RPC (`rpc_sync`): the request's tensors and the answer's, both counted for the caller;
 - in one process, a signal moved to another device (`moved`): the tensors copied.
 A collective over a group of one process sends nothing and counts nothing. Bookkeeping objects at an
-epoch's edge (each rank's mean losses, speeds) are not training traffic and are not counted.
+epoch's edge (each rank's mean losses, speeds) are not training traffic and are not counted, nor is
+the one number the updater all-reduces to clip gradients over BP's pipeline stages (4 bytes a step, with clipping on).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections import Counter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -58,10 +59,6 @@ class Transport:
 
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node
-
-    @property
-    def nodes(self) -> int:
-        return self.world // self.ranks_per_node
 
     def count(self, nbytes: int, peers: Iterable[int]) -> None:
         """`nbytes` sent by this process to `peers` (global ranks): across nodes if any peer is on another."""
@@ -117,17 +114,6 @@ class Transport:
     def collective(self, nbytes: int, group: dist.ProcessGroup | None = None) -> None:
         """This process contributed `nbytes` to a collective over `group` (None: every rank)."""
         self.count(nbytes, self.group_ranks(group))
-
-    def all_reduce_(self, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None, average: bool = True) -> None:
-        """Sum (or average) `tensors` in place over `group`."""
-        ranks = self.group_ranks(group)
-        if len(ranks) == 1:
-            return
-        for tensor in tensors:
-            self.collective(tensor_bytes([tensor]), group)
-            dist.all_reduce(tensor, group=group)
-            if average:
-                tensor.div_(len(ranks))
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Rank `src`'s `tensors` on every rank (in place); only `src` sends."""
