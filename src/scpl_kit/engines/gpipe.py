@@ -130,7 +130,7 @@ class GPipeEngine(StagedEngine):
             raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
         super().__init__(stages, balance, backend, device, timeout_s, processes)
         self.microbatches, self.schedule_name = microbatches, schedule
-        class_name, per_process, self.style = SCHEDULES[schedule]
+        _, per_process, self.style = SCHEDULES[schedule]
         self.n_pipeline_stages = per_process * self.world
         self.owner = [stage_owner(s, self.world, self.style) for s in range(self.n_pipeline_stages)]
         self.mine = [s for s in range(self.n_pipeline_stages) if self.owner[s] == self.rank]  # this process's stages, in order
