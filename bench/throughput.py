@@ -158,7 +158,8 @@ def worker(rank: int, world: int, port: int, case: Case, setup: Setup, with_memo
     engine.measure_steps(memory_steps, warmup=setup.warmup)
     engine.train_epoch(synthetic_batches(case.model, replace(setup, steps=setup.steps + memory_steps), torch.Generator().manual_seed(rank)))
     stats = engine.epoch_stats()
-    results.put((rank, stats["time/samples_per_s"], stats["memory/peak_mb"] if memory_steps else float("nan")))
+    if rank == 0:  # every rank has the job's: the slowest rank's pace, the largest peak
+        results.put((stats["time/samples_per_s"], stats["memory/peak_mb"] if memory_steps else float("nan")))
     engine.close()
 
 
@@ -273,12 +274,12 @@ def plan(setup: Setup, k: int) -> tuple[list[Case], dict[Case, float]]:
 
 def measure(case: Case, setup: Setup, with_memory: bool) -> tuple[float, float]:
     """(samples/s of the slowest rank, peak memory of the largest rank or NaN) of one run of `case`."""
-    processes = 1 if case.engine in ("sequential", "threads") else case.workers
+    from scpl_kit.engines import ENGINES
+
+    processes = case.workers if ENGINES.get(case.engine).multiprocess else 1
     results = mp.get_context(START_METHOD).SimpleQueue()
     mp.start_processes(worker, args=(processes, free_port(), case, setup, with_memory, results), nprocs=processes, join=True, start_method=START_METHOD)
-    reports = sorted(results.get() for _ in range(processes))
-    rate = min(r[1] for r in reports if r[1] == r[1])  # the slowest rank sets the pace (NaN: no rate)
-    return rate, max(r[2] for r in reports)
+    return results.get()
 
 
 def label(case: Case) -> str:

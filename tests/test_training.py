@@ -17,11 +17,12 @@ TIMES = ("train_time_s", "epoch_time_s", "samples_per_s")
 
 
 def history(out: Path) -> list[dict]:
-    """Every epoch's record but its timings and its traffic (`comm/`: engines differ there by design;
-    tests/test_transport.py checks it); a loss an epoch did not have (a cascade module waiting for its
-    turn) is None, so two histories compare equal (NaN != NaN)."""
+    """Every epoch's record but what the engine measured of itself: its timings, traffic (`comm/`:
+    engines differ there by design; tests/test_transport.py checks it) and, under trainer.measure,
+    `time/` and `memory/`. A loss an epoch did not have (a cascade module waiting for its turn) is
+    None, so two histories compare equal (NaN != NaN)."""
     records = pd.read_csv(out / "history.csv")
-    records = records.drop(columns=[*TIMES, *(c for c in records.columns if c.startswith("comm/"))])
+    records = records.drop(columns=[*TIMES, *(c for c in records.columns if c.startswith(("comm/", "time/", "memory/")))])
     return records.astype(object).where(records.notna(), None).to_dict("records")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scpl_kit.engines import build_engine
+from scpl_kit.engines import ENGINES, build_engine
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
 from scpl_kit.updater import OptimizerSettings, UpdateRecipe
@@ -33,7 +33,7 @@ def model_and_units(method: str):
 def train_one_epoch(name: str, method: str, **options) -> dict:
     """One epoch of BATCHES batches under engine `name`; its stats and the sizes a test works out from."""
     model, units = model_and_units(method)
-    engine = build_engine(name, timeout_s=60, **options) if name not in ("sequential", "threads") else build_engine(name, **options)
+    engine = build_engine(name, **({"timeout_s": 60} if ENGINES.get(name).multiprocess else {}), **options)
     x, y = tiny_batch(BATCHES * BATCH)
     engine.setup(units, model.example_batch(BATCH, 4), UpdateRecipe(OptimizerSettings(), steps_per_epoch=BATCHES, epochs=1))
     engine.train_epoch([(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(BATCHES)])

@@ -45,7 +45,9 @@ import torch.distributed.rpc as rpc
 
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.balance import synchronize, unit_step_times
-from scpl_kit.engines.base import Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size, reports_peer_failures
+from scpl_kit.engines.base import (
+    Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size, reports_peer_failures, weighted_means,
+)
 from scpl_kit.engines.distributed import (
     check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
 )
@@ -202,8 +204,7 @@ class AsyncEngine(Engine):
 
     def epoch_scope(self) -> contextlib.AbstractContextManager[Any]:
         """The epoch's shares of the batches, from the workers' speeds (all_gather doubles as the start line)."""
-        speeds: list[Any] = [None] * self.world
-        dist.all_gather_object(speeds, self.speed)
+        speeds = self.transport.gather(self.speed)
         self.shares = [s / sum(speeds) for s in speeds]
         if self.is_main:
             log.info("async shares of the epoch's batches: %s", ", ".join(
@@ -245,9 +246,6 @@ class AsyncEngine(Engine):
         if self.steps:
             self.speed = self.samples / self.busy  # next epoch's share
 
-    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
-        return self._end_epoch(meter, self.steps, self.shares[self.rank], time.time())
-
     def _follow_schedules(self) -> None:
         """Another worker trains this batch. Each unit's learning-rate schedule still steps, so every
         worker's rate follows the run's progress (as under any other engine), not its own step count."""
@@ -274,11 +272,11 @@ class AsyncEngine(Engine):
             tensor.copy_(weight)
         self.base = weights
 
-    def _end_epoch(self, meter: LossMeter, steps: int, share: float, finished: float) -> dict[str, float]:
-        """Wait for every worker, make rank 0's units the global model on every rank, and sum up."""
-        report = {"losses": meter.means(), "steps": steps, "share": share, "speed": self.speed, "finished": finished}
-        reports: list[Any] = [None] * self.world
-        dist.all_gather_object(reports, report)  # every push of the epoch has landed
+    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
+        """Wait for every worker, make rank 0's units the global model on every rank, and sum up: each
+        loss's mean over the workers, weighted by the steps each took."""
+        report = {"losses": meter.means(), "steps": self.steps, "share": self.shares[self.rank], "speed": self.speed, "finished": time.time()}
+        reports = self.transport.gather(report)  # every push of the epoch has landed
         if self.rank == SERVER_RANK:
             for tensor, weight in zip(self.shared, _server.weights):
                 tensor.copy_(weight)
@@ -286,12 +284,7 @@ class AsyncEngine(Engine):
             self.last_updates = _server.take_updates()
         self._take_rank0_state()
         self.stats = self._stats(reports)
-        counted = [(r["losses"], r["steps"]) for r in reports if r["steps"]]
-        names = {name for losses, _ in counted for name in losses}
-        return {
-            name: sum(losses[name] * n for losses, n in counted if name in losses) / sum(n for losses, n in counted if name in losses)
-            for name in names
-        }
+        return weighted_means([(r["losses"], r["steps"]) for r in reports if r["steps"]])
 
     def _stats(self, reports: list[dict[str, Any]]) -> dict[str, float]:
         """Each worker's share, steps and speed; how long the first to finish waited for the last;

@@ -162,7 +162,9 @@ class Engine(ABC):
         """After the epoch's last batch, before its losses are merged."""
 
     def epoch_losses(self, meter: "LossMeter") -> dict[str, float]:
-        return meter.means()
+        """This process's mean losses merged with the others' (collective): each loss's mean over the
+        processes that have it (with equal slices of each batch, the whole batch's; in one process, its own)."""
+        return weighted_means(self.transport.gather((meter.means(), 1.0)))
 
     def device_of(self, index: int) -> torch.device:
         """Where this process's unit `index` runs."""
@@ -262,3 +264,13 @@ class InProcessEngine(Engine):
                 signal = self.units[i].infer(moved(signal, self.device_of(i)), phase)
             collected.add(signal)
         return collected.result()
+
+
+def weighted_means(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Each loss's mean over the parts (processes' mean losses) that have it, each part weighted (say,
+    by the steps it took)."""
+    names = {name for losses, _ in parts for name in losses}
+    return {
+        name: sum(losses[name] * w for losses, w in parts if name in losses) / sum(w for losses, w in parts if name in losses)
+        for name in names
+    }

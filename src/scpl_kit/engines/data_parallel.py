@@ -41,11 +41,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, Engine, LossMeter, as_signal, batch_size, reports_peer_failures
+from scpl_kit.engines.base import Batch, Engine, as_signal, batch_size, reports_peer_failures
 from scpl_kit.engines.distributed import (
     check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
 )
-from scpl_kit.engines.replicas import check_even_split, mean_over_ranks, predict_in_slices, replicated, slice_of
+from scpl_kit.engines.replicas import check_even_split, predict_in_slices, replicated, slice_of
 from scpl_kit.engines.transport import Transport, tensor_bytes
 from scpl_kit.methods.units import LocalUnit, inference_route, moved
 from scpl_kit.signal import Signal
@@ -146,18 +146,13 @@ class DataParallelEngine(Engine):
                 average_parameters(iter(unit.parameters()), dist.group.WORLD)
         self.transport.collective(batch_group.take_sent_bytes(), self.batch_group)  # SupCon over the slices
 
-    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
-        """Each loss averaged over the ranks: with equal slices, the whole batch's mean (collective)."""
-        return mean_over_ranks(meter.means())
-
     @reports_peer_failures
     @torch.no_grad()
     def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         """Each rank answers its slice of every batch; the slices come back together in order on every rank."""
         for unit in self.units:
             unit.eval()
-            for buffer in unit.buffers():  # BatchNorm statistics: rank 0's, as DDP keeps them in training
-                dist.broadcast(buffer, 0)
+            self.transport.broadcast_(unit.buffers())  # BatchNorm statistics: rank 0's, as DDP keeps them in training
         return predict_in_slices(self.units, self.route, batches, self.device)
 
     def training_state(self) -> list[dict[str, Any]]:

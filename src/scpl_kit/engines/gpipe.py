@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -41,6 +42,7 @@ from scpl_kit.signal import LABELS, Signal, summary
 from scpl_kit.updater import UpdateRecipe
 
 # engine.schedule -> (class of torch.distributed.pipelining, stages per process, how stages map to processes)
+log = logging.getLogger(__name__)
 SCHEDULES = {
     "gpipe": ("ScheduleGPipe", 1, "loop"),
     "1f1b": ("Schedule1F1B", 1, "loop"),
@@ -154,6 +156,9 @@ class GPipeEngine(StagedEngine):
         measure = (lambda: block_step_times(network, example, self.device, self.microbatches)) if example is not None else None
         self.stages = self.stages or self.split(n_blocks, "blocks", measure, groups=n_stages)
         check_stages(self.stages, n_blocks, n_stages, "blocks")
+        if self.is_main:
+            log.info("schedule %s: stages %s on %d processes, %d micro-batches; the bubble model idles each process %.0f%% of a step",
+                     self.schedule_name, self.stages, self.world, self.microbatches, 100 * idle_share(self.schedule_name, self.world, self.microbatches))
         self.units = [self.unit.to(self.device)]
         self.example = network.example  # the names and full shapes of what enters every stage
         keys = tuple(self.example)

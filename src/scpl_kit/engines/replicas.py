@@ -48,15 +48,3 @@ def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batc
     dist.all_gather_object(gathered, parts)
     names = gathered[0][0].keys() if parts else ()
     return {name: torch.cat([rank_parts[b][name] for b in range(len(parts)) for rank_parts in gathered]) for name in names}
-
-
-def mean_over_ranks(losses: dict[str, float], weight: float = 1.0) -> dict[str, float]:
-    """Each loss's mean over the processes that have it, weighted (say, by the steps each took);
-    on every process (collective). With equal slices of each batch, the whole batch's mean."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (losses, weight))
-    names = {name for part, _ in gathered for name in part}
-    return {
-        name: sum(part[name] * w for part, w in gathered if name in part) / sum(w for part, w in gathered if name in part)
-        for name in names
-    }

@@ -11,9 +11,8 @@ import torch
 import torch.distributed as dist
 
 from scpl_kit.engines.balance import check_balance, even_stages, split_by_time
-from scpl_kit.engines.base import Batch, Engine, LossMeter, ReadoutCollector, as_signal, reports_peer_failures
+from scpl_kit.engines.base import Batch, Engine, ReadoutCollector, as_signal, reports_peer_failures
 from scpl_kit.engines.distributed import check_processes, close_distributed, gather_to_main, init_distributed, stage_device
-from scpl_kit.engines.replicas import mean_over_ranks
 from scpl_kit.engines.transport import Transport
 from scpl_kit.methods.units import moved
 from scpl_kit.signal import Signal
@@ -92,10 +91,6 @@ class StagedEngine(Engine):
 
     def finish_batches(self) -> None:
         wait_sent(self.pending)
-
-    def epoch_losses(self, meter: LossMeter) -> dict[str, float]:
-        """Every stage's mean losses, merged, on every rank; a loss of R replicas is their mean, the whole batch's."""
-        return mean_over_ranks(meter.means())
 
     def segments(self) -> list[Segment]:
         """The inference route cut into runs of passes on one stage."""
