@@ -8,6 +8,7 @@ There is no official test split: prepare cuts a stratified one (data.test_fracti
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -54,4 +55,7 @@ def read_bbcnews(raw_dir: Path, download: bool) -> RawText:
         for path in sorted((folder / name).glob("*.txt")):
             texts.append(decode(path.read_bytes()))
             labels.append(label)
-    return RawText(texts, np.asarray(labels, dtype=np.int64), classes, source=str(folder))
+    # Where the articles came from, without this machine's path to the package: the prepared data's
+    # meta.json records it, and DVC hashes that file, so a path would make every checkout's data differ.
+    source = f"{PACKAGE} {importlib.metadata.version(PACKAGE)}: bbcnews/data"
+    return RawText(texts, np.asarray(labels, dtype=np.int64), classes, source=source)
