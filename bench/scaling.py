@@ -1,122 +1,38 @@
-"""Scaling on 2 workers: throughput, communication, memory and time to accuracy, measured in one run.
+"""Scaling on 2 workers: throughput, communication, memory and time to accuracy of BP and SCPL under
+every data- and model-parallel engine, measured in one run (docs/benchmarks.md: rows, columns, targets).
 
     python bench/scaling.py --out reports            # also the DVC stage `scaling` (params.yaml: scaling)
 
-Every configuration is a real training run of VGG8 on MNIST-5k (the offline profile: its learning
-rate, schedule and evaluation; `--width`, `--batch` and `--epochs` set here), each in fresh processes
-(one per worker, as torchrun would start them, forked from a server that has imported torch once),
-each limited to one thread, so ratios measure parallelism, not BLAS threading. The configurations
-(`--configs`, in this order):
-
-    bp1            BP on 1 worker (sequential engine): the baseline of every ratio
-    ddp            BP under DDP: each worker trains on half of every batch, gradients all-reduced each step
-    ddp_slow       the same, one worker (the last rank) slowed `--slowdown`× (it sleeps after each step)
-    hierarchical   BP under hierarchical averaging with K' = `--average-every`: every worker its own node
-                   (`--ranks-per-node` 1: 2 simulated nodes), parameters averaged across nodes every K' steps
-    async          BP under the async engine: every worker trains whole batches and pushes to / pulls from a
-                   parameter server on rank 0 without waiting; the epoch's batches shared by measured speed
-    async_slow     the same, one worker slowed `--slowdown`×
-    scpl_pipeline  SCPL across the workers as a pipeline (stages chosen by time at start-up)
-    gpipe          BP under GPipe, M = `--microbatches` micro-batches per batch (stages chosen by time)
-    ddp_scpl       SCPL under DDP (every worker every module, half of every batch; SupCon sees the whole batch)
-
-Every data-parallel configuration trains on the same global batch (`--batch`) and the same number of
-steps per epoch as BP on 1 worker, so they learn at the same pace per epoch and time to accuracy
-compares like with like. DDP's byte counts use the same simulated nodes as hierarchical averaging
-(`engine.ranks_per_node`), so "across nodes" means the same wire for both.
-
-Model size. The default is the offline profile's VGG8 (width 0.0625, batch 32: 16 samples a worker
-under DDP, ~12 ms of compute per step against 0.54 MB of weights all-reduced). Its all-reduce is not
-what holds DDP back (hierarchical averaging, which all-reduces almost nothing, ran only ~15% faster);
-the fixed costs of a step are (Python, DDP's reducer, waiting for the slower worker), and DDP ran
-~1.05× BP on 1 worker. DDP's speed-up measured here (one round, 2 epochs, a shared 2-core machine):
-1.05-1.15× (width 0.0625, batch 32), 1.26× (0.0625, 64), 1.3-1.5× (0.125, 32), 1.64× (0.125, 64),
-1.71× (0.25, 64); each doubling of the width costs 2-3× the compute per sample (width 0.125: ~30%
-more stage time), and larger batches reach 97% epochs later (fewer steps an epoch). 97% is near this
-model's ceiling in 4 epochs (final validation accuracy 96.0-98.0% over configurations and seeds;
-SCPL with pooled projectors 96.0-96.6%), so a row's `reached` is part of its result.
-
-Rounds. A shared machine's load comes and goes, so every configuration runs `--rounds` times,
-interleaved: round r runs every configuration once, in the same order, with seed `--seed` + r (so
-accuracies are medians over seeds, and within a round every configuration starts from the same
-weights and batches). A row gives the median of its rounds and their spread ((max - min) / median);
-a row whose throughput spread exceeds 10% is flagged (`flag`) and a warning printed: its ratios are
-not to be trusted. The targets below also give the range of the per-round (paired) ratios.
-
-Columns.
-  samples_per_s       median over rounds of the run's steady-state training throughput: training samples
-                      ÷ rank 0's wall time in `train_epoch` (the trainer's `train_time_s`), over epochs 2..E
-                      (the first is warm-up; all of them if E = 1). Evaluation and start-up are left out;
-                      a pipeline's fill and drain and an engine's end-of-epoch work are in.
-  spread, flag        (max - min) / median of samples_per_s over the rounds; flag: spread > 10%.
-  speedup_vs_bp1      samples_per_s ÷ bp1's (medians).
-  intra_node_bytes_per_step, inter_node_bytes_per_step
-                      bytes moved between workers per training step (one global batch), all workers
-                      together, in the last epoch, within a simulated node and across nodes (node of a
-                      rank: rank // ranks_per_node): the engine's own count (its transport, logged as
-                      comm/...; what is counted: src/scpl_kit/engines/transport.py). Collectives: each
-                      rank's payload to the all-reduces and averages, summed over ranks (with 2 ranks
-                      what a ring all-reduce puts on the wire); point to point (pipeline, gpipe:
-                      activations, gradients, labels and their descriptions); RPC (async: each push's
-                      update and the weights it pulls back). Bookkeeping objects (losses, speeds) are not counted.
-  peak_act_mem_mb     the largest worker's high-water mark of tensor memory allocated during 4 training
-                      steps above what it held before (scpl_kit.memory.peak_memory_mb: activations,
-                      gradient and optimizer temporaries, buffers sent or received), measured in each
-                      worker after its training in the first round (a second profiled pass, not timed).
-  final_val_acc       median over rounds of the validation accuracy after the last epoch.
-  time_to_acc_s       median over rounds of the training wall time (cumulative train_time_s, epoch 1
-                      included; evaluation and start-up left out) until the end of the first epoch whose
-                      validation accuracy reaches `--target`; a round that never reaches it counts as
-                      infinitely late, so the median is `inf` (not reached) when half the rounds or more miss.
-  time_to_acc_spread  (max - min) / median over the rounds that reached it (it mixes load and seed:
-                      a seed that needs one epoch more moves it by a whole epoch); nan below 2 such rounds.
-  epochs_to_acc       median over the rounds that reached the target of that first epoch.
-  reached             rounds that reached the target / rounds.
-
-Targets (the md's last section): DDP ≥ 1.8× BP on 1 worker; hierarchical averaging sends ≥ 10× fewer
-bytes across nodes than DDP and ends (final_val_acc) no more than 0.5 points below DDP; with one worker
-slowed 2×, async ≥ 1.3× DDP under the same slowdown (samples_per_s).
-
-Writes reports/tables/scaling.{csv,md} and reports/figures/scaling.png. Exits with status 1 (after
-writing them) when a configuration failed; its row then holds no numbers and the md says why.
+Every configuration is a real training run of VGG8 on MNIST-5k (the offline profile; `--width`,
+`--batch` and `--epochs` set here), `python -m scpl_kit.train` on the configuration's overrides in
+fresh processes of one thread each, in interleaved rounds (round r: seed `--seed` + r); the table holds
+what the runs wrote. Writes reports/tables/scaling.{csv,md} and reports/figures/scaling.png; exits
+with status 1 (after writing them) when a configuration failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.distributed.pipelining  # noqa: F401  (the gpipe engine's; imported once here, in the server workers fork from: 1.7 s less per gpipe worker)
-import mlflow  # noqa: F401  (the same for the runs' MLflow tracking: imported once, in the server)
-import torch.multiprocessing as mp
-
-from scpl_kit.config import compose_config
-from scpl_kit.engines import build_engine
-from scpl_kit.engines.launch import free_port, set_rank_env
-from scpl_kit.environment import describe, one_line
-from scpl_kit.memory import peak_memory_mb
+from scpl_kit.bench import (
+    SPREAD_LIMIT, Outcome, Panel, Verdict, bar_figure, interleaved, median, run_training, spread, spread_warnings, targets_markdown,
+)
 from scpl_kit.data.datasets import load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
-from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_batch_fits, check_options, check_output_dir, check_values, fail
-from scpl_kit.train import build, load_data, options, train_with, update_recipe
-from scpl_kit.trainer import configure_torch
-from scpl_kit.bench import SPREAD_LIMIT, Outcome, interleaved, median, spread
-from throughput import START_METHOD  # the same worker start
+from scpl_kit.environment import describe, one_line
+from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_options, check_output_dir, fail
 
 if TYPE_CHECKING:
     import pandas as pd
 
 TOLERANCE = 1e-9  # an accuracy of 485/500 computed in floating point still reaches a target of 0.97
-MEMORY_STEPS = 4  # batches in the profiled pass: a stage then holds what it holds in steady state
+MEMORY_STEPS = 6  # the memory run's batches: a warm-up, 4 profiled (trainer.measure), one more
 TARGET_SPEEDUP_DDP, TARGET_BYTES_RATIO, TARGET_ACC_POINTS, TARGET_ASYNC_VS_DDP = 1.8, 10.0, 0.5, 1.3
 # SCPL's projectors average-pool the feature map first (as in bench/throughput.py): the paper's MLP on the
 # flattened map is most of SCPL's weights at this size, 39 MB of gradients a step for DDP to all-reduce.
@@ -149,7 +65,7 @@ class Config:
     overrides: tuple[str, ...] = ()
     detail: str = ""  # for the table: what sets this row apart
 
-    def training_overrides(self, setup: Setup, seed: int, out: Path) -> list[str]:
+    def training_overrides(self, setup: Setup, seed: int) -> list[str]:
         return [
             "profile=offline", "data=mnist5k", f"data.processed_dir={setup.processed_dir}", "model=vgg", f"method={self.method}",
             f"engine={self.engine}", *self.overrides,
@@ -157,7 +73,6 @@ class Config:
             "trainer.threads=1", "trainer.progress=false", "trainer.resume=false", "trainer.eval_test=false",
             # Recorded like the grid's runs, grouped apart in MLflow (tracking.group); logging happens between epochs, outside the timed steps.
             "tracking.group=scaling", f"tracking.run_name=scaling-{self.name}-s{seed}", "+tracking.tags.bench=scaling",
-            f"out_dir={out / 'run'}", f"trainer.checkpoint_dir={out / 'checkpoints'}",
         ]
 
 
@@ -255,13 +170,6 @@ COLUMNS = ["config", "method", "engine", "workers", "detail", "samples_per_s", "
            "time_to_acc_s", "time_to_acc_spread", "epochs_to_acc", "reached"]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    target: str
-    met: bool | None  # None: a row it needs was not measured (or failed)
-    detail: str
-
-
 def paired_ratios(outcomes: dict[str, Outcome], top: str, bottom: str) -> list[float]:
     """Per-round samples/s of `top` ÷ `bottom`: the same round, so the same load (about)."""
     return [a.samples_per_s / b.samples_per_s for a, b in zip(outcomes[top].results, outcomes[bottom].results)]
@@ -315,69 +223,23 @@ def rounds_markdown(outcomes: Sequence[Outcome]) -> str:
     return "".join(lines)
 
 
-def targets_markdown(verdicts: Sequence[Verdict]) -> str:
-    mark = {True: "met", False: "**missed**", None: "not evaluated"}
-    return "## Targets\n\n" + "".join(f"- {v.target}: {mark[v.met]}: {v.detail}\n" for v in verdicts)
-
-
-def warnings(table: pd.DataFrame) -> list[str]:
-    return [f"WARNING: {r.config}: samples/s spread {r.spread:.0%} over rounds ({r.rate_min:.0f}..{r.rate_max:.0f}) exceeds "
-            f"{SPREAD_LIMIT:.0%}: the machine's load changed; its ratios are unreliable" for r in table.itertuples() if r.flag]
-
-
 # -- measurement: one configuration, one round, in fresh processes ---------------------------------------------
 
-class Recorder:
-    """A listener that keeps every epoch's record (main process)."""
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.history.append(dict(metrics))
-
-
-def worker(rank: int, world: int, port: int, cfg: Any, setup: Setup, with_memory: bool, results) -> None:
-    """One worker of one run: what `python -m scpl_kit.train` does (scpl_kit.train.run), plus, on
-    request, a profiled pass for peak memory after training. Bytes sent come from the engine's own
-    count (its transport; the epoch records' `comm/...`)."""
-    if world > 1:
-        set_rank_env(rank, world, port)
-        os.environ["LOCAL_WORLD_SIZE"] = str(setup.ranks_per_node)  # the simulated nodes, as torchrun would describe them
-    check_values(cfg)
-    configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
-    data = load_data(cfg)
-    check_batch_fits(cfg, data.meta["sizes"]["train"])
-    model, units = build(cfg, data)
-    engine = build_engine(cfg.engine.name, **options(cfg.engine))
-    try:
-        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), update_recipe(cfg, data))
-        recorder = Recorder()
-        train_with(cfg, data, engine, [recorder])
-        memory = math.nan
-        if with_memory:
-            batches = list(itertools.islice(data.loader("train", cfg.trainer.batch_size, drop_last=True), MEMORY_STEPS))
-            memory = peak_memory_mb(lambda: engine.train_epoch(batches))
-        results.put({"rank": rank, "history": recorder.history if engine.is_main else None, "memory": memory})
-    finally:
-        engine.close()
-
-
 def measure(config: Config, setup: Setup, seed: int, with_memory: bool) -> RoundResult:
-    with tempfile.TemporaryDirectory(prefix=f"scaling-{config.name}-") as tmp:
-        cfg = compose_config(config.training_overrides(setup, seed, Path(tmp)))
-        results = mp.get_context(START_METHOD).SimpleQueue()
-        port = free_port()
-        mp.start_processes(worker, args=(config.workers, port, cfg, setup, with_memory, results), nprocs=config.workers, join=True,
-                           start_method=START_METHOD)
-        reports = [results.get() for _ in range(config.workers)]
-    (history,) = [r["history"] for r in reports if r["history"] is not None]
+    """One round's training run (its history: time, accuracy, the engine's byte counts), and in the first
+    round a short measured run for peak memory (trainer.measure; profiling would slow the timed run)."""
+    ranks = setup.ranks_per_node if config.workers > 1 else None
+    history = run_training(config.training_overrides(setup, seed), config.workers, ranks).history
+    memory = math.nan
+    if with_memory:
+        short = ["trainer.epochs=1", f"trainer.steps_per_epoch={MEMORY_STEPS}", "trainer.measure=true", "tracking.enabled=false"]
+        memory = run_training([*config.training_overrides(setup, seed), *short], config.workers, ranks).metrics["memory/peak_mb"]
     tta, epoch = time_to_accuracy(history, setup.target)
     return RoundResult(
         samples_per_s=steady_samples_per_s(history), time_to_acc_s=tta, epochs_to_acc=epoch, final_val_acc=history[-1]["val_acc"],
         intra_node_bytes_per_step=history[-1].get("comm/intra_node_bytes_per_step", 0.0),  # the job's, the last epoch's
         inter_node_bytes_per_step=history[-1].get("comm/inter_node_bytes_per_step", 0.0),
-        peak_act_mem_mb=max(r["memory"] for r in reports) if with_memory else math.nan, val_accs=tuple(r["val_acc"] for r in history),
+        peak_act_mem_mb=memory, val_accs=tuple(r["val_acc"] for r in history),
     )
 
 
@@ -395,48 +257,21 @@ def run_all(setup: Setup, names: Sequence[str], rounds: int) -> list[Outcome]:
 # -- outputs ----------------------------------------------------------------------------------------------------
 
 def plot(table: pd.DataFrame, path: Path, target: float) -> None:
-    """Four horizontal bar charts, one above the other, 880 px wide (`dvc plots show` crops wider
-    images): speed-up, time to accuracy, bytes across nodes, peak memory. Whiskers span the rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Speed-up, time to accuracy, bytes across nodes and peak memory; whiskers span the rounds."""
     table = table[table.error == ""].reset_index(drop=True)
-    labels = [f"{r.config} ({r.method}, {r.engine}, W={r.workers})" for r in table.itertuples()]
-    colors = ["tab:blue" if m == "bp" else "tab:orange" for m in table.method]
-    rows = range(len(table))
-    fig, (speed, wait, wire, memory) = plt.subplots(4, 1, figsize=(8, 10), sharey=True)
-    base = table.samples_per_s / table.speedup_vs_bp1
-    speed.barh(rows, table.speedup_vs_bp1, color=colors, capsize=2,
-               xerr=[(table.samples_per_s - table.rate_min) / base, (table.rate_max - table.samples_per_s) / base])
-    speed.axvline(1.0, color="gray", lw=0.8)
-    speed.set(xlabel="speed-up over BP on 1 worker (samples/s, medians over rounds)", title="training throughput (1 thread per worker)")
     reached = table.time_to_acc_s.where(table.time_to_acc_s < math.inf)
-    wait.barh(rows, reached.fillna(0), color=colors, capsize=2,
-              xerr=[(reached - table.tta_min).fillna(0), (table.tta_max - reached).fillna(0)])
-    for i, value in enumerate(reached):
-        if math.isnan(value):
-            wait.text(0, i, " not reached", va="center", fontsize=8)
-    wait.set(xlabel=f"seconds of training until validation accuracy ≥ {target:.0%} (median)", title="time to accuracy")
-    kib = table.inter_node_bytes_per_step.fillna(0) / 2**10
-    wire.barh(rows, kib.where(kib > 0, 1e-3), color=colors, log=True)  # log: hierarchical's KiB beside DDP of SCPL's MiB
-    wire.set_xlim(left=max(kib[kib > 0].min() / 3, 1e-3) if (kib > 0).any() else 1e-3)
-    for i, value in enumerate(kib):
-        if value <= 0:
-            wire.text(wire.get_xlim()[0], i, " none", va="center", fontsize=8)
-    wire.set(xlabel="KiB sent across (simulated) nodes per step, all workers (log scale)", title="communication")
-    memory.barh(rows, table.peak_act_mem_mb, color=colors)
-    memory.set(xlabel="peak activation memory of the largest worker (MB)", title="memory")
-    memory.set_yticks(rows, labels)
-    memory.invert_yaxis()  # the table's order, top to bottom
-    for ax in (speed, wait, wire, memory):
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    base = table.samples_per_s / table.speedup_vs_bp1
+    bar_figure(table.assign(speed_low=table.rate_min / base, speed_high=table.rate_max / base, reached=reached,
+                            kib=table.inter_node_bytes_per_step / 2**10),
+               [f"{r.config} ({r.method}, {r.engine}, W={r.workers})" for r in table.itertuples()],
+               ["tab:blue" if m == "bp" else "tab:orange" for m in table.method], [
+        Panel("speedup_vs_bp1", "speed-up over BP on 1 worker (samples/s, medians over rounds)", "training throughput (1 thread per worker)",
+              "speed_low", "speed_high", reference=1.0),
+        Panel("reached", f"seconds of training until validation accuracy ≥ {target:.0%} (median)", "time to accuracy", "tta_min", "tta_max",
+              missing="not reached"),
+        Panel("kib", "KiB sent across (simulated) nodes per step, all workers (log scale)", "communication", log=True, missing="none"),
+        Panel("peak_act_mem_mb", "peak activation memory of the largest worker (MB)", "memory"),
+    ], path)
 
 
 def write_outputs(table: pd.DataFrame, verdicts: Sequence[Verdict], setup: Setup, rounds: int, out: Path,
@@ -454,7 +289,7 @@ def write_outputs(table: pd.DataFrame, verdicts: Sequence[Verdict], setup: Setup
         "Columns: bench/scaling.py's docstring.\n\n"
     )
     failed = "".join(f"\n- {r.config} FAILED: {r.error}" for r in table.itertuples() if r.error)
-    notes = "".join(f"\n- {w}" for w in warnings(table)) + failed
+    notes = "".join(f"\n- {w}" for w in spread_warnings(table, "config")) + failed
     text = (header + shown.to_markdown(index=False) + "\n" + (notes + "\n" if notes else "") + "\n" + targets_markdown(verdicts)
             + ("\n" + rounds_markdown(outcomes) if outcomes else ""))
     (out / "tables" / "scaling.md").write_text(text)
@@ -517,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = build_table(outcomes)
     verdicts = evaluate_targets(table, {o.config.name: o for o in outcomes})
     print(write_outputs(table, verdicts, setup, args.rounds, args.out, outcomes))
-    for line in warnings(table):
+    for line in spread_warnings(table, "config"):
         print(line, flush=True)
     print(targets_markdown(verdicts), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)

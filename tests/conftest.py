@@ -41,6 +41,17 @@ def text_processed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def synthetic_processed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benches' random CIFAR-10- and AG-News-shaped data, prepared as conf/data/synthetic_*.yaml say (~3 s)."""
+    out = tmp_path_factory.mktemp("processed_synthetic")
+    for name in ("synthetic_cifar10", "synthetic_agnews"):
+        data = compose_config([f"data={name}"], config_name="prepare").data
+        prepare_dataset(name, out, out / "raw", val_fraction=data.val_fraction, test_fraction=data.test_fraction, split_seed=0, download=False,
+                        **source_options(name, data))
+    return out
+
+
 _SEQUENTIAL_RUNS: dict[tuple[str, ...], Path] = {}
 
 

@@ -4,12 +4,15 @@ takes of itself (trainer.measure)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from conftest import REPO
 from scpl_kit import bench
 from scpl_kit.engines.measure import StepMeasure, job_stats
 
@@ -42,10 +45,10 @@ def test_rounds_interleave_and_a_failure_costs_only_its_own_row() -> None:
 
 def test_step_measure_times_the_steps_after_the_profiled_ones_and_takes_their_peak() -> None:
     """CPU: the first step is the warm-up (its 4 MiB are not a step's peak), the next 2 are profiled
-    (the larger holds a 1 MiB tensor alive), the rest are timed; samples count only in timed steps;
-    intervals run from one step's end to the next's."""
+    (the larger holds a 1 MiB tensor alive), one settles (a peer may still be reading its profile), the
+    rest are timed; samples count only in timed steps; intervals run from one step's end to the next's."""
     measure = StepMeasure(torch.device("cpu"), memory_steps=2)
-    sizes = [2**20, 2**18, 2**16, 2**10, 2**10, 2**10]  # float32 elements: 4 MiB, 1 MiB, 256 KiB, ...
+    sizes = [2**20, 2**18, 2**16, 2**10, 2**10, 2**10, 2**10]  # float32 elements: 4 MiB, 1 MiB, 256 KiB, ...
 
     def work(n: int) -> dict[str, torch.Tensor]:
         held = torch.ones(n)
@@ -54,10 +57,47 @@ def test_step_measure_times_the_steps_after_the_profiled_ones_and_takes_their_pe
     for n in sizes:
         measure.step(lambda n=n: work(n), samples=8)
     stats = measure.stats()
-    assert len(measure.intervals) == 3 and measure.samples == 24  # steps 4..6 timed, each from the end of the one before
+    assert len(measure.intervals) == 3 and measure.samples == 24  # steps 5..7 timed, each from the end of the one before
     assert stats["peak_mb"] == pytest.approx(1.0, abs=0.01)
     assert stats["samples_per_s"] == pytest.approx(24 / sum(measure.intervals))
     assert stats["step_s"] == sorted(measure.intervals)[1]
+    unmeasured = StepMeasure(torch.device("cpu"), memory_steps=0)
+    unmeasured.step(lambda: work(8), samples=8)
+    assert math.isnan(unmeasured.stats()["peak_mb"])  # no profiled step: no memory figure, not 0
+
+
+def test_each_units_peak_is_told_apart_and_matches_the_unit_measured_alone() -> None:
+    """The profiler ranges train_step puts around each unit: a sequential step of SCPL's 4 VGG modules
+    profiled once gives each module the peak `unit_peak_memory` measures by training it alone (two
+    independent computations), and the largest of them is at most the whole step's peak."""
+    from scpl_kit.memory import unit_peak_memory
+    from scpl_kit.methods import build_units
+    from scpl_kit.models import build_model
+    from scpl_kit.updater import train_step, updaters_for
+
+    def units() -> list:
+        torch.manual_seed(0)
+        return build_units("scpl", build_model("vgg", (3, 32, 32), 10, width=0.125), 10, pool=True)
+
+    example = {"features": torch.randn(32, 3, 32, 32), "labels": torch.arange(32) % 10}
+    alone = unit_peak_memory(units(), example)
+    together = units()
+    updaters = updaters_for(together)
+    measure = StepMeasure(torch.device("cpu"), memory_steps=1)
+
+    def step() -> dict[str, torch.Tensor]:
+        signal = example
+        for unit, updater in zip(together, updaters):
+            signal, _ = train_step(unit, updater, signal)
+        return {}
+
+    for _ in range(2):  # the warm-up, then the profiled step
+        measure.step(step, samples=32)
+    stats = measure.stats()
+    peaks = [stats[f"unit/{unit.name}"] for unit in together]
+    # Within 5%, or 2 MiB: one op's 2 MiB scratch buffer comes and goes from one measurement to the next.
+    assert peaks == pytest.approx(alone, rel=0.05, abs=2.05)
+    assert max(peaks) <= stats["peak_mb"] + 1e-6 and len(set(peaks)) == len(peaks)
 
 
 def test_job_stats_keep_the_slowest_pace_and_the_largest_peak() -> None:
@@ -83,3 +123,27 @@ def test_a_measured_run_records_its_pace_and_memory_every_epoch(smoke_config, tm
     assert (records["time/samples_per_s"] > 0).all() and (records["memory/peak_mb"] > 0).all() and (records["time/step_s"] > 0).all()
     assert history(tmp_path / "measured") == history(tmp_path / "plain")
     assert same_weights(weights(tmp_path / "measured"), weights(tmp_path / "plain"))
+
+
+@pytest.mark.slow
+def test_throughput_bench_end_to_end_at_a_tiny_size(tmp_path: Path, synthetic_processed_dir: Path) -> None:
+    """Four rows of bench/throughput.py, one round, batches of 16 (~30 s on 2 cores): each row a run
+    through the config path, its own measurements in the table, the bubble model's idle share worked
+    out by hand, SCPL's pipeline set against the best BP schedule, the targets and the figure."""
+    rows = ["vgg_bp1", "vgg_bp1_ckpt", "vgg_1f1b", "transformer_zero_bubble", "vgg_scpl_pipeline"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/throughput.py"), "--out", str(tmp_path), "--rounds", "1", "--rows", *rows,
+         "--set", "trainer.batch_size=16", "trainer.steps_per_epoch=8", f"data.processed_dir={synthetic_processed_dir}", "tracking.enabled=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = pd.read_csv(tmp_path / "tables/throughput.csv").set_index("row")
+    assert list(table.index) == rows and (table.samples_per_s > 0).all() and (table.peak_mem_mb > 0).all()
+    assert table.loc["vgg_1f1b", "bubble_idle"] == pytest.approx(1 / 5)  # (K - 1) / (M + K - 1), K = 2, M = 4
+    assert table.loc["transformer_zero_bubble", "bubble_idle"] == 0.0
+    assert table.loc["vgg_1f1b", "ideal_speedup"] > 0 and table.loc["vgg_scpl_pipeline", "ideal_speedup"] > 1
+    assert table.loc["vgg_scpl_pipeline", "vs_best_bp"] == pytest.approx(table.loc["vgg_scpl_pipeline", "samples_per_s"] / table.loc["vgg_1f1b", "samples_per_s"], rel=1e-3)
+    assert table.loc["vgg_bp1_ckpt", "peak_mem_mb"] < table.loc["vgg_bp1", "peak_mem_mb"]  # checkpointing keeps fewer activations
+    md = (tmp_path / "tables/throughput.md").read_text()
+    assert "## Targets" in md and "vgg: SCPL pipeline ≥ 1.15× the best BP schedule" in md and "transformer: SCPL pipeline" in md
+    assert (tmp_path / "figures/throughput.png").read_bytes()[:4] == b"\x89PNG"

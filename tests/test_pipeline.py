@@ -29,6 +29,10 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+# A row of each engine, and each model's baseline and SCPL pipeline (bench/throughput.py has 17).
+THROUGHPUT_ROWS = ["vgg_bp1", "vgg_1f1b", "vgg_scpl_threads", "vgg_scpl_pipeline", "transformer_bp1", "transformer_gpipe", "transformer_scpl_pipeline"]
+
+
 def png_width(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
 
@@ -50,7 +54,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "methods": ["bp", "early_exit"],
             "local_k": {"profile": "smoke", "dataset": "mnist5k", "model": "vgg", "ks": [2], "seeds": [0], "methods": ["cascade"]},
         },
-        throughput={"width": 0.0625, "batch": 16, "steps": 3, "warmup": 1, "rounds": 1, "workers": 2, "text_dim": 12},
+        throughput={"rounds": 1, "workers": 2, "rows": THROUGHPUT_ROWS, "set": ["trainer.batch_size=16", "trainer.steps_per_epoch=8"]},
     )
     params["scaling"].update(epochs=1, rounds=1, target=0.5, configs=["bp1", "ddp"])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the grid's parts in their order
@@ -79,7 +83,7 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     assert ran == {
         "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
         "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
-        "evaluate", "tables", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k", "scaling",
+        "evaluate", "tables", "prepare_synthetic@synthetic_cifar10", "prepare_synthetic@synthetic_agnews", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k", "scaling",
     }
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)
@@ -97,14 +101,12 @@ def test_repro_builds_tables_and_plots(repo) -> None:
     for name in ("mnist5k-vgg-bp", "mnist5k-vgg-early_exit", "bbcnews-transformer-bp", "bbcnews-transformer-early_exit"):
         assert json.loads((root / f"reports/eval/{name}-s0.json").read_text())["matches_training"]
     speed = pd.read_csv(root / "reports/tables/throughput.csv")
-    wanted = {"method", "engine", "workers", "microbatches", "projector", "samples_per_s", "speedup_vs_bp1", "ideal_speedup", "peak_act_mem_mb"}
-    assert wanted <= set(speed.columns) and set(speed.engine) == {"sequential", "threads", "pipeline", "gpipe"}
-    text = speed[speed.model == "transformer"]  # the paper's text speed table: BP, SCPL, GPipe (M=4), the SCPL pipeline
-    assert list(zip(text.method, text.engine, text.workers)) == [("bp", "sequential", 1), ("scpl", "sequential", 1), ("bp", "gpipe", 2), ("scpl", "pipeline", 2)]
-    assert text.speedup_vs_bp1.iloc[0] == 1.0 and text.ideal_speedup.iloc[-1] > 1
-    assert (speed.samples_per_s > 0).all()
+    wanted = {"row", "method", "engine", "schedule", "workers", "samples_per_s", "speedup_vs_bp1", "vs_best_bp", "ideal_speedup", "bubble_idle", "peak_mem_mb"}
+    assert wanted <= set(speed.columns) and list(speed.row) == THROUGHPUT_ROWS and (speed.samples_per_s > 0).all()
+    text = speed.set_index("row").loc[["transformer_bp1", "transformer_gpipe", "transformer_scpl_pipeline"]]
+    assert text.speedup_vs_bp1.iloc[0] == 1.0 and text.ideal_speedup.iloc[-1] > 1 and text.bubble_idle.iloc[1] == pytest.approx(0.2)
     per_process = speed.engine != "threads"  # the threads engine's workers share one process: no per-worker memory
-    assert (speed.peak_act_mem_mb[per_process] > 0).all() and speed.peak_act_mem_mb[~per_process].isna().all()
+    assert (speed.peak_mem_mb[per_process] > 0).all() and speed.peak_mem_mb[~per_process].isna().all()
     assert (root / "reports/figures/throughput.png").is_file()
     local = pd.read_csv(root / "reports/tables/local_k.csv")  # BP at K = 1, then cascade at K = 2
     assert list(zip(local.method, local.k)) == [("bp", 1), ("cascade", 2)] and local.mem_vs_bp.iloc[0] == 1.0

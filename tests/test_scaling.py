@@ -149,7 +149,7 @@ def test_configs_and_their_training_overrides(tmp_path: Path) -> None:
     assert "engine.average_every=25" in named["hierarchical"].overrides and "engine.ranks_per_node=1" in named["ddp"].overrides
     assert {"engine.slow_rank=1", "engine.slowdown=3.0"} <= set(named["async_slow"].overrides) & set(named["ddp_slow"].overrides)
     assert "engine.microbatches=8" in named["gpipe"].overrides and named["ddp_scpl"].method == "scpl"
-    overrides = named["ddp"].training_overrides(setup, seed=2, out=tmp_path)
+    overrides = named["ddp"].training_overrides(setup, seed=2)
     assert {"model.width=0.125", "trainer.batch_size=64", "trainer.epochs=2", "seed=2", "trainer.threads=1", "engine=ddp"} <= set(overrides)
     with pytest.raises(ValueError, match="unknown configuration"):
         scaling.configs(setup, ["bp1", "nope"])

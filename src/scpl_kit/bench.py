@@ -1,5 +1,6 @@
 """The benchmark harness: configurations measured in interleaved rounds, then each one's median
-and spread, and a flag where the spread says the machine's load changed.
+and spread, and a flag where the spread says the machine's load changed; a configuration measured as
+one training run in fresh processes (what the run records of itself is the measurement); one figure.
 
 A shared machine's load comes and goes. Measuring configuration A fully, then B, would put a load
 change between them into their ratio; in interleaved rounds (round r measures every configuration
@@ -8,13 +9,23 @@ once, in the same order) it lands on every row alike, and shows as a row's sprea
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing as mp
+import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Sequence, TypeVar
+
+import torch.multiprocessing as torch_mp
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPREAD_LIMIT = 0.10  # a row whose rounds differ by more than this (÷ their median) is flagged: its ratios are unreliable
 
@@ -82,3 +93,117 @@ def interleaved(items: Sequence[Item], rounds: int, measure: Callable[[Item, int
                 report(outcome.config, r, result, time.perf_counter() - begun)
         print(f"round {r + 1}/{rounds} took {time.perf_counter() - started:.0f} s", flush=True)
     return outcomes
+
+
+# -- one training run as a benchmark's measurement -------------------------------------------------------------
+
+# Fresh processes per run, forked from a server that has imported the kit (torch, MLflow, torch's
+# pipelining) once: about 2 s less per process than spawning, and nothing trained or allocated in them.
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+PRELOAD = ["scpl_kit.train", "torch.distributed.pipelining", "mlflow"]
+
+
+@dataclass
+class Run:
+    """What a finished run wrote: metrics.json (its identity, environment and summary: accuracies and the
+    last epoch's time/..., memory/..., comm/..., plan/...) and history.csv (every epoch's record)."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def _train(rank: int, world: int, port: int, overrides: list[str], ranks_per_node: int | None) -> None:
+    from scpl_kit.config import compose_config
+    from scpl_kit.engines.launch import set_rank_env
+    from scpl_kit.train import run
+
+    if world > 1:
+        set_rank_env(rank, world, port)
+        os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node or world)  # simulated nodes, as torchrun describes a node
+    run(compose_config(overrides))
+
+
+def run_training(overrides: Sequence[str], processes: int = 1, ranks_per_node: int | None = None) -> Run:
+    """`python -m scpl_kit.train <overrides>` in `processes` fresh processes on this machine, started
+    as torchrun would (`ranks_per_node`: how many make a simulated node), its outputs in a temporary
+    folder; returns what the run wrote there. A failed process fails the call."""
+    import pandas as pd
+
+    from scpl_kit.engines.launch import free_port
+
+    if START_METHOD == "forkserver":
+        mp.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        where = [f"out_dir={tmp}/run", f"trainer.checkpoint_dir={tmp}/checkpoints"]
+        torch_mp.start_processes(_train, args=(processes, free_port(), [*overrides, *where], ranks_per_node),
+                                 nprocs=processes, join=True, start_method=START_METHOD)
+        return Run(json.loads(Path(tmp, "run", "metrics.json").read_text()), pd.read_csv(Path(tmp, "run", "history.csv")).to_dict("records"))
+
+
+# -- one figure routine ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Panel:
+    """One bar chart of a figure: `column` per row, whiskers from `low` to `high` columns when given."""
+
+    column: str
+    xlabel: str
+    title: str
+    low: str | None = None
+    high: str | None = None
+    log: bool = False
+    reference: float | None = None  # a vertical line (e.g. 1.0 for a speed-up)
+    missing: str = "n/a"  # written where a row has no finite value
+
+
+def bar_figure(table: "pd.DataFrame", labels: Sequence[str], colors: Sequence[str], panels: Sequence[Panel], path: Path) -> None:
+    """Horizontal bar charts, one above the other, rows in the table's order; 880 px wide, since `dvc plots
+    show` shows an image at its own size and crops what does not fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = np.arange(len(table))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 0.32 * len(table) * len(panels)), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        values = table[panel.column].astype(float).to_numpy()
+        shown = np.isfinite(values) & ((values > 0) if panel.log else True)
+        errors = None
+        if panel.low and panel.high:
+            errors = np.nan_to_num([values - table[panel.low].to_numpy(float), table[panel.high].to_numpy(float) - values]).clip(0)
+        ax.barh(rows[shown], values[shown], color=np.asarray(colors)[shown], xerr=None if errors is None else errors[:, shown], capsize=2, log=panel.log)
+        for row in rows[~shown]:
+            ax.text(ax.get_xlim()[0], row, f" {panel.missing}", va="center", fontsize=8)
+        if panel.reference is not None:
+            ax.axvline(panel.reference, color="gray", lw=0.8)
+        ax.set(xlabel=panel.xlabel, title=panel.title)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[-1, 0].set_yticks(rows, labels)
+    axes[-1, 0].invert_yaxis()  # the table's order, top to bottom
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- targets ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    met: bool | None  # None: a row it needs was not measured (or failed)
+    detail: str
+
+
+def targets_markdown(verdicts: Sequence[Verdict]) -> str:
+    mark = {True: "met", False: "**missed**", None: "not evaluated"}
+    return "## Targets\n\n" + "".join(f"- {v.target}: {mark[v.met]}: {v.detail}\n" for v in verdicts)
+
+
+def spread_warnings(table: "pd.DataFrame", name: str = "row") -> list[str]:
+    """A line for each flagged row of a table with `samples_per_s`, `spread`, `rate_min`, `rate_max`, `flag`."""
+    return [f"WARNING: {getattr(r, name)}: samples/s spread {r.spread:.0%} over rounds ({r.rate_min:.0f}..{r.rate_max:.0f}) exceeds "
+            f"{SPREAD_LIMIT:.0%}: the machine's load changed; its ratios are unreliable" for r in table.itertuples() if r.flag]

@@ -11,6 +11,8 @@ the differences the tables are about.)
 
 from __future__ import annotations
 
+import bisect
+from itertools import accumulate
 from typing import TYPE_CHECKING, Callable
 
 from scpl_kit.signal import Signal
@@ -28,16 +30,38 @@ def peak_memory_mb(work: Callable[[], object]) -> float:
     return profiled_peak_mb(prof)
 
 
+UNIT_SCOPE = "unit:"  # the profiler range each unit's training step runs in (updater.train_step): its memory is told apart
+
+
 def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
     """The high-water mark (MB) of tensor memory over a finished profiler session, above its start."""
+    _, levels = memory_levels(prof)
+    return max(0, *levels) / 2**20
+
+
+def memory_levels(prof: "torch.profiler.profile") -> tuple[list[int], list[int]]:
+    """(times, tensor bytes held after each allocation or free), in time order, from the session's start."""
     changes = sorted(
         (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()
     )
-    level = peak = 0
-    for _, change in changes:
-        level += change
-        peak = max(peak, level)
-    return peak / 2**20
+    return [t for t, _ in changes], list(accumulate(change for _, change in changes))
+
+
+def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
+    """Each unit's high-water mark (MB) within its own training steps, above what was held when a step
+    began (what earlier units left alive is theirs, not its): the largest over the session's steps."""
+    times, levels = memory_levels(prof)
+    peaks: dict[str, float] = {}
+    for event in prof.events():
+        if not event.name.startswith(UNIT_SCOPE):
+            continue
+        first = bisect.bisect_left(times, event.time_range.start)
+        last = bisect.bisect_right(times, event.time_range.end)
+        before = levels[first - 1] if first else 0
+        peak = max((level - before for level in levels[first:last]), default=0)
+        name = event.name[len(UNIT_SCOPE):]
+        peaks[name] = max(peaks.get(name, 0.0), peak / 2**20)
+    return peaks
 
 
 def unit_peak_memory(units: list, example: Signal) -> list[float]:

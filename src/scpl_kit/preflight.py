@@ -68,6 +68,9 @@ RULES: dict[str, Rule] = {
     "trainer.eval_batch_size": Rule(int, low=1),
     "trainer.threads": Rule(int, low=1, nullable=True),
     "trainer.stop_at_val_acc": Rule(float, positive=True, high=1, nullable=True),
+    "trainer.steps_per_epoch": Rule(int, low=1, nullable=True),
+    "trainer.measure_memory_steps": Rule(int, low=0),
+    "data.samples": Rule(int, low=10),  # the synthetic images: one per class at least
     "optimizer.lr": Rule(float, positive=True),
     "optimizer.lr_min": Rule(float, low=0),
     "optimizer.weight_decay": Rule(float, low=0),

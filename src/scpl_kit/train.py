@@ -28,6 +28,7 @@ from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.sources import source_options
 from scpl_kit.engines import Engine, build_engine
 from scpl_kit.engines.base import LaunchError, PeerError
+from scpl_kit.engines.measure import MEMORY_STEPS
 from scpl_kit.databases import refuse_passwords
 from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
@@ -73,8 +74,10 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
 
 
 def update_recipe(cfg: DictConfig, data: PreparedData) -> UpdateRecipe:
-    """conf/optimizer/ over the run's length: every batch of an epoch (the last partial one dropped)."""
-    return UpdateRecipe(OptimizerSettings.from_config(cfg.optimizer), data.meta["sizes"]["train"] // cfg.trainer.batch_size, cfg.trainer.epochs)
+    """conf/optimizer/ over the run's length: every batch of an epoch (the last partial one dropped), or
+    `trainer.steps_per_epoch` of them."""
+    steps = data.meta["sizes"]["train"] // cfg.trainer.batch_size
+    return UpdateRecipe(OptimizerSettings.from_config(cfg.optimizer), min(steps, cfg.trainer.get("steps_per_epoch") or steps), cfg.trainer.epochs)
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -181,7 +184,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         check_writable_dir(cfg.trainer.checkpoint_dir, "trainer.checkpoint_dir")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.enabled else None  # checks its store
     if cfg.trainer.get("measure"):
-        engine.measure_steps()
+        engine.measure_steps(cfg.trainer.get("measure_memory_steps", MEMORY_STEPS))
     checkpoint = Checkpoint(Path(cfg.trainer.checkpoint_dir) / f"{run_key(cfg)}.pt")
     state = checkpoint.load() if cfg.trainer.resume else None
     if state is not None:
@@ -192,7 +195,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         Augmentation(cfg.trainer.augmentation, data.input_shape[-1], cfg.data.get("hflip", False)), cfg.seed,
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
         checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=(state or {}).get("best") or BestWeights(),
-        stop_at_val_acc=cfg.trainer.get("stop_at_val_acc"),
+        stop_at_val_acc=cfg.trainer.get("stop_at_val_acc"), steps_per_epoch=cfg.trainer.get("steps_per_epoch"),
     )
     history = state["history"] if state else []
     try:

@@ -128,6 +128,7 @@ class Trainer:
     eval_test: bool = True  # off in sweeps: model selection must never see the test split
     best: BestWeights = field(default_factory=BestWeights)  # filled on the main process only
     stop_at_val_acc: float | None = None  # end after the first epoch reaching it (every process sees the same accuracy)
+    steps_per_epoch: int | None = None  # train on this many batches an epoch (a random subset of the split); None: all of it
 
     def fit(self, start_epoch: int = 1, history: list[dict[str, float]] | None = None) -> list[dict[str, float]]:
         history = list(history or [])
@@ -153,7 +154,8 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(epoch_seed(self.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True)
+        train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True,
+                                 max_batches=self.steps_per_epoch)
         for unit in self.engine.units:  # this process's units
             unit.start_epoch(epoch, self.epochs)
         samples = len(train) * self.batch_size * self.augmentation.views
@@ -168,6 +170,10 @@ class Trainer:
         return record
 
 
+# The epoch records' measurements (engines/measure.py, transport.py) and what a pipeline's split promised (staged.py).
+MEASURED = ("time/", "memory/", "comm/", "plan/")
+
+
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:
     """Final metrics. `test_acc` is taken at the epoch of best *validation* accuracy (honest model
     selection); `best_test_acc` is the paper's metric (best test accuracy over epochs)."""
@@ -179,6 +185,8 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
         "train_time_s": sum(r["train_time_s"] for r in history),
         "samples_per_s": float(np.mean([r["samples_per_s"] for r in history])),
     }
+    # What the run measured of itself (trainer.measure), in its last epoch: the steady state.
+    summary.update({name: value for name, value in history[-1].items() if name.startswith(MEASURED)})
     if "test_acc" in best:
         summary.update(
             test_acc=best["test_acc"], best_test_acc=max(r["test_acc"] for r in history), final_test_acc=history[-1]["test_acc"]

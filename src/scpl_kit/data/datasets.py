@@ -59,15 +59,24 @@ class PreparedData:
 
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
-        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False,
+        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
     ) -> DataLoader:
+        """Batches of `split`; shuffled, at most `max_batches` of them."""
         images, labels = self.splits[split]
         dataset = SplitDataset(images, labels, self.meta["mean"], self.meta["std"], augmentation)
-        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        order = shuffled(dataset, generator, max_batches and max_batches * batch_size) if shuffle else SequentialSampler(dataset)
         return DataLoader(
             dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
             num_workers=num_workers, pin_memory=torch.cuda.is_available(),
         )
+
+
+def shuffled(dataset: Dataset, generator: torch.Generator | None, samples: int | None) -> RandomSampler:
+    """A new random order each epoch; with `samples`, only that many of it (`trainer.steps_per_epoch`: a
+    different random subset each epoch). Without, the sampler draws exactly what it always drew."""
+    if samples is None or samples >= len(dataset):
+        return RandomSampler(dataset, generator=generator)
+    return RandomSampler(dataset, generator=generator, num_samples=samples)
 
 
 def prepare_hint(name: str, processed_dir: str | Path, settings: dict[str, Any] | None = None) -> str:
@@ -160,7 +169,7 @@ class TextPreparedData(PreparedData):
 
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
-        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False,
+        generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
     ) -> DataLoader:
         if augmentation is not None and augmentation.kind != "none":
             raise ValueError(
@@ -169,7 +178,7 @@ class TextPreparedData(PreparedData):
             )
         tokens, labels = self.splits[split]
         dataset = TextSplitDataset(tokens, self.lengths[split], labels)
-        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        order = shuffled(dataset, generator, max_batches and max_batches * batch_size) if shuffle else SequentialSampler(dataset)
         return DataLoader(
             dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
             num_workers=num_workers, pin_memory=torch.cuda.is_available(),

@@ -138,6 +138,17 @@ class GPipeEngine(StagedEngine):
         self.mine = [s for s in range(self.n_pipeline_stages) if self.owner[s] == self.rank]  # this process's stages, in order
         self.loss_rank = self.owner[-1]  # the process that holds the last stage computes the loss
 
+    def ideal_speedup(self, times: list[float]) -> float:
+        """Over BP on one worker at the micro-batch size: the blocks' total ÷ the busiest process's share
+        (its stages' blocks), times the share of a step the bubble model leaves it working."""
+        loads = [0.0] * self.world
+        for stage, blocks in enumerate(self.stages):
+            loads[self.owner[stage]] += sum(times[i] for i in blocks)
+        return sum(times) / max(loads) * (1 - idle_share(self.schedule_name, self.world, self.microbatches))
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {**super().epoch_stats(), "plan/idle_share": idle_share(self.schedule_name, self.world, self.microbatches)}
+
     def setup(self, units: list[LocalUnit], example: Signal | None = None, recipe: UpdateRecipe | None = None) -> None:
         network = units[0].network() if len(units) == 1 else None
         if network is None:

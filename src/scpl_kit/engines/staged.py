@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from scpl_kit.engines.balance import check_balance, even_stages, split_by_time
+from scpl_kit.engines.balance import check_balance, even_stages, split_by_time, stage_time
 from scpl_kit.engines.base import Batch, Engine, ReadoutCollector, as_signal, reports_peer_failures
 from scpl_kit.engines.distributed import check_processes, close_distributed, gather_to_main, init_distributed, stage_device
 from scpl_kit.engines.transport import Transport
@@ -52,6 +52,7 @@ class StagedEngine(Engine):
         self.stage_group, _ = dist.new_subgroups_by_enumeration([[r * self.n_stages + s for r in range(replicas)] for s in range(self.n_stages)])
         self.stages = [list(s) for s in stages] if stages else None
         self.balance = balance
+        self.times: list[float] | None = None  # each unit's (block's) step time, when `balance: time` timed them
         self.device = stage_device(device)
         self.transport = Transport(self.device)
         self.units, self.updaters, self.pending = [], [], []
@@ -80,14 +81,29 @@ class StagedEngine(Engine):
         if measure is None:
             log.info("no example batch to time the %s on; splitting them evenly by count", what)
             return even_stages(n, groups)
-        chosen: list[Any] = [even_stages(n, groups)]
+        chosen: list[Any] = [(even_stages(n, groups), None)]
         if self.is_main:
             try:
-                chosen[0] = split_by_time(what, measure(), groups)
+                times = measure()
+                chosen[0] = (split_by_time(what, times, groups), times)
             except Exception as error:  # the split only guides speed: a run whose timing fails may still train
                 log.warning("could not time the %s (%s: %s); splitting them evenly by count", what, type(error).__name__, error)
         dist.broadcast_object_list(chosen, src=0)
-        return chosen[0]
+        stages, self.times = chosen[0]
+        return stages
+
+    def ideal_speedup(self, times: list[float]) -> float:
+        """The most this split can gain over running every stage on one worker: the sum of the step
+        times ÷ the slowest stage's (no pipeline bubble: stages work on different batches)."""
+        return sum(times) / stage_time(times, self.stages)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The engine's measurements, and what the timed split promised (`plan/ideal_speedup`), to set a
+        measured speed-up beside."""
+        stats = super().epoch_stats()
+        if self.times:
+            stats["plan/ideal_speedup"] = self.ideal_speedup(self.times)
+        return stats
 
     def finish_batches(self) -> None:
         wait_sent(self.pending)
