@@ -13,22 +13,19 @@ its pipeline's timed split promised. Rows run in interleaved rounds (scpl_kit.be
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from scpl_kit.bench import SPREAD_LIMIT, Panel, Verdict, bar_figure, flagged, interleaved, median, run_training, spread, spread_warnings, targets_markdown
+from scpl_kit.bench import interleaved, run_training
 from scpl_kit.config import ConfigError, compose_config
-from scpl_kit.environment import one_line
 from scpl_kit.preflight import OneLineParser, PreflightError, Rule, check_options, check_output_dir, fail
 from scpl_kit.registry import UnknownNameError
+from scpl_kit.report.throughput import table_of, write
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-TARGET_SPEEDUP = 1.15
-TIMED_STEPS = 6  # as conf/profile/bench*.yaml's steps_per_epoch has them  # the SCPL pipeline against the best BP schedule on the same workers
+MEMORY_STEPS = 4  # steps profiled for memory in a row's first, short run (after one warm-up step)  # the SCPL pipeline against the best BP schedule on the same workers
 VGG = ("profile=bench", "model=vgg")
 TRANSFORMER = ("profile=bench_text",)
 BP_VGG = ("method=bp", "method.modules=6")  # VGG8 cut at each of its 6 convs: the finest split for a BP pipeline to balance
@@ -64,9 +61,7 @@ def rows(workers: int) -> list[Row]:
         Row("vgg_scpl1", "vgg", "scpl", "sequential", 1, (*VGG, *SCPL_VGG)),
         *(bp_pipeline("vgg", vgg_bp, schedule) for schedule in SCHEDULES),
         bp_pipeline("vgg", vgg_bp, "1f1b", checkpoint=True),
-        # One process of `workers` threads: the profiler cannot tell which thread frees what, so no memory.
-        Row("vgg_scpl_threads", "vgg", "scpl", "threads", workers,
-            (*VGG, *SCPL_VGG, "engine=threads", f"engine.devices=[{','.join(['cpu'] * workers)}]", "trainer.measure_memory_steps=0")),
+        Row("vgg_scpl_threads", "vgg", "scpl", "threads", workers, (*VGG, *SCPL_VGG, "engine=threads", f"engine.devices=[{','.join(['cpu'] * workers)}]")),
         Row("vgg_scpl_pipeline", "vgg", "scpl", "pipeline", workers, (*VGG, *SCPL_VGG, "engine=pipeline")),
         Row("transformer_bp1", "transformer", "bp", "sequential", 1, text_bp),
         Row("transformer_bp1_ckpt", "transformer", "bp", "sequential", 1, (*text_bp, "method.checkpoint=true"), checkpoint=True),
@@ -75,81 +70,17 @@ def rows(workers: int) -> list[Row]:
     ]
 
 
-def measure(row: Row, first_round: bool, extra: Sequence[str]) -> dict[str, float]:
-    """One run of `row`: what it recorded. Memory is profiled in the first round only (it does not depend on the load)."""
-    # After the first round: time only, over the warm-up and the timed steps (the last override wins).
-    memory = [] if first_round else ["trainer.measure_memory_steps=0", f"trainer.steps_per_epoch={TIMED_STEPS + 1}"]
+def measure(row: Row, first_round: bool, extra: Sequence[str], plans: dict[str, dict]) -> dict[str, float]:
+    """One timed run of `row`: what it recorded. In the first round a short profiled run first takes the
+    row's memory and its pipeline's split (`plans`); every timed run then uses that split, so the rounds
+    differ by the machine's load alone (a split timed anew each run could differ), and profiles nothing."""
     processes = 1 if row.engine in ("sequential", "threads") else row.workers
-    return run_training([*row.overrides, *memory, "tracking.group=throughput", f"tracking.run_name=throughput-{row.name}", *extra], processes).metrics
-
-
-def table_of(outcomes: list) -> "pd.DataFrame":
-    import pandas as pd
-
-    records = []
-    for outcome in outcomes:
-        row, runs = outcome.config, outcome.results
-        rates = [r["time/samples_per_s"] for r in runs]
-        first = runs[0] if runs else {}
-        records.append({
-            "row": row.name, "model": row.model, "method": row.method, "engine": row.engine, "schedule": row.schedule, "workers": row.workers,
-            "checkpoint": row.checkpoint, "samples_per_s": median(rates), "spread": spread(rates), "flag": flagged(rates),
-            "rate_min": min(rates, default=float("nan")), "rate_max": max(rates, default=float("nan")),
-            "ideal_speedup": first.get("plan/ideal_speedup", float("nan")), "bubble_idle": first.get("plan/idle_share", float("nan")),
-            "peak_mem_mb": first.get("memory/peak_mb", float("nan")), "error": outcome.error or "",
-            "environment": one_line(first["environment"]) if first else "",
-        })
-    table = pd.DataFrame(records)
-    bp1 = table[table.row.str.endswith("_bp1")].set_index("model")
-    table["speedup_vs_bp1"] = table.samples_per_s / table.model.map(bp1.samples_per_s)
-    table["mem_vs_bp1"] = table.peak_mem_mb / table.model.map(bp1.peak_mem_mb)
-    best_bp = table[(table.engine == "gpipe")].groupby("model").samples_per_s.max()
-    table["vs_best_bp"] = (table.samples_per_s / table.model.map(best_bp)).where(table.engine == "pipeline")
-    return table
-
-
-def verdicts(table: "pd.DataFrame") -> list[Verdict]:
-    found = []
-    for model in table.model.unique():
-        rows_of = table[(table.model == model) & (table.error == "")].set_index("row")
-        pipeline, ckpt, bps = f"{model}_scpl_pipeline", f"{model}_bp1_ckpt", rows_of[rows_of.engine == "gpipe"]
-        if pipeline not in rows_of.index or bps.empty:
-            found.append(Verdict(f"{model}: SCPL pipeline ≥ {TARGET_SPEEDUP}× the best BP schedule", None, "not measured"))
-            continue
-        best = bps.samples_per_s.idxmax()
-        ratio = rows_of.samples_per_s[pipeline] / bps.samples_per_s[best]
-        found.append(Verdict(f"{model}: SCPL pipeline ≥ {TARGET_SPEEDUP}× the best BP schedule on the same workers", bool(ratio >= TARGET_SPEEDUP),
-                             f"{ratio:.2f}× ({rows_of.samples_per_s[pipeline]:.0f} vs {best}'s {bps.samples_per_s[best]:.0f} samples/s)"))
-        if ckpt in rows_of.index:
-            mine, theirs = rows_of.peak_mem_mb[pipeline], rows_of.peak_mem_mb[ckpt]
-            found.append(Verdict(f"{model}: SCPL pipeline's largest stage ≤ BP with checkpointing on one worker (peak memory)", bool(mine <= theirs),
-                                 f"{mine:.0f} vs {theirs:.0f} MB ({mine / theirs:.2f}×)"))
-    return found
-
-
-COLUMNS = ["row", "method", "engine", "schedule", "workers", "checkpoint", "samples_per_s", "spread", "flag", "speedup_vs_bp1", "vs_best_bp",
-           "ideal_speedup", "bubble_idle", "peak_mem_mb", "mem_vs_bp1"]
-
-
-def write(table: "pd.DataFrame", rounds: int, out: Path) -> str:
-    shown = table[COLUMNS].round(3)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    shown.to_csv(out / "tables" / "throughput.csv", index=False)
-    notes = [*spread_warnings(table), *(f"{r.row} FAILED: {r.error}" for r in table.itertuples() if r.error)]
-    text = (f"# Training throughput and peak memory, {table.workers.max()} workers of one thread each\n\n"
-            f"Measured on {next((e for e in table.environment if e), '?')} (per worker), by each run itself (trainer.measure); "
-            f"medians of {rounds} interleaved rounds, `flag`: spread > {SPREAD_LIMIT:.0%}. Rows, columns and what bounds them: docs/benchmarks.md.\n\n"
-            + shown.to_markdown(index=False) + "\n" + "".join(f"\n- {n}" for n in notes) + "\n\n" + targets_markdown(verdicts(table)))
-    (out / "tables" / "throughput.md").write_text(text)
-    measured = table[table.error == ""]
-    colors = [{("vgg", "bp"): "tab:blue", ("vgg", "scpl"): "tab:orange", ("transformer", "bp"): "tab:cyan"}.get((r.model, r.method), "tab:red")
-              for r in measured.itertuples()]
-    bar_figure(measured, list(measured.row), colors, [
-        Panel("speedup_vs_bp1", "speed-up over BP on 1 worker of the same model (medians; whiskers: the rounds)", "training throughput",
-              reference=1.0),
-        Panel("peak_mem_mb", "peak memory of the largest worker (MB; profiler, first round)", "memory", missing="not measured (one shared process)"),
-    ], out / "figures" / "throughput.png")
-    return text
+    if first_round:  # the threads engine: one process of several threads, whose frees the profiler cannot attribute
+        profiled = [f"trainer.measure_memory_steps={MEMORY_STEPS}", f"trainer.steps_per_epoch={MEMORY_STEPS + 1}"]
+        plans[row.name] = {} if row.engine == "threads" else run_training([*row.overrides, *profiled, *extra], processes).metrics
+    stages = plans[row.name].get("placement", {}).get("stages")
+    split = [f"engine.stages={json.dumps(stages).replace(' ', '')}"] if stages else []
+    return run_training([*row.overrides, *split, *extra], processes).metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_dir(args.out, "--out")
     except PreflightError as error:
         sys.exit(fail(error))  # status 2, as argparse's own errors leave
-    outcomes = interleaved(chosen, args.rounds, lambda row, r: measure(row, r == 0, args.set),
+    plans: dict[str, dict] = {}
+    outcomes = interleaved(chosen, args.rounds, lambda row, r: measure(row, r == 0, args.set, plans),
                            lambda row, r, m, s: print(f"  round {r + 1}/{args.rounds}  {row.name:28s} {m['time/samples_per_s']:8.1f} samples/s"
-                                                      f"  peak {m.get('memory/peak_mb', float('nan')):7.1f} MB  ({s:.0f} s)", flush=True))
-    print(write(table_of(outcomes), args.rounds, args.out))
+                                                      f"  ({s:.0f} s)", flush=True))
+    print(write(table_of(outcomes, plans), args.rounds, args.out))
     return 1 if any(o.error for o in outcomes) else 0
 
 

@@ -142,7 +142,8 @@ def test_throughput_bench_end_to_end_at_a_tiny_size(tmp_path: Path, synthetic_pr
     assert table.loc["vgg_1f1b", "bubble_idle"] == pytest.approx(1 / 5)  # (K - 1) / (M + K - 1), K = 2, M = 4
     assert table.loc["transformer_zero_bubble", "bubble_idle"] == 0.0
     assert table.loc["vgg_1f1b", "ideal_speedup"] > 0 and table.loc["vgg_scpl_pipeline", "ideal_speedup"] > 1
-    assert table.loc["vgg_scpl_pipeline", "vs_best_bp"] == pytest.approx(table.loc["vgg_scpl_pipeline", "samples_per_s"] / table.loc["vgg_1f1b", "samples_per_s"], rel=1e-3)
+    ratio = table.loc["vgg_scpl_pipeline", "samples_per_s"] / table.loc["vgg_1f1b", "samples_per_s"]
+    assert table.loc["vgg_scpl_pipeline", "vs_best_bp"] == pytest.approx(ratio, abs=6e-4)  # the csv keeps 3 decimals
     assert table.loc["vgg_bp1_ckpt", "peak_mem_mb"] < table.loc["vgg_bp1", "peak_mem_mb"]  # checkpointing keeps fewer activations
     md = (tmp_path / "tables/throughput.md").read_text()
     assert "## Targets" in md and "vgg: SCPL pipeline ≥ 1.15× the best BP schedule" in md and "transformer: SCPL pipeline" in md

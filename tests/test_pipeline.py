@@ -79,11 +79,12 @@ def pool_stages(output: str) -> set[str]:
 def test_repro_builds_tables_and_plots(repo) -> None:
     root, env, printed = repo
     ran = stages_run(printed) | pool_stages(printed)
-    assert re.search(r"^\[6/6\] ", printed, flags=re.MULTILINE)  # progress: stages done of stages to run
+    assert re.search(r"^\[9/9\] ", printed, flags=re.MULTILINE)  # progress: stages done of stages to run
     assert ran == {
         "prepare@mnist5k", "train@mnist5k-vgg-bp-0", "train@mnist5k-vgg-early_exit-0",
         "prepare_text@bbcnews", "train_text@bbcnews-transformer-bp-0", "train_text@bbcnews-transformer-early_exit-0",
         "evaluate", "tables", "prepare_synthetic@synthetic_cifar10", "prepare_synthetic@synthetic_agnews", "throughput", "train_local@cascade-2-0", "train_local_e2e@0", "local_k", "scaling",
+        "train_memory_check@bp-k1", "train_memory_check@infopro-k2", "train_memory_check@infopro-k4",
     }
     table = pd.read_csv(root / "reports/tables/accuracy.csv")
     assert {"dataset", "model", "method", "engine", "n_runs", "acc_mean", "acc_std"} <= set(table.columns)

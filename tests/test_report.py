@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from scpl_kit.report.grid import run_names
 from scpl_kit.report.published import UNSPECIFIED_MODEL, published_columns
@@ -65,3 +66,19 @@ def test_greedy_sl_not_early_exit_stands_beside_the_infopro_papers_greedy_sl() -
     table = local_table(runs, part, published).set_index(["method", "k"])
     assert table.loc[("greedy_sl", 2), "published_test_error"] == 10.30 and pd.isna(table.loc[("early_exit", 2), "published_test_error"])
     assert "published_mem_vs_bp" not in table.columns
+
+
+def test_local_k_memory_is_what_the_run_recorded(tmp_path: Path) -> None:
+    """Each module's peak over the epochs (a cascade trains one module an epoch), from history.csv; the
+    process's peak where no unit's was recorded (CUDA); a run trained unmeasured is named."""
+    from scpl_kit.preflight import PreflightError
+    from scpl_kit.report.local_k import module_memory
+
+    pd.DataFrame({"epoch": [1, 2], "memory/unit/block1/peak_mb": [10.0, None], "memory/unit/block2/peak_mb": [None, 7.5],
+                  "memory/peak_mb": [12.0, 9.0]}).to_csv(tmp_path / "history.csv", index=False)
+    assert module_memory(tmp_path) == [10.0, 7.5]
+    pd.DataFrame({"epoch": [1, 2], "memory/peak_mb": [12.0, 13.0]}).to_csv(tmp_path / "history.csv", index=False)
+    assert module_memory(tmp_path) == [13.0]
+    pd.DataFrame({"epoch": [1], "val_acc": [0.5]}).to_csv(tmp_path / "history.csv", index=False)
+    with pytest.raises(PreflightError, match="trainer.measure=true"):
+        module_memory(tmp_path)

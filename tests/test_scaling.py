@@ -1,4 +1,4 @@
-"""bench/scaling.py: the pure parts against hand-computed values, and (slow) one tiny run end to end."""
+"""bench/scaling.py and its table (scpl_kit.report.scaling): the pure parts against hand-computed values, and (slow) one tiny run end to end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import scaling  # noqa: E402
-from scaling import Outcome, RoundResult, Setup  # noqa: E402
+from scaling import Setup  # noqa: E402
+
+from scpl_kit.bench import Outcome  # noqa: E402
+from scpl_kit.report import scaling as report  # noqa: E402
+from scpl_kit.report.scaling import RoundResult  # noqa: E402
 
 
 def epoch(n: int, val_acc: float, train_time_s: float, samples: int = 3488) -> dict[str, float]:
@@ -24,18 +28,18 @@ def epoch(n: int, val_acc: float, train_time_s: float, samples: int = 3488) -> d
 
 def test_time_to_accuracy_is_the_training_time_up_to_the_first_epoch_reaching_the_target() -> None:
     history = [epoch(1, 0.90, 2.0), epoch(2, 0.968, 3.0), epoch(3, 0.97, 4.0), epoch(4, 0.98, 5.0)]
-    assert scaling.time_to_accuracy(history, 0.97) == (9.0, 3)  # 2 + 3 + 4 s; the later, better epoch does not count
-    assert scaling.time_to_accuracy(history, 0.90) == (2.0, 1)
-    assert scaling.time_to_accuracy(history, 0.99) == (math.inf, None)
+    assert report.time_to_accuracy(history, 0.97) == (9.0, 3)  # 2 + 3 + 4 s; the later, better epoch does not count
+    assert report.time_to_accuracy(history, 0.90) == (2.0, 1)
+    assert report.time_to_accuracy(history, 0.99) == (math.inf, None)
     # 485 of 500 digits right, as the trainer computes it (a mean of booleans), reaches 97%.
     computed = float((np.arange(500) < 485).mean())
-    assert scaling.time_to_accuracy([epoch(1, computed, 1.5)], 0.97) == (1.5, 1)
+    assert report.time_to_accuracy([epoch(1, computed, 1.5)], 0.97) == (1.5, 1)
 
 
 def test_steady_throughput_leaves_the_first_epoch_out() -> None:
     history = [epoch(1, 0.9, 4.0), epoch(2, 0.95, 2.0), epoch(3, 0.97, 2.5)]
-    assert scaling.steady_samples_per_s(history) == pytest.approx(2 * 3488 / 4.5)  # 1550.2
-    assert scaling.steady_samples_per_s(history[:1]) == pytest.approx(3488 / 4.0)  # one epoch: that one
+    assert report.steady_samples_per_s(history) == pytest.approx(2 * 3488 / 4.5)  # 1550.2
+    assert report.steady_samples_per_s(history[:1]) == pytest.approx(3488 / 4.0)  # one epoch: that one
 
 
 def result(rate: float, tta: float, epochs: int | None, acc: float, inter: float = 0.0, memory: float = math.nan) -> RoundResult:
@@ -63,7 +67,7 @@ def fake_outcomes() -> dict[str, Outcome]:
 
 def test_table_from_per_round_results() -> None:
     outcomes = fake_outcomes()
-    table = scaling.build_table(list(outcomes.values())).set_index("config")
+    table = report.build_table(list(outcomes.values())).set_index("config")
     assert list(table.index) == ["bp1", "ddp", "hierarchical", "ddp_slow", "async_slow", "gpipe"]
     bp1, ddp, hier = table.loc["bp1"], table.loc["ddp"], table.loc["hierarchical"]
     assert bp1.samples_per_s == 1000 and bp1.spread == pytest.approx(0.2) and bp1.flag  # 20% > 10%
@@ -78,7 +82,7 @@ def test_table_from_per_round_results() -> None:
     # the spread is over the two rounds that reached it.
     assert hier.time_to_acc_s == 4.5 and hier.time_to_acc_spread == pytest.approx(1.0 / 4.0) and hier.reached == "2/3"
     assert hier.epochs_to_acc == 3.5 and hier.final_val_acc == pytest.approx(0.968)
-    once = scaling.row(Outcome(outcomes["ddp"].config, [result(1900, 3.0, 3, 0.97), result(1900, math.inf, None, 0.96)]))
+    once = report.row(Outcome(outcomes["ddp"].config, [result(1900, 3.0, 3, 0.97), result(1900, math.inf, None, 0.96)]))
     assert once["time_to_acc_s"] == math.inf and math.isnan(once["time_to_acc_spread"]) and once["reached"] == "1/2"  # half missed: not reached
     assert hier.detail == "K'=50, 2 nodes"
     failed = table.loc["gpipe"]
@@ -87,28 +91,28 @@ def test_table_from_per_round_results() -> None:
 
 def test_a_row_is_flagged_only_above_ten_percent() -> None:
     named = {c.name: c for c in scaling.configs(Setup())}
-    rows = [scaling.row(Outcome(named["ddp"], [result(rate, 1.0, 1, 0.97) for rate in rates])) for rates in ([1800, 1900, 2000], [1805, 1900, 1995])]
+    rows = [report.row(Outcome(named["ddp"], [result(rate, 1.0, 1, 0.97) for rate in rates])) for rates in ([1800, 1900, 2000], [1805, 1900, 1995])]
     assert rows[0]["spread"] == pytest.approx(200 / 1900) and rows[0]["flag"]  # 10.5%
     assert rows[1]["spread"] == pytest.approx(190 / 1900) and not rows[1]["flag"]  # 10.0%: not above
 
 
 def test_targets_against_hand_computed_values() -> None:
     outcomes = fake_outcomes()
-    table = scaling.build_table(list(outcomes.values()))
-    ddp, hierarchical, slowed = scaling.evaluate_targets(table, outcomes)
+    table = report.build_table(list(outcomes.values()))
+    ddp, hierarchical, slowed = report.evaluate_targets(table, outcomes)
     # Medians 1900 / 1000; each round's own ratio: 1900/1000, 1950/1100, 1850/900.
     assert ddp.met is True and "1.90× (1900 vs 1000 samples/s" in ddp.detail and "per-round ratios 1.77..2.06" in ddp.detail
     assert "unreliable: throughput spread > 10% in bp1" in ddp.detail
     assert hierarchical.met is True and "27.3× fewer" in hierarchical.detail and "-0.4 points" in hierarchical.detail
     assert slowed.met is False and "1.25× (625 vs 500" in slowed.detail
-    text = scaling.targets_markdown([ddp, hierarchical, slowed])
+    text = report.targets_markdown([ddp, hierarchical, slowed])
     assert text.startswith("## Targets") and text.count("met") >= 2 and "**missed**" in text
 
 
 def test_targets_missing_rows_are_not_evaluated() -> None:
     outcomes = {name: o for name, o in fake_outcomes().items() if name in ("bp1", "ddp")}
-    table = scaling.build_table(list(outcomes.values()))
-    ddp, hierarchical, slowed = scaling.evaluate_targets(table, outcomes)
+    table = report.build_table(list(outcomes.values()))
+    ddp, hierarchical, slowed = report.evaluate_targets(table, outcomes)
     assert ddp.met is True and hierarchical.met is None and slowed.met is None
 
 
@@ -116,23 +120,23 @@ def test_hierarchical_target_misses_on_accuracy_or_bytes() -> None:
     outcomes = fake_outcomes()
     for r in outcomes["hierarchical"].results:
         r.final_val_acc -= 0.002  # median 96.6%: 0.6 points below DDP's 97.2%
-    _, hierarchical, _ = scaling.evaluate_targets(scaling.build_table(list(outcomes.values())), outcomes)
+    _, hierarchical, _ = report.evaluate_targets(report.build_table(list(outcomes.values())), outcomes)
     assert hierarchical.met is False and "-0.6 points" in hierarchical.detail
     outcomes = fake_outcomes()
     for r in outcomes["hierarchical"].results:
         r.inter_node_bytes_per_step = 120_000  # 8.96× fewer
-    _, hierarchical, _ = scaling.evaluate_targets(scaling.build_table(list(outcomes.values())), outcomes)
+    _, hierarchical, _ = report.evaluate_targets(report.build_table(list(outcomes.values())), outcomes)
     assert hierarchical.met is False and "9.0× fewer" in hierarchical.detail
 
 
 def test_outputs_from_fake_results(tmp_path: Path) -> None:
     outcomes = fake_outcomes()
-    table = scaling.build_table(list(outcomes.values()))
-    verdicts = scaling.evaluate_targets(table, outcomes)
+    table = report.build_table(list(outcomes.values()))
+    verdicts = report.evaluate_targets(table, outcomes)
     outcomes["bp1"].results[0].val_accs = (0.9, 0.95, 0.974)
-    scaling.write_outputs(table, verdicts, Setup(), 3, tmp_path, list(outcomes.values()))
+    report.write_outputs(table, verdicts, Setup(), 3, tmp_path, list(outcomes.values()))
     csv = pd.read_csv(tmp_path / "tables/scaling.csv")
-    assert list(csv.columns) == scaling.COLUMNS and list(csv.config) == list(outcomes)
+    assert list(csv.columns) == report.COLUMNS and list(csv.config) == list(outcomes)
     md = (tmp_path / "tables/scaling.md").read_text()
     assert "## Targets" in md and "gpipe FAILED: RuntimeError: boom" in md and "WARNING: bp1" in md
     assert "## Per round" in md and "- bp1: r1: 1000/s, 6.0 s, val 0.900 0.950 0.974; r2: 1100/s" in md

@@ -19,10 +19,10 @@ TIMES = ("train_time_s", "epoch_time_s", "samples_per_s")
 def history(out: Path) -> list[dict]:
     """Every epoch's record but what the engine measured of itself: its timings, traffic (`comm/`:
     engines differ there by design; tests/test_transport.py checks it) and, under trainer.measure,
-    `time/` and `memory/`. A loss an epoch did not have (a cascade module waiting for its turn) is
+    `time/` and `memory/`, and what a pipeline's timed split promised (`plan/`). A loss an epoch did not have (a cascade module waiting for its turn) is
     None, so two histories compare equal (NaN != NaN)."""
     records = pd.read_csv(out / "history.csv")
-    records = records.drop(columns=[*TIMES, *(c for c in records.columns if c.startswith(("comm/", "time/", "memory/")))])
+    records = records.drop(columns=[*TIMES, *(c for c in records.columns if c.startswith(("comm/", "time/", "memory/", "plan/")))])
     return records.astype(object).where(records.notna(), None).to_dict("records")
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.sources import source_options
 from scpl_kit.engines import Engine, build_engine
 from scpl_kit.engines.base import LaunchError, PeerError
+from scpl_kit.engines.launch import start_local
 from scpl_kit.engines.measure import MEMORY_STEPS
 from scpl_kit.databases import refuse_passwords
 from scpl_kit.environment import describe as describe_environment
@@ -116,7 +116,8 @@ def engine_detail(cfg: DictConfig) -> str:
     return " ".join(parts)
 
 
-def write_results(out_dir: Path, cfg: DictConfig, summary: dict[str, float], best: BestWeights, run_id: str | None) -> None:
+def write_results(out_dir: Path, cfg: DictConfig, summary: dict[str, float], best: BestWeights, run_id: str | None,
+                  placement: dict[str, Any] | None = None) -> None:
     """metrics.json, and model.pt with the weights the reported test accuracy comes from."""
     identity = {
         "dataset": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name, "engine": cfg.engine.name,
@@ -124,6 +125,7 @@ def write_results(out_dir: Path, cfg: DictConfig, summary: dict[str, float], bes
         "seed": cfg.seed, "profile": cfg.choices.get("profile"), "mlflow_run_id": run_id,
         "saved_weights": f"epoch {best.epoch}, the best validation accuracy",
         "environment": describe_environment(),
+        **({"placement": placement} if placement else {}),
     }
     (out_dir / "metrics.json").write_text(json.dumps({**identity, **summary}, indent=2) + "\n")
     torch.save({"epoch": best.epoch, "units": best.modules}, out_dir / "model.pt")
@@ -205,7 +207,7 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         summary = summarize(history)
         if engine.is_main:
             write_outputs(out_dir, cfg, history)
-            write_results(out_dir, cfg, summary, trainer.best, trainer.run_id)
+            write_results(out_dir, cfg, summary, trainer.best, trainer.run_id, engine.placement())
         if tracker is not None:
             # Their own names: logged as `test_acc` at step = epochs they would draw a false last point on the per-epoch charts.
             tracker.log_metrics({f"summary/{name}": value for name, value in summary.items()})
@@ -257,12 +259,27 @@ def keep_partial_history(out_dir: Path, cfg: DictConfig, checkpoint: Checkpoint,
 
 
 def launch_local(processes: int, overrides: Sequence[str]) -> int:
-    """`engine.processes=N` outside torchrun: run this same command as N processes on this machine
-    through torchrun (--standalone: its own rendezvous on a free port). Several machines: run torchrun
-    on each yourself."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m", "scpl_kit.train", *overrides]
-    log.info("starting %d processes: %s", processes, shlex.join(command[2:]))
-    return subprocess.run(command).returncode
+    """`engine.processes=N` outside torchrun: this same command as N ranks on this machine, started as
+    torchrun --standalone would (engines/launch.py says why not torchrun itself). Several machines: run
+    torchrun on each yourself. Returns the first failed rank's exit status (0: all succeeded)."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    log.info("starting %d processes: python -m scpl_kit.train %s", processes, shlex.join(overrides))
+    try:
+        start_local(rank_main, processes, (list(overrides),))
+    except ProcessExitedException as error:
+        return error.exit_code or 1
+    except ProcessRaisedException as error:  # an unexpected error (user errors exit 2, their line printed by the rank)
+        print(f"error: a rank failed:\n{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def rank_main(overrides: list[str]) -> None:
+    """One rank of `launch_local`: the command's own entry point, its exit status the rank's."""
+    code = main(overrides)
+    if code:
+        sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -192,6 +192,11 @@ class Engine(ABC):
             stats.update(job_stats(self.transport.gather(self.measure.stats())))
         return stats
 
+    def placement(self) -> dict[str, Any]:
+        """Where the units run, for the run's record (metrics.json `placement`): a pipeline's stages, and the
+        step times it chose them by; another run given the same `engine.stages` runs the same split."""
+        return {}
+
     def measure_steps(self, memory_steps: int = MEMORY_STEPS, warmup: int = 1) -> None:
         """Time every training step after `warmup`, and take this process's peak memory (`trainer.measure`)."""
         self.measure = StepMeasure(self.device, memory_steps, warmup)

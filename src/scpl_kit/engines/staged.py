@@ -97,6 +97,9 @@ class StagedEngine(Engine):
         times ÷ the slowest stage's (no pipeline bubble: stages work on different batches)."""
         return sum(times) / stage_time(times, self.stages)
 
+    def placement(self) -> dict[str, Any]:
+        return {"stages": self.stages, "step_times_s": self.times}
+
     def epoch_stats(self) -> dict[str, float]:
         """The engine's measurements, and what the timed split promised (`plan/ideal_speedup`), to set a
         measured speed-up beside."""

@@ -6,9 +6,10 @@ Reads `runs_local/<dataset>-<model>-<method>-k<K>-s<seed>/metrics.json` for the 
 (BP at K = 1 and every method at every K) and writes reports/tables/local_k.{md,csv} and
 reports/figures/local_k.png:
   - test error (%) of the saved (best-validation) model, mean ± std over seeds;
-  - peak activation memory of the largest module: one training step of each module, on a batch of
-    the run's size, measured with the profiler (scpl_kit.memory) on units rebuilt from the run's
-    config; `mem_vs_bp` divides it by BP's (the whole network's) on the same batch;
+  - peak activation memory of the largest module, as the run measured it (`trainer.measure=true`, which
+    the DVC stages set): each module's high-water mark within its own training steps, the largest over
+    the epochs (history.csv's `memory/unit/<name>/peak_mb`; CUDA keeps one peak per device, so there the
+    process's); `mem_vs_bp` divides it by BP's (the whole network's) at the same batch size;
   - published numbers (methods.md §5: InfoPro's CIFAR-10 ResNet-32 / ResNet-110 table) beside the rows
     they match (in the offline default none match);
   - InfoPro's memory claim checked whatever the grid: ResNet-110 at full width on CIFAR-10-shaped
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,16 +30,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-from omegaconf import OmegaConf
 
-from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, check_output_dir, fail, load_params
 
 LABELS = {
     "bp": "BP (end to end)", "early_exit": "Early Exit (SCPL paper)", "greedy_sl": "Greedy SL (pooled linear heads)", "dgl": "DGL", "infopro": "InfoPro", "contsup": "ContSup",
     "contsup_e": "ContSup E", "contsup_r1": "ContSup R1", "contsup_r1e": "ContSup R1E", "scpl": "SCPL", "cascade": "Deep cascade",
 }
-CHECK_BATCH = 64
 SOURCE = "InfoPro paper (Wang et al. 2021), CIFAR-10 (its Greedy SL rows beside greedy_sl)"
 
 
@@ -52,36 +51,30 @@ def local_runs(part: dict[str, Any]) -> list[tuple[str, int, int]]:
     ]
 
 
+UNIT_MEMORY = re.compile(r"^memory/unit/(.+)/peak_mb$")
+
+
 def module_memory(run_dir: Path) -> list[float]:
-    """Peak activation memory (MB) of each module of the run's configuration, rebuilt from its config.yaml."""
-    from scpl_kit.evaluate import data_for
-    from scpl_kit.memory import unit_peak_memory
-    from scpl_kit.train import build
+    """Peak activation memory (MB) of each module the run trained, the largest over its epochs (a
+    cascade trains one module an epoch), from its history.csv; the process's peak where the run
+    recorded no unit's (CUDA)."""
+    history = pd.read_csv(run_dir / "history.csv")
+    units = [column for column in history.columns if UNIT_MEMORY.match(column)]
+    columns = units or [column for column in ("memory/peak_mb",) if column in history.columns]
+    if not columns:
+        raise PreflightError(f"{run_dir} recorded no memory: train it with trainer.measure=true (the DVC stages do)")
+    return [float(history[column].max()) for column in columns]
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    data = data_for(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True))
-    model, units = build(cfg, data)
-    return unit_peak_memory(units, model.example_batch(cfg.trainer.batch_size, data.num_classes))
+
+CHECKED = (("bp", 1), ("infopro", 2), ("infopro", 4))  # the DVC stage train_memory_check's runs, runs_local/memory_check-<method>-k<K>
 
 
-def memory_check(published: pd.DataFrame, batch: int = CHECK_BATCH) -> pd.DataFrame:
+def memory_check(published: pd.DataFrame, runs: Path) -> pd.DataFrame:
     """InfoPro's claim (ResNet-110, CIFAR-10, batch 1024 on a GPU: 9.40 GB end to end, 5.38 GB at K = 2,
-    3.52 GB at K = 4) measured as the table measures: the largest module's peak activation memory over
-    BP's, at full width on CIFAR-10-shaped batches of `batch` (activations grow with the batch, so the
-    ratio hardly depends on it; 64 keeps it to seconds and half a gigabyte)."""
-    import torch
-
-    from scpl_kit.memory import unit_peak_memory
-    from scpl_kit.methods import build_units
-    from scpl_kit.models import build_model
-
-    rows = []
-    for method, k in (("bp", 1), ("infopro", 2), ("infopro", 4)):
-        torch.manual_seed(0)
-        model = build_model("resnet110", (3, 32, 32), 10)
-        units = build_units(method, model, 10, modules=None if k == 1 else k, cuts=None if k == 1 else "balanced")
-        rows.append({"method": method, "k": k, "peak_module_mem_mb": max(unit_peak_memory(units, model.example_batch(batch, 10)))})
-    table = pd.DataFrame(rows)
+    3.52 GB at K = 4) as the table measures it: the largest module's peak activation memory over BP's, as
+    the runs of conf/profile/resnet110_memory.yaml measured it (full width, CIFAR-10-shaped batches of 64)."""
+    table = pd.DataFrame([{"method": method, "k": k, "peak_module_mem_mb": max(module_memory(runs / f"memory_check-{method}-k{k}"))}
+                          for method, k in CHECKED])
     table["mem_vs_bp"] = (table.peak_module_mem_mb / table.peak_module_mem_mb.iloc[0]).round(3)
     claimed = published[(published.model == "resnet110") & (published.metric == "mem_vs_bp")].set_index(["method", "k"]).value
     table["published_mem_vs_bp"] = [claimed.get((f"{m}_balanced", k), 1.0 if m == "bp" else float("nan")) for m, k in zip(table.method, table.k)]
@@ -97,14 +90,12 @@ def check_part(part: dict[str, Any]) -> None:
 
 
 def check_runs(part: dict[str, Any], runs: Path) -> None:
-    """Every run of the part finished (metrics.json, and config.yaml to rebuild its units for memory), checked before any work."""
-    missing = [
-        str(runs / run_name(part, config, k, seed)) for config, k, seed in local_runs(part)
-        if not all((runs / run_name(part, config, k, seed) / name).is_file() for name in ("metrics.json", "config.yaml"))
-    ]
+    """Every run of the part finished (metrics.json, and history.csv with its measured memory), checked before any work."""
+    folders = [runs / run_name(part, config, k, seed) for config, k, seed in local_runs(part)] + [runs / f"memory_check-{m}-k{k}" for m, k in CHECKED]
+    missing = [str(folder) for folder in folders if not all((folder / name).is_file() for name in ("metrics.json", "history.csv"))]
     if missing:
-        others = f" (and {len(missing) - 1} more of the {len(local_runs(part))} runs)" if len(missing) > 1 else ""
-        raise PreflightError(f"--runs: {missing[0]} has no metrics.json or config.yaml{others}; run `dvc repro` first")
+        others = f" (and {len(missing) - 1} more of the {len(folders)} runs)" if len(missing) > 1 else ""
+        raise PreflightError(f"--runs: {missing[0]} has no metrics.json or history.csv{others}; run `dvc repro` first")
 
 
 def collect(part: dict[str, Any], runs: Path) -> pd.DataFrame:
@@ -144,7 +135,7 @@ def markdown(table: pd.DataFrame, part: dict[str, Any]) -> str:
         f"# Test error (%) and memory against K, {part['dataset']} / {part['model']} (profile {part['profile']})\n\n"
         "K gradient-isolated modules cut evenly at layer boundaries (method.modules, the even cuts); K = 1 is BP. `test_error`: 100 − the test "
         "accuracy of the saved, best-validation model (mean ± std over seeds). `peak_module_mem_mb`: peak activation memory of "
-        "the largest module during one training step at the run's batch size (profiler); `mem_vs_bp`: ÷ BP's for the whole "
+        "the largest module within its own training steps, as the run measured it (profiler, trainer.measure); `mem_vs_bp`: ÷ BP's for the whole "
         f"network. Published: {SOURCE}; empty where the source has no number for this dataset and model.\n\n"
         + shown.to_markdown(index=False) + "\n"
     )
@@ -176,8 +167,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def check_markdown(check: pd.DataFrame) -> str:
     return (
-        f"\n## InfoPro's memory claim, checked: ResNet-110, CIFAR-10-shaped batches of {CHECK_BATCH}\n\n"
-        "The largest module's peak activation memory over BP's (one training step each, profiler), beside the InfoPro "
+        "\n## InfoPro's memory claim, checked: ResNet-110, CIFAR-10-shaped batches of 64\n\n"
+        "The largest module's peak activation memory over BP's (one profiled training step after a warm-up, as the runs of the DVC stage train_memory_check measured it), beside the InfoPro "
         "paper's ratio of GPU memory for the whole training at batch 1024 (9.40 GB end to end), which was measured with "
         "InfoPro*'s memory-balanced cut points: so are these (`method.cuts=balanced`: modules start at layers 16 (K = 2) and "
         "8, 16, 28 (K = 4) of ResNet-110's 55, the stem being layer 0). InfoPro's modules include its decoder, which upsamples "
@@ -190,7 +181,7 @@ def build_report(part: dict[str, Any], runs: Path, out: Path) -> str:
     table = local_table(collect(part, runs), part, published)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tables" / "local_k.csv", index=False)
-    text = markdown(table, part) + check_markdown(memory_check(published))
+    text = markdown(table, part) + check_markdown(memory_check(published, runs))
     (out / "tables" / "local_k.md").write_text(text)
     plot(table, out / "figures" / "local_k.png")
     return text
@@ -209,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_runs(part, args.runs)
         check_output_dir(args.out, "--out")
         text = build_report(part, args.runs, args.out)  # writes only once every run is read
-    except (PreflightError, DatasetNotFoundError, CorruptDataError) as error:  # the runs' prepared data, for their memory
+    except PreflightError as error:
         return fail(error)
     print(text)
     return 0
