@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = interleaved(chosen, args.rounds, lambda row, r: measure(row, r == 0, args.set, plans),
                            lambda row, r, m, s: print(f"  round {r + 1}/{args.rounds}  {row.name:28s} {m['time/samples_per_s']:8.1f} samples/s"
                                                       f"  ({s:.0f} s)", flush=True))
-    print(write(table_of(outcomes, plans), args.rounds, args.out))
+    print(write(table_of(outcomes, plans), plans, args.rounds, args.out))
     return 1 if any(o.error for o in outcomes) else 0
 
 

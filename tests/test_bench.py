@@ -147,4 +147,5 @@ def test_throughput_bench_end_to_end_at_a_tiny_size(tmp_path: Path, synthetic_pr
     assert table.loc["vgg_bp1_ckpt", "peak_mem_mb"] < table.loc["vgg_bp1", "peak_mem_mb"]  # checkpointing keeps fewer activations
     md = (tmp_path / "tables/throughput.md").read_text()
     assert "## Targets" in md and "vgg: SCPL pipeline ≥ 1.15× the best BP schedule" in md and "transformer: SCPL pipeline" in md
+    assert "- vgg_scpl_pipeline: stages [0: " in md and "units block1 " in md  # the profile: the split, its step times, each unit's peak
     assert (tmp_path / "figures/throughput.png").read_bytes()[:4] == b"\x89PNG"

@@ -60,11 +60,35 @@ def verdicts(table: pd.DataFrame) -> list[Verdict]:
     return found
 
 
+def profiles_markdown(plans: dict[str, dict]) -> str:
+    """What each row's profiled run recorded of where its time and memory go: a pipeline's split and the
+    step times it was chosen by (each block's forward+backward for BP's schedules, each module's training
+    step for SCPL), each process's peak, each unit's own peak."""
+    lines = ["## Profiles\n\n", "From each row's profiled run: stages (blocks or modules per stage, in order) and their step times (ms), "
+             "each process's peak memory, each unit's peak within its own steps (MB).\n\n"]
+    for name, metrics in plans.items():
+        placement = metrics.get("placement") or {}
+        ranks = sorted((k, v) for k, v in metrics.items() if k.startswith("memory/rank"))
+        units = sorted((k, v) for k, v in metrics.items() if k.startswith("memory/unit/"))
+        parts = []
+        if placement.get("stages"):
+            times = placement.get("step_times_s") or []
+            parts.append("stages " + " | ".join(
+                "[" + ", ".join(f"{i}: {times[i] * 1e3:.0f}" if i < len(times) else str(i) for i in stage) + "]" for stage in placement["stages"]))
+        if ranks:
+            parts.append("process peaks " + ", ".join(f"{v:.0f}" for _, v in ranks))
+        if units:
+            parts.append("units " + ", ".join(f"{k.split('/')[2]} {v:.0f}" for k, v in units))
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts) + "\n")
+    return "".join(lines)
+
+
 COLUMNS = ["row", "method", "engine", "schedule", "workers", "checkpoint", "samples_per_s", "spread", "flag", "speedup_vs_bp1", "vs_best_bp",
            "ideal_speedup", "bubble_idle", "peak_mem_mb", "mem_vs_bp1"]
 
 
-def write(table: pd.DataFrame, rounds: int, out: Path) -> str:
+def write(table: pd.DataFrame, plans: dict[str, dict], rounds: int, out: Path) -> str:
     shown = table[COLUMNS].round(3)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     shown.to_csv(out / "tables" / "throughput.csv", index=False)
@@ -72,7 +96,7 @@ def write(table: pd.DataFrame, rounds: int, out: Path) -> str:
     text = (f"# Training throughput and peak memory, {table.workers.max()} workers of one thread each\n\n"
             f"Measured on {table.attrs['environment']} (per worker), by each run itself (trainer.measure); "
             f"medians of {rounds} interleaved rounds, `flag`: spread > {SPREAD_LIMIT:.0%}. Rows, columns and what bounds them: docs/benchmarks.md.\n\n"
-            + shown.to_markdown(index=False) + "\n" + "".join(f"\n- {n}" for n in notes) + "\n\n" + targets_markdown(verdicts(table)))
+            + shown.to_markdown(index=False) + "\n" + "".join(f"\n- {n}" for n in notes) + "\n\n" + targets_markdown(verdicts(table)) + "\n" + profiles_markdown(plans))
     (out / "tables" / "throughput.md").write_text(text)
     measured = table[table.error == ""]
     colors = [{("vgg", "bp"): "tab:blue", ("vgg", "scpl"): "tab:orange", ("transformer", "bp"): "tab:cyan"}.get((r.model, r.method), "tab:red")
