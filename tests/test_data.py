@@ -37,6 +37,39 @@ def test_loader_batches_are_normalised(processed_dir: Path) -> None:
     assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
 
 
+def test_loader_batches_are_the_normalised_uint8_rows(processed_dir: Path) -> None:
+    """uint8 rows leave the loader's workers; the float32 batch is made where it trains (here: the CPU)."""
+    data = load_prepared("mnist5k", processed_dir)
+    x, _ = next(iter(data.loader("train", 64, device=torch.device("cpu"))))
+    images = torch.from_numpy(np.asarray(data.splits["train"][0][:64]))
+    mean, std = (torch.tensor(data.meta[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    assert torch.equal(x, (images.float() / 255 - mean) / std)
+
+
+def epochs_of_batches(data, workers: int, seeds: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each seed's epoch from one loader (its workers kept between epochs), as the trainer draws them."""
+    order = torch.Generator()
+    loader = data.loader("train", 500, shuffle=True, augmentation=Augmentation("weak", 28, True), generator=order, num_workers=workers,
+                         drop_last=True, max_batches=3)
+    epochs = []
+    for seed in seeds:
+        order.manual_seed(seed)
+        epochs.append(list(loader))
+    return epochs
+
+
+def test_loader_workers_give_the_same_batches_as_none(processed_dir: Path) -> None:
+    """Order and augmentation are drawn in the main process (each batch carries its seed), so two
+    workers, kept over epochs, make exactly the batches the main process alone makes."""
+    data = load_prepared("mnist5k", processed_dir)
+    alone, workers = epochs_of_batches(data, 0, [1, 2, 1]), epochs_of_batches(data, 2, [1, 2, 1])
+    for mine, theirs in zip(alone, workers):
+        assert len(mine) == len(theirs) == 3
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mine, theirs))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(alone[0], alone[2]))  # an epoch's seed gives its batches again
+    assert not torch.equal(alone[0][0][0], alone[1][0][0])  # another seed, other batches
+
+
 def write_fake_cifar(root: Path, name: str, per_batch: int = 20) -> np.ndarray:
     """Tiny files in the exact on-disk format of the python versions of CIFAR-10/100."""
     rng = np.random.default_rng(0)

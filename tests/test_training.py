@@ -211,3 +211,18 @@ def test_a_run_stops_after_the_first_epoch_reaching_the_target_accuracy(smoke_co
     stopped = run(smoke_config(f"trainer.stop_at_val_acc={first_val_acc}"))
     assert len(history(tmp_path / "out")) == 1 and stopped["best_val_acc"] == first_val_acc
     assert len(history(tmp_path / "full")) == 2 and full["best_val_acc"] >= first_val_acc
+
+
+@pytest.mark.slow  # two runs, loader workers and MLflow: ~35 s
+def test_loader_workers_train_the_same_weights_and_runs_record_system_metrics(smoke_config, tmp_path: Path) -> None:
+    """data.num_workers=2 trains what no workers train (batches carry their seeds); the tracked run has
+    MLflow's own system metrics beside its samples/s."""
+    from mlflow import MlflowClient
+
+    run(smoke_config("trainer.threads=1", f"out_dir={tmp_path / 'alone'}", f"trainer.checkpoint_dir={tmp_path / 'c0'}"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run(smoke_config("trainer.threads=1", "data.num_workers=2", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.system_metrics_s=0.5"))
+    assert same_weights(weights(tmp_path / "out"), weights(tmp_path / "alone"))
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "samples_per_s"} <= set(found.data.metrics)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from scpl_kit.devices import load_on_cpu
 from scpl_kit.engines.sequential import SequentialEngine
 from scpl_kit.methods.units import SCORES
 from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, check_output_dir, fail, load_params
@@ -45,9 +45,9 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     trained = json.loads((run_dir / "metrics.json").read_text())
     data = data_for(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True))
     _, units = build(cfg, data)
-    for unit, state in zip(units, torch.load(run_dir / "model.pt")["units"], strict=True):
+    for unit, state in zip(units, load_on_cpu(run_dir / "model.pt")["units"], strict=True):
         unit.load_state_dict(state)
-    engine = SequentialEngine(cfg.engine.get("device", "cpu"))
+    engine = SequentialEngine("auto")  # this host's device, whatever the run trained on (a GPU run evaluates on a CPU-only host)
     engine.setup(units)
     predicted = engine.predict(data.loader("test", cfg.trainer.eval_batch_size))[SCORES].argmax(dim=1).numpy()
     labels = np.asarray(data.splits["test"][1])

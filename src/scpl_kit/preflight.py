@@ -70,6 +70,7 @@ RULES: dict[str, Rule] = {
     "trainer.stop_at_val_acc": Rule(float, positive=True, high=1, nullable=True),
     "trainer.steps_per_epoch": Rule(int, low=1, nullable=True),
     "trainer.measure_memory_steps": Rule(int, low=0),
+    "tracking.system_metrics_s": Rule(float, positive=True, nullable=True),
     "data.samples": Rule(int, low=10),  # the synthetic images: one per class at least
     "optimizer.lr": Rule(float, positive=True),
     "optimizer.lr_min": Rule(float, low=0),
@@ -253,3 +254,20 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
         sys.exit(2)
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """`engine.device` (or the threads engine's `engine.devices`) names devices this machine has, and
+    `engine.backend` can carry tensors there; refused in one line that names the key (devices.py)."""
+    from scpl_kit.devices import DeviceError, backend_for, local_rank, resolve_device
+
+    engine = cfg.get("engine") or {}
+    keys = [("engine.device", engine["device"])] if engine.get("device") is not None else []
+    keys += [(f"engine.devices[{i}]", spec) for i, spec in enumerate(engine.get("devices") or [])]
+    for key, spec in keys:
+        try:
+            device = resolve_device(str(spec), local_rank() or 0)
+            if engine.get("backend") is not None:
+                backend_for(device, str(engine["backend"]))
+        except DeviceError as error:
+            raise PreflightError(f"{key}: {error}") from None

@@ -15,6 +15,15 @@ import torch
 
 Signal = dict[str, torch.Tensor]
 FEATURES, LABELS, LENGTHS, SUMMARY, INPUT = "features", "labels", "lengths", "summary", "input"
+# Kept on the host when a signal moves to a GPU: `lengths` is read there (the LSTM packs by CPU lengths),
+# and a copy back from the GPU would make the host wait for it in every block; a block that masks on the
+# GPU copies them over without waiting (models/text.py).
+HOST_SIDE = frozenset({LENGTHS})
+
+
+def moved(signal: Signal, device: torch.device) -> Signal:
+    """`signal` on `device`, but for what stays on the host (HOST_SIDE)."""
+    return {name: tensor if name in HOST_SIDE else tensor.to(device, non_blocking=True) for name, tensor in signal.items()}
 
 
 def summary(signal: Signal) -> torch.Tensor:

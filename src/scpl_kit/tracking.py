@@ -87,6 +87,18 @@ class MlflowTracker:
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if self.uri.startswith("sqlite:///") else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         self.run_id: str | None = None
+        self.monitor: Any = None  # MLflow's system metrics sampler, while a run is open
+
+    def watch_system(self, interval_s: float | None) -> None:
+        """Log MLflow's own system metrics into the open run every `interval_s` seconds (`system/...`:
+        CPU, memory, disk, network, and GPU utilisation and memory through pynvml where there is a GPU),
+        so a starved GPU shows beside the run's samples/s. None: off."""
+        if not interval_s:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri)
+        self.monitor.start()
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str:
         """Open a new run, or reopen `run_id` (a resumed training continues its run)."""
@@ -149,6 +161,9 @@ class MlflowTracker:
         self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples are written while the run is still open
+            self.monitor = None
         self.client.set_terminated(self.run_id, status=status)
 
     def running_runs(self, **tags: str) -> list[tuple[str, dict[str, str]]]:

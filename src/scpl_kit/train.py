@@ -33,7 +33,7 @@ from scpl_kit.databases import refuse_passwords
 from scpl_kit.environment import describe as describe_environment
 from scpl_kit.methods import LocalUnit, NonFiniteLossError, build_units
 from scpl_kit.models import BlockModel, build_model
-from scpl_kit.preflight import OneLineParser, check_augmentation_fits, check_batch_fits, check_values, check_writable_dir
+from scpl_kit.preflight import OneLineParser, check_augmentation_fits, check_batch_fits, check_devices, check_values, check_writable_dir
 from scpl_kit.registry import UnknownNameError
 from scpl_kit.tracking import MlflowTracker, TrainingListener, git_commit
 from scpl_kit.trainer import BestWeights, Checkpoint, Trainer, TrainingStopped, configure_torch, seed_everything, summarize
@@ -70,7 +70,10 @@ def build(cfg: DictConfig, data: PreparedData) -> tuple[BlockModel, list[LocalUn
         model.load_embeddings(data.embeddings)
     if "mean" in data.meta:  # image data: the normalisation a method may undo (InfoPro reconstructs pixels)
         model.set_input_statistics(data.meta["mean"], data.meta["std"])
-    return model, build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
+    units = build_units(cfg.method.name, model, data.num_classes, **options(cfg.method))
+    if cfg.trainer.get("channels_last") and len(data.input_shape) == 3:  # images: convolutions take NHWC weights
+        units = [unit.to(memory_format=torch.channels_last) for unit in units]
+    return model, units
 
 
 def update_recipe(cfg: DictConfig, data: PreparedData) -> UpdateRecipe:
@@ -138,8 +141,9 @@ def run(cfg: DictConfig, listeners: Sequence[TrainingListener] = ()) -> dict[str
     Under a multi-process engine every process calls this; only the main one logs and writes.
     Everything that can be checked without training is checked before the first step."""
     check_values(cfg)
+    check_devices(cfg)
     OptimizerSettings.from_config(cfg.optimizer).check_run(cfg.trainer.epochs)
-    configure_torch(cfg.trainer.threads, cfg.trainer.deterministic)
+    configure_torch(cfg.trainer.threads, cfg.trainer.deterministic, cfg.trainer.get("tf32", False))
     data = load_data(cfg)
     check_batch_fits(cfg, data.meta["sizes"]["train"])
     check_augmentation_fits(cfg, data.meta.get("modality", "image"))
@@ -198,11 +202,13 @@ def train_with(cfg: DictConfig, data: PreparedData, engine: Engine, listeners: S
         progress=cfg.trainer.progress, listeners=[*([tracker] if tracker else []), *(listeners if engine.is_main else [])],
         checkpoint=checkpoint, eval_test=cfg.trainer.eval_test, best=(state or {}).get("best") or BestWeights(),
         stop_at_val_acc=cfg.trainer.get("stop_at_val_acc"), steps_per_epoch=cfg.trainer.get("steps_per_epoch"),
+        num_workers=cfg.data.get("num_workers") or 0,
     )
     history = state["history"] if state else []
     try:
         if tracker is not None:
             trainer.run_id = start_tracking(tracker, cfg, data, state and state["run_id"], modules)
+            tracker.watch_system(cfg.tracking.get("system_metrics_s"))
         history = trainer.fit(start_epoch=len(history) + 1, history=history)
         summary = summarize(history)
         if engine.is_main:

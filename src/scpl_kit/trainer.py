@@ -5,7 +5,6 @@ It knows engines only through the Engine interface and tracking only through lis
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -20,7 +19,8 @@ from tqdm.auto import tqdm
 
 from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.data.augment import Augmentation
-from scpl_kit.data.datasets import PreparedData
+from scpl_kit.devices import load_on_cpu
+from scpl_kit.data.datasets import Batches, PreparedData
 from scpl_kit.engines.base import Engine
 from scpl_kit.methods.units import EXIT, SCORES
 from scpl_kit.tracking import TrainingListener
@@ -42,16 +42,23 @@ class TrainingStopped(Exception):
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-def configure_torch(threads: int | None, deterministic: bool) -> None:
+def configure_torch(threads: int | None, deterministic: bool, tf32: bool = False) -> None:
+    """The process's torch settings for a run. Deterministic: the same seed gives the same metrics,
+    bitwise; otherwise cuDNN picks its fastest kernels for the shapes it meets (`cudnn.benchmark`).
+    `tf32`: float32 matrix products and convolutions on a GPU's TensorFloat-32 units (10 mantissa bits
+    in the products, float32 sums); off, they stay float32. Neither changes anything on the CPU."""
     retain_freed_memory()
     torch.set_num_threads(threads or DEFAULT_THREADS)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
-        # What torch.use_deterministic_algorithms(True, warn_only=True) does, minus its import of
-        # torch._inductor to mirror the flag into the compiler's config: 1.6 s per process (measured),
-        # for a compiler nothing here uses. torch is pinned exactly (pyproject.toml).
-        torch._C._set_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    # What torch.use_deterministic_algorithms(…, warn_only=True) does, minus its import of
+    # torch._inductor to mirror the flag into the compiler's config: 1.6 s per process (measured),
+    # for a compiler nothing here uses. torch is pinned exactly (pyproject.toml).
+    torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def seed_everything(seed: int) -> None:
@@ -89,8 +96,8 @@ class BestWeights:
 
     def offer(self, epoch: int, val_acc: float, units: list[dict[str, Any]]) -> None:
         if val_acc > self.val_acc:
-            # Copied: a unit's state_dict holds its live tensors, which the next step changes.
-            self.epoch, self.val_acc, self.modules = epoch, val_acc, copy.deepcopy([unit["module"] for unit in units])
+            # Kept as given: Engine.training_state's states are CPU copies, which the next step does not change.
+            self.epoch, self.val_acc, self.modules = epoch, val_acc, [unit["module"] for unit in units]
 
 
 @dataclass
@@ -106,7 +113,7 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:
-        return torch.load(self.path, weights_only=False) if self.path.is_file() else None
+        return load_on_cpu(self.path) if self.path.is_file() else None  # the engine moves each tensor to its unit's device
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -129,6 +136,9 @@ class Trainer:
     best: BestWeights = field(default_factory=BestWeights)  # filled on the main process only
     stop_at_val_acc: float | None = None  # end after the first epoch reaching it (every process sees the same accuracy)
     steps_per_epoch: int | None = None  # train on this many batches an epoch (a random subset of the split); None: all of it
+    num_workers: int = 0  # loader processes (data.num_workers), started once and kept over the epochs
+    loaders: dict[str, Batches] = field(default_factory=dict, init=False)
+    shuffle: torch.Generator = field(default_factory=torch.Generator, init=False)  # reseeded every epoch
 
     def fit(self, start_epoch: int = 1, history: list[dict[str, float]] | None = None) -> list[dict[str, float]]:
         history = list(history or [])
@@ -153,9 +163,8 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(epoch_seed(self.seed, epoch))
-        shuffle = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        train = self.data.loader("train", self.batch_size, shuffle=True, augmentation=self.augmentation, generator=shuffle, drop_last=True,
-                                 max_batches=self.steps_per_epoch)
+        self.shuffle.manual_seed(epoch_seed(self.seed, epoch))  # this epoch's order and augmentation, whatever came before
+        train = self.loader("train")
         for unit in self.engine.units:  # this process's units
             unit.start_epoch(epoch, self.epochs)
         samples = len(train) * self.batch_size * self.augmentation.views
@@ -165,9 +174,21 @@ class Trainer:
         train_time = time.perf_counter() - start
         record: dict[str, float] = {"epoch": epoch, **{f"loss/{name}": value for name, value in losses.items()}, **self.engine.epoch_stats()}
         for split in ("val", "test") if self.eval_test else ("val",):
-            record.update(split_accuracies(split, self.engine.predict(self.data.loader(split, self.eval_batch_size)), self.data.splits[split][1]))
+            record.update(split_accuracies(split, self.engine.predict(self.loader(split)), self.data.splits[split][1]))
         record.update(train_time_s=train_time, epoch_time_s=time.perf_counter() - start, samples_per_s=samples / train_time)
         return record
+
+
+    def loader(self, split: str) -> Batches:
+        """`split`'s batches on the engine's input device; made once, so loader workers live through the run."""
+        if split not in self.loaders:
+            training = split == "train"
+            self.loaders[split] = self.data.loader(
+                split, self.batch_size if training else self.eval_batch_size, shuffle=training, augmentation=self.augmentation if training else None,
+                generator=self.shuffle if training else None, num_workers=self.num_workers, drop_last=training,
+                max_batches=self.steps_per_epoch if training else None, device=self.engine.device,
+            )
+        return self.loaders[split]
 
 
 # The epoch records' measurements (engines/measure.py, transport.py) and what a pipeline's split promised (staged.py).

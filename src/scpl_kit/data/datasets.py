@@ -1,5 +1,6 @@
-"""Read prepared splits (memory-mapped, checksum-verified) and serve batches: normalised image tensors,
-or for text dicts of token ids trimmed to the batch's longest document."""
+"""Read prepared splits (memory-mapped, checksum-verified) and serve batches: image tensors (uint8 off
+the disk, normalised on the training device), or for text dicts of token ids trimmed to the batch's
+longest document."""
 
 from __future__ import annotations
 
@@ -7,36 +8,96 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.prepare import SPLITS, sha256
-from scpl_kit.signal import FEATURES, LABELS, LENGTHS
+from scpl_kit.signal import FEATURES, LABELS, LENGTHS, moved
 
 
 class SplitDataset(Dataset):
-    """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch."""
+    """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch; a
+    training batch comes as (seed, indices) and is augmented from that seed alone (`SeededBatches`), so
+    the batches are the same whichever loader worker, or none, makes them. Images stay uint8: a quarter
+    of float32's bytes to copy to the device, where `Batches` normalises them."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], augmentation: Augmentation | None) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augmentation: Augmentation | None) -> None:
         self.images, self.labels = images, labels
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, indices = key if isinstance(key, tuple) else (None, key)
         images = torch.from_numpy(np.ascontiguousarray(self.images[indices]))
         labels = torch.from_numpy(np.asarray(self.labels[indices]))
-        if self.augmentation is not None:
-            images, labels = self.augmentation(images, labels)
-        return (images.float().div_(255) - self.mean) / self.std, labels
+        if self.augmentation is not None and self.augmentation.kind != "none":
+            with torch.random.fork_rng(devices=[]):  # the batch's own draws; the caller's stream is left as it was
+                torch.manual_seed(seed if seed is not None else 0)
+                images, labels = self.augmentation(images, labels)
+        return images, labels
+
+
+class SeededBatches(Sampler):
+    """A BatchSampler's batches, each with a seed of its own drawn from `generator` in the main process
+    (augmentation draws from it, whichever worker makes the batch)."""
+
+    def __init__(self, batches: BatchSampler, generator: torch.Generator | None) -> None:
+        self.batches, self.generator = batches, generator
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        for indices in self.batches:
+            yield int(torch.randint(2**62, (), generator=self.generator)), indices
+
+
+class Batches:
+    """A loader's batches on `device` (None: where they are), images normalised there: uint8 crosses to
+    the device, float32 is made on it. Text batches move as they are (their lengths stay on the host,
+    signal.HOST_SIDE). Has the loader's length; iterating starts its workers (kept between epochs)."""
+
+    def __init__(self, loader: DataLoader, mean: list[float] | None = None, std: list[float] | None = None,
+                 device: torch.device | None = None) -> None:
+        self.loader, self.device = loader, device
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, dict):
+                yield batch if self.device is None else moved(batch, self.device)
+                continue
+            images, labels = batch
+            if self.device is not None:
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield (images.float().div_(255) - self.mean) / self.std, labels
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int, drop_last: bool,
+                max_batches: int | None) -> DataLoader:
+    """Whole batches per fetch; shuffled ones come with their seeds. `num_workers` processes fetch (and
+    augment) them ahead, started once and kept over the epochs (persistent); the order is the sampler's."""
+    if shuffle:
+        sampler: Sampler = SeededBatches(BatchSampler(shuffled(dataset, generator, max_batches and max_batches * batch_size), batch_size, drop_last), generator)
+    else:
+        sampler = BatchSampler(SequentialSampler(dataset), batch_size, drop_last)
+    # generator: the loader's own draw of its workers' base seed (unused: batches carry theirs) comes from
+    # it, not from torch's global stream, which would then depend on whether workers are kept or restarted.
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+    )
 
 
 @dataclass
@@ -60,15 +121,14 @@ class PreparedData:
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
         generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
-    ) -> DataLoader:
-        """Batches of `split`; shuffled, at most `max_batches` of them."""
+        device: torch.device | None = None,
+    ) -> Batches:
+        """Batches of `split`, normalised on `device`; shuffled, at most `max_batches` of them. Shuffled
+        batches draw their order and their augmentation from `generator`: reseed it before an epoch to get
+        that epoch's batches again (the loader, and its workers, can be kept)."""
         images, labels = self.splits[split]
-        dataset = SplitDataset(images, labels, self.meta["mean"], self.meta["std"], augmentation)
-        order = shuffled(dataset, generator, max_batches and max_batches * batch_size) if shuffle else SequentialSampler(dataset)
-        return DataLoader(
-            dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
-            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        )
+        dataset = SplitDataset(images, labels, augmentation)
+        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), self.meta["mean"], self.meta["std"], device)
 
 
 def shuffled(dataset: Dataset, generator: torch.Generator | None, samples: int | None) -> RandomSampler:
@@ -133,7 +193,8 @@ class TextSplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> dict[str, torch.Tensor]:
+        indices = key[1] if isinstance(key, tuple) else key  # text is not augmented: the seed is unused
         lengths = torch.from_numpy(self.lengths[indices].astype(np.int64))
         steps = int(lengths.max())
         features = torch.from_numpy(self.tokens[indices, :steps].astype(np.int64))
@@ -170,7 +231,8 @@ class TextPreparedData(PreparedData):
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
         generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
-    ) -> DataLoader:
+        device: torch.device | None = None,
+    ) -> Batches:
         if augmentation is not None and augmentation.kind != "none":
             raise ValueError(
                 f"trainer.augmentation={augmentation.kind} transforms images; {self.meta['dataset']} is text: "
@@ -178,8 +240,4 @@ class TextPreparedData(PreparedData):
             )
         tokens, labels = self.splits[split]
         dataset = TextSplitDataset(tokens, self.lengths[split], labels)
-        order = shuffled(dataset, generator, max_batches and max_batches * batch_size) if shuffle else SequentialSampler(dataset)
-        return DataLoader(
-            dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
-            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        )
+        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), device=device)

@@ -49,12 +49,12 @@ from scpl_kit.engines.base import (
     Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size, reports_peer_failures, weighted_means,
 )
 from scpl_kit.engines.distributed import (
-    check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
+    check_processes, check_slowdown, close_distributed, join_job, simulate_slowness,
 )
 from scpl_kit.engines.replicas import predict_in_slices
 from scpl_kit.engines.transport import Transport
-from scpl_kit.methods.units import LocalUnit, inference_route, moved
-from scpl_kit.signal import Signal
+from scpl_kit.methods.units import LocalUnit, inference_route
+from scpl_kit.signal import Signal, moved
 from scpl_kit.updater import UpdateRecipe, train_step
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,12 @@ class AsyncEngine(Engine):
             raise ValueError(f"engine.push_every={push_every} must be >= 1 (local steps between pushes)")
         if max_staleness < 0:
             raise ValueError(f"engine.max_staleness={max_staleness} must be >= 0 (global updates an applied update may lag behind)")
-        init_distributed(backend, timeout_s)
+        self.device = join_job(backend, device, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
         check_slowdown(slow_rank, slowdown, self.world)
         self.max_staleness, self.push_every = max_staleness, push_every
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
-        self.device = stage_device(device)
         self.transport = Transport(self.device)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s)
         with warnings.catch_warnings():  # RPC's start-up uses a deprecated call of its own; nothing to act on

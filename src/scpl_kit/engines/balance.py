@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from scpl_kit.methods.units import LocalUnit, moved
-from scpl_kit.signal import Signal
+from scpl_kit.methods.units import LocalUnit
+from scpl_kit.signal import Signal, moved
 from scpl_kit.updater import OptimizerSettings, UpdateRecipe, train_step
 
 log = logging.getLogger(__name__)

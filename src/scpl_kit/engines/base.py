@@ -21,12 +21,12 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, TypeVar
 
 import torch
-import torch.distributed as dist
 
+from scpl_kit.devices import on_cpu, resolve_device, use_device
 from scpl_kit.engines.measure import MEMORY_STEPS, StepMeasure, job_stats
 from scpl_kit.engines.transport import Transport
-from scpl_kit.methods.units import LocalUnit, inference_route, moved, readouts
-from scpl_kit.signal import FEATURES, LABELS, Signal
+from scpl_kit.methods.units import LocalUnit, inference_route, readouts
+from scpl_kit.signal import FEATURES, LABELS, Signal, moved
 from scpl_kit.updater import UpdateRecipe, Updater
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Signal  # (inputs, labels) from a loader, or already named tensors
@@ -81,7 +81,9 @@ def reports_peer_failures(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except RuntimeError as error:
-            if isinstance(error, PeerError) or not (isinstance(error, dist.DistBackendError) or any(s in str(error) for s in PEER_FAILURES)):
+            # Only a silence or a closed link means a lost peer; any other backend error (a wrong device,
+            # an NCCL failure) is reported as itself.
+            if isinstance(error, PeerError) or not any(s in str(error) for s in PEER_FAILURES):
                 raise
             raise PeerError(
                 f"rank {getattr(self, 'rank', 0)}: another rank stopped answering (stuck for engine.timeout_s={getattr(self, 'timeout_s', 0):g} s, or crashed; "
@@ -89,13 +91,6 @@ def reports_peer_failures(method: F) -> F:
             ) from None
 
     return guarded  # type: ignore[return-value]
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` means the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Engine(ABC):
@@ -141,6 +136,8 @@ class Engine(ABC):
                 if on_batch is not None:
                     on_batch(samples)
             self.finish_batches()
+        for updater in self.updaters:  # a loss that went non-finite since the last check (updater.CHECK_EVERY)
+            updater.watch.check()
         self.steps_in_epoch = len(batches) if hasattr(batches, "__len__") else meter.count  # the job's steps: its batches
         return self.epoch_losses(meter)
 
@@ -210,9 +207,9 @@ class Engine(ABC):
 
     def training_state(self) -> list[dict[str, Any]]:
         """Every unit's state (weights, and its updater's optimizer, schedule and step count), in unit
-        order. Multi-process engines: collective, and the states arrive on the main process only (the
-        one that writes checkpoints and outputs)."""
-        return [{"module": unit.state_dict(), **updater.state_dict()} for unit, updater in zip(self.units, self.updaters, strict=True)]
+        order, copied to the CPU (what is written or gathered loads on any host). Multi-process engines:
+        collective, and the states arrive on the main process only (the one that writes checkpoints and outputs)."""
+        return on_cpu([{"module": unit.state_dict(), **updater.state_dict()} for unit, updater in zip(self.units, self.updaters, strict=True)])
 
     def load_training_state(self, states: list[dict[str, Any]]) -> None:
         for unit, updater, state in zip(self.units, self.updaters, states, strict=True):
@@ -248,6 +245,7 @@ class InProcessEngine(Engine):
             raise ValueError("an engine needs at least one device, e.g. devices: [cpu, cpu] or [cuda:0, cuda:1]")
         self.devices = [resolve_device(d) for d in devices]
         self.device = self.devices[0]
+        use_device(self.device)
         self.transport = Transport(self.device, local=True)
         self.units, self.updaters = [], []
 

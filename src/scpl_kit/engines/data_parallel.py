@@ -43,12 +43,12 @@ from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.base import Batch, Engine, as_signal, batch_size, reports_peer_failures
 from scpl_kit.engines.distributed import (
-    check_processes, check_slowdown, close_distributed, init_distributed, simulate_slowness, stage_device,
+    check_processes, check_slowdown, close_distributed, join_job, simulate_slowness,
 )
 from scpl_kit.engines.replicas import check_even_split, predict_in_slices, replicated, slice_of
 from scpl_kit.engines.transport import Transport, tensor_bytes
-from scpl_kit.methods.units import LocalUnit, inference_route, moved
-from scpl_kit.signal import Signal
+from scpl_kit.methods.units import LocalUnit, inference_route
+from scpl_kit.signal import Signal, moved
 from scpl_kit.updater import UpdateRecipe, train_step
 
 
@@ -62,12 +62,11 @@ class DataParallelEngine(Engine):
         hierarchical averaging (gradients within a node each step, parameters over all every K′ steps)."""
         if average_every is not None and average_every < 1:
             raise ValueError(f"engine.average_every={average_every} must be >= 1 (steps between averages across nodes)")
-        init_distributed(backend, timeout_s)
+        self.device = join_job(backend, device, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
         check_slowdown(slow_rank, slowdown, self.world)
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
-        self.device = stage_device(device)
         self.transport = Transport(self.device, ranks_per_node)
         # torchrun numbers the ranks of a node consecutively, which is what new_subgroups groups.
         self.node_group, _ = dist.new_subgroups(group_size=self.transport.ranks_per_node)

@@ -12,24 +12,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scpl_kit.devices import backend_for, local_rank, resolve_device, use_device
 from scpl_kit.engines.base import LaunchError
 
-def init_distributed(backend: str, timeout_s: float) -> None:
-    """Join the process group torchrun described in the environment (once per process)."""
-    if dist.is_initialized():
-        return
+
+def join_job(backend: str, device: str, timeout_s: float) -> torch.device:
+    """Join the process group torchrun described in the environment (once per process) and return
+    this process's device: its GPU is made current before the group starts, the backend follows the
+    device (devices.backend_for), and NCCL is told the device up front (`device_id`), so no
+    collective lands on another rank's GPU."""
     if "RANK" not in os.environ:
         raise LaunchError("this engine runs one process per stage, started by torchrun")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # The timeout turns a crashed or stuck peer into an error here instead of a hang.
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-
-
-def stage_device(device: str) -> torch.device:
-    """auto: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+    resolved = resolve_device(device, local_rank() or 0)
+    chosen = backend_for(resolved, backend)
+    use_device(resolved)
+    if not dist.is_initialized():
+        # The timeout turns a crashed or stuck peer into an error here instead of a hang.
+        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s), device_id=resolved if chosen == "nccl" else None)
+    return resolved
 
 
 def check_processes(processes: int | None, world: int) -> None:

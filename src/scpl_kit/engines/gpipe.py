@@ -30,15 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scpl_kit.devices import DeviceError
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.balance import check_stages, time_chain
 from scpl_kit.engines.base import Batch, Engine, as_signal, reports_peer_failures
 from scpl_kit.engines.distributed import gather_to_main
 from scpl_kit.engines.staged import Segment, StagedEngine, wait_sent
 from scpl_kit.engines.transport import tensor_bytes
-from scpl_kit.methods.units import LocalUnit, Network, NonFiniteLossError, moved
+from scpl_kit.methods.units import LocalUnit, Network
 from scpl_kit.models.base import run_blocks
-from scpl_kit.signal import LABELS, Signal, summary
+from scpl_kit.signal import LABELS, Signal, moved, summary
 from scpl_kit.updater import UpdateRecipe
 
 # engine.schedule -> (class of torch.distributed.pipelining, stages per process, how stages map to processes)
@@ -131,6 +132,11 @@ class GPipeEngine(StagedEngine):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
         super().__init__(stages, balance, backend, device, timeout_s, processes)
+        if self.transport.via_host and self.world > 1:
+            raise DeviceError(
+                "engine=gpipe: torch.distributed.pipelining sends CUDA tensors between processes, which gloo cannot carry; "
+                "give each process a GPU of its own (engine.device=auto engine.backend=auto: NCCL), or run on the CPU"
+            )
         self.microbatches, self.schedule_name = microbatches, schedule
         _, per_process, self.style = SCHEDULES[schedule]
         self.n_pipeline_stages = per_process * self.world
@@ -264,8 +270,7 @@ class GPipeEngine(StagedEngine):
             return {}
         # Equal micro-batches: the mini-batch's mean loss (undoing `_loss`'s division).
         loss = torch.stack(losses).sum().detach().float() * updater.settings.accumulate
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self.unit.name, self.network.loss_name, updater.steps, loss.item())
+        updater.watch.note({self.network.loss_name: loss}, updater.steps)
         return {self.network.loss_name: loss}
 
     def segments(self) -> list[Segment]:

@@ -34,8 +34,9 @@ from scpl_kit.engines.balance import check_stages, unit_step_times
 from scpl_kit.engines.base import Batch, as_signal, batch_size, reports_peer_failures
 from scpl_kit.engines.replicas import check_even_split, replicated, slice_of
 from scpl_kit.engines.staged import Segment, StagedEngine, gathered_states, wait_sent
-from scpl_kit.methods.units import LocalUnit, Signal, inference_route, moved
+from scpl_kit.methods.units import LocalUnit, Signal, inference_route
 from scpl_kit.updater import UpdateRecipe, train_step
+from scpl_kit.signal import moved
 
 
 @ENGINES.register("pipeline")

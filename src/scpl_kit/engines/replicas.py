@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from scpl_kit.engines.base import Batch, ReadoutCollector, as_signal, batch_size
-from scpl_kit.methods.units import LocalUnit, moved
-from scpl_kit.signal import Signal
+from scpl_kit.methods.units import LocalUnit
+from scpl_kit.signal import Signal, moved
 
 
 def slice_of(signal: Signal, rank: int, world: int) -> Signal:

@@ -12,10 +12,9 @@ import torch.distributed as dist
 
 from scpl_kit.engines.balance import check_balance, even_stages, split_by_time, stage_time
 from scpl_kit.engines.base import Batch, Engine, ReadoutCollector, as_signal, reports_peer_failures
-from scpl_kit.engines.distributed import check_processes, close_distributed, gather_to_main, init_distributed, stage_device
+from scpl_kit.engines.distributed import check_processes, close_distributed, gather_to_main, join_job
 from scpl_kit.engines.transport import Transport
-from scpl_kit.methods.units import moved
-from scpl_kit.signal import Signal
+from scpl_kit.signal import Signal, moved
 
 log = logging.getLogger(__name__)
 Segment = tuple[int, list[Callable[[Signal], Signal]]]  # (stage, the passes it runs when it is this process's)
@@ -41,7 +40,7 @@ class StagedEngine(Engine):
     def __init__(self, stages: list[list[int]] | None = None, balance: str = "time", backend: str = "auto", device: str = "auto",
                  timeout_s: float = 300.0, processes: int | None = None, replicas: int = 1) -> None:
         check_balance(balance)
-        init_distributed(backend, timeout_s)
+        self.device = join_job(backend, device, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
         if replicas < 1 or self.world % replicas:
@@ -53,7 +52,6 @@ class StagedEngine(Engine):
         self.stages = [list(s) for s in stages] if stages else None
         self.balance = balance
         self.times: list[float] | None = None  # each unit's (block's) step time, when `balance: time` timed them
-        self.device = stage_device(device)
         self.transport = Transport(self.device)
         self.units, self.updaters, self.pending = [], [], []
 

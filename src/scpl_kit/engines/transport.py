@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from scpl_kit.methods.units import moved
-from scpl_kit.signal import Signal
+from scpl_kit.signal import Signal, moved
 
 INTRA, INTER = "intra_node", "inter_node"
 
@@ -53,6 +52,15 @@ class Transport:
         if self.ranks_per_node < 1 or self.world % self.ranks_per_node:
             raise ValueError(f"engine.ranks_per_node={self.ranks_per_node} must divide the {self.world} processes into equal nodes")
         self.device = device
+        self.backend = dist.get_backend() if self.distributed else None
+        # gloo sends CPU tensors only: a process on a GPU under gloo (ranks sharing one GPU, which NCCL
+        # refuses) copies what it sends to the host first, and what it receives back to its device.
+        self.via_host = self.backend == "gloo" and device.type == "cuda"
+        # Signal layouts go over the host: a GPU's NCCL would make the receiver wait on its GPU to read
+        # one. (Creating a group is collective: every process builds its Transport at the same point.)
+        self.host_group = dist.new_group(backend="gloo") if self.backend == "nccl" and self.world > 1 else None
+        self.layouts_sent: dict[int, bytes] = {}  # the last layout sent to each peer (sent again only when it changes)
+        self.layouts_received: dict[int, list] = {}
         self.sent: Counter = Counter()
 
     # -- where bytes go ------------------------------------------------------------------------
@@ -76,27 +84,42 @@ class Transport:
     def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
         """Non-blocking send; the returned work keeps the tensor alive until it is sent."""
         self.count(tensor_bytes([tensor]), [dst])
-        return dist.isend(tensor, dst)
+        return dist.isend(tensor.cpu() if self.via_host else tensor, dst)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
-        dist.recv(tensor, src)  # the sender counted it
+        """Into `tensor` (the sender counted it)."""
+        if self.via_host:
+            staged = torch.empty_like(tensor, device="cpu")
+            dist.recv(staged, src)
+            tensor.copy_(staged)
+        else:
+            dist.recv(tensor, src)
 
     def send_signal(self, signal: Signal, dst: int, pending: list) -> None:
-        """A signal's layout (names, dtypes, shapes), then each tensor, without blocking, so the stage
-        goes on training while the transfer runs. (dist.send_object_list would pickle the tensors too
-        and block; here only the few names and shapes are pickled, and the receiver reuses its buffers.)"""
-        description = torch.frombuffer(bytearray(signal_layout(signal)), dtype=torch.uint8)
-        for tensor in (torch.tensor([description.numel()]), description, *(t.contiguous() for t in signal.values())):
-            pending.append(self.isend(tensor.to(self.device), dst))
+        """A signal's tensors, without blocking, so the stage goes on training while the transfer runs;
+        before them, over the host, its layout (names, dtypes, shapes) when it differs from the last one
+        sent to `dst`, else an empty one. (dist.send_object_list would pickle the tensors too and block;
+        here only the few names and shapes are pickled, and the receiver reuses its buffers.)"""
+        layout = signal_layout(signal)
+        header = b"" if self.layouts_sent.get(dst) == layout else layout
+        self.layouts_sent[dst] = layout
+        for part in (torch.tensor([len(header)]), *([torch.frombuffer(bytearray(header), dtype=torch.uint8)] if header else [])):
+            self.count(tensor_bytes([part]), [dst])
+            pending.append(dist.isend(part, dst, group=self.host_group))
+        for tensor in signal.values():
+            pending.append(self.isend(tensor.contiguous().to(self.device), dst))
 
     def recv_signal(self, src: int, into: Signal | None = None) -> Signal:
         """The next signal from rank `src`, received into `into`'s buffers where names and shapes match."""
-        size = torch.empty(1, dtype=torch.int64, device=self.device)
-        self.recv(size, src)
-        description = torch.empty(int(size), dtype=torch.uint8, device=self.device)
-        self.recv(description, src)
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=self.host_group)
+        length = int(size.numpy()[0])  # a host tensor: reading it waits for the message, never for a GPU
+        if length:
+            description = torch.empty(length, dtype=torch.uint8)
+            dist.recv(description, src, group=self.host_group)
+            self.layouts_received[src] = pickle.loads(description.numpy().tobytes())
         signal = {}
-        for name, dtype, shape in pickle.loads(description.cpu().numpy().tobytes()):
+        for name, dtype, shape in self.layouts_received[src]:
             buffer = (into or {}).get(name)
             if buffer is None or tuple(buffer.shape) != shape or str(buffer.dtype) != f"torch.{dtype}":
                 buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
@@ -159,7 +182,8 @@ class Transport:
         every process (collective; the sum itself is bookkeeping, not counted), then reset."""
         totals = torch.tensor([float(self.sent[INTRA]), float(self.sent[INTER])], dtype=torch.float64)
         if self.distributed and self.world > 1:
-            totals = totals.to(self.device)  # NCCL reduces tensors on the process's GPU only
+            if self.backend == "nccl":
+                totals = totals.to(self.device)  # NCCL reduces tensors on the process's GPU only
             dist.all_reduce(totals)
         self.sent.clear()
         steps = max(steps, 1)

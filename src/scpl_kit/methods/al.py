@@ -89,7 +89,8 @@ class AssociatedUnit(LocalUnit):
 
     def forward_train(self, signal: Signal) -> UnitStep:
         # The first block starts the label path from the labels themselves: t_0 = onehot(y).
-        code_in = signal[CODE] if CODE in signal else F.one_hot(signal[LABELS], self.num_classes).to(self.bridge_dtype)
+        # One-hot by comparison: F.one_hot checks the labels' range on the host first (on the CPU it reads them).
+        code_in = signal[CODE] if CODE in signal else (signal[LABELS][:, None] == torch.arange(self.num_classes, device=signal[LABELS].device)).to(self.bridge_dtype)
         out = run_block(self.body, signal)  # engines hand inputs on detached: f_k's input is sg(x_k)
         code = self.label_encoder(code_in.detach())
         # What the bridge reads rides with the step's inputs, which are never handed on.

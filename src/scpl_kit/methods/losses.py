@@ -34,9 +34,8 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     # gradients equal one process's (each process's share of the anchors, times the processes).
     (z_all, labels_all), offset = whole_batch(z, labels)
     logits = z @ z_all.T / temperature
-    n = logits.shape[0]
-    is_self = torch.zeros_like(logits, dtype=torch.bool)
-    is_self[torch.arange(n), offset + torch.arange(n, device=logits.device)] = True
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    is_self = (rows + offset)[:, None] == torch.arange(logits.shape[1], device=logits.device)[None, :]
     same_label = labels[:, None] == labels_all[None, :]
     positive = same_label & ~is_self
     # logsumexp subtracts the row max internally, which is the stability trick the paper applies by hand.
@@ -49,6 +48,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     has_positive = count > 0
     # The mean over the whole batch's anchors with a positive, as one process would take it.
     global_count = ((labels_all[:, None] == labels_all[None, :]).sum(dim=1) > 1).sum() / spread()
-    if not has_positive.any():
-        return (logits * 0).sum()  # 0, still attached to the graph so backward() works as usual
-    return -(positive_sum[has_positive] / count[has_positive]).sum() / global_count
+    # Anchors without a positive add 0 (and no gradient); with none in the batch the loss is 0, still
+    # attached to the graph. Masks, not `if`/boolean indexing: the host never waits for the GPU here.
+    per_anchor = torch.where(has_positive, positive_sum / count.clamp(min=1), 0.0)
+    return -per_anchor.sum() / global_count.clamp(min=1)

@@ -40,10 +40,6 @@ def detached(signal: Signal) -> Signal:
     return {name: tensor.detach() for name, tensor in signal.items()}
 
 
-def moved(signal: Signal, device: torch.device) -> Signal:
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in signal.items()}
-
-
 def readouts(signal: Signal) -> Signal:
     """The class scores a finished inference pass produced: `scores`, and one `exit/<unit>` per
     block readout. A method whose last unit ends in class scores (BP) leaves them as `features`."""

@@ -42,9 +42,11 @@ PAPER_BLOCKS = 4  # the embedding and three sequence layers
 POSITIONAL = ("none", "sinusoidal")
 
 
-def real_tokens(lengths: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B, steps] bool, True at a document's real tokens (batches are right-padded)."""
-    return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
+def real_tokens(lengths: torch.Tensor, steps: int, device: torch.device | None = None) -> torch.Tensor:
+    """[B, steps] bool on `device` (the lengths' own by default), True at a document's real tokens (batches
+    are right-padded). The lengths may be on the host (signal.HOST_SIDE): copied over without the host waiting."""
+    device = device or lengths.device
+    return torch.arange(steps, device=device) < lengths.to(device, non_blocking=True).unsqueeze(1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class EmbeddingBlock(SignalBlock):
         # The summary is the bag of word vectors: the position table adds nothing about the document
         # but its length, and block 1's local loss is there to train the word vectors.
         out = words if self.positions is None else words + self.positions[: words.shape[1]]
-        return {**signal, FEATURES: out, SUMMARY: masked_mean(words, real_tokens(signal[LENGTHS], words.shape[1]))}
+        return {**signal, FEATURES: out, SUMMARY: masked_mean(words, real_tokens(signal[LENGTHS], words.shape[1], words.device))}
 
 
 class BiLSTMBlock(SignalBlock):
@@ -102,7 +104,8 @@ class BiLSTMBlock(SignalBlock):
         x = signal[FEATURES]
         if self.packed:
             # Packing stops each direction at the document's last real token, so the final states are
-            # those of the document alone, whatever T the batch was padded to. pack wants CPU lengths.
+            # those of the document alone, whatever T the batch was padded to. pack wants CPU lengths
+            # (on the host already, unless a pipeline stage received them: signal.HOST_SIDE).
             # Clamped: torch.distributed.pipelining learns a stage's shapes by running it once on
             # uninitialised buffers (the gpipe engine), whose "lengths" can be anything; real ones are in range.
             lengths = signal[LENGTHS].cpu().clamp(1, x.shape[1])
@@ -126,7 +129,7 @@ class TransformerBlock(SignalBlock):
 
     def forward(self, signal: Signal) -> Signal:
         x = signal[FEATURES]
-        mask = real_tokens(signal[LENGTHS], x.shape[1])
+        mask = real_tokens(signal[LENGTHS], x.shape[1], x.device)
         out = self.norm(self.layer(x, src_key_padding_mask=~mask))  # True in the mask = ignore that key
         return {**signal, FEATURES: out, SUMMARY: masked_mean(out, mask)}
 
