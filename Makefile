@@ -2,6 +2,7 @@
 #   make repro       set up .venv and run the whole DVC pipeline, independent training runs one per core
 #   make test        set up .venv and run every test (as root: installs Chromium, PostgreSQL, Slurm first)
 #   make bench       re-measure the speed tables (throughput, scaling) on this machine
+#   make gpu-check   on a GPU machine: every engine, method and model on the GPU, a report in gpu-check/
 # and two to look at the results in a browser:
 #   make ui          the MLflow UI on http://127.0.0.1:5000 (runs, per-epoch charts, sweeps)
 #   make dashboard   optuna-dashboard on http://127.0.0.1:8080 (the sweeps' studies)
@@ -16,7 +17,7 @@ OPTUNA_STORE ?= sqlite:///$(CURDIR)/optuna.db
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro bench test ui dashboard exps
+.PHONY: setup repro bench test ui dashboard exps gpu-check
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,10 @@ repro: setup
 # The committed speed tables were measured on another machine (named in each table's header).
 bench: setup
 	dvc repro --force throughput scaling
+
+# On a machine with a GPU: every engine, method and model a few steps on the GPU, one report (README: Train on GPUs).
+gpu-check: setup
+	python scripts/gpu_check.py --out gpu-check
 
 # One pytest-xdist worker per core (at most 4): many tests wait on servers, torchrun or Slurm.
 test: setup

@@ -48,7 +48,21 @@ class Row:
     checkpoint: bool = False
 
 
-def rows(workers: int) -> list[Row]:
+def on(device: str, workers: int, row: Row) -> Row:
+    """`row` on `device` (cpu, or cuda: each process its own GPU, the threads engine's units on GPUs 0 … workers−1)."""
+    if row.engine == "threads":
+        devices = ["cpu"] * workers if device == "cpu" else [f"cuda:{i}" for i in range(workers)]
+        placement = f"engine.devices=[{','.join(devices)}]"
+    else:
+        placement = f"engine.device={'cpu' if device == 'cpu' else 'auto' if row.engine in ('pipeline', 'gpipe') else 'cuda:0'}"
+    return Row(row.name, row.model, row.method, row.engine, row.workers, (*row.overrides, placement), row.schedule, row.checkpoint)
+
+
+def rows(workers: int, device: str = "cpu") -> list[Row]:
+    return [on(device, workers, row) for row in cpu_rows(workers)]
+
+
+def cpu_rows(workers: int) -> list[Row]:
     def bp_pipeline(model: str, base: tuple[str, ...], schedule: str, checkpoint: bool = False) -> Row:
         return Row(f"{model}_{schedule}" + ("_ckpt" if checkpoint else ""), model, "bp", "gpipe", workers,
                    (*base, "engine=gpipe", f"engine.schedule={schedule}", "engine.microbatches=4", f"method.checkpoint={str(checkpoint).lower()}"),
@@ -61,7 +75,7 @@ def rows(workers: int) -> list[Row]:
         Row("vgg_scpl1", "vgg", "scpl", "sequential", 1, (*VGG, *SCPL_VGG)),
         *(bp_pipeline("vgg", vgg_bp, schedule) for schedule in SCHEDULES),
         bp_pipeline("vgg", vgg_bp, "1f1b", checkpoint=True),
-        Row("vgg_scpl_threads", "vgg", "scpl", "threads", workers, (*VGG, *SCPL_VGG, "engine=threads", f"engine.devices=[{','.join(['cpu'] * workers)}]")),
+        Row("vgg_scpl_threads", "vgg", "scpl", "threads", workers, (*VGG, *SCPL_VGG, "engine=threads")),
         Row("vgg_scpl_pipeline", "vgg", "scpl", "pipeline", workers, (*VGG, *SCPL_VGG, "engine=pipeline")),
         Row("transformer_bp1", "transformer", "bp", "sequential", 1, text_bp),
         Row("transformer_bp1_ckpt", "transformer", "bp", "sequential", 1, (*text_bp, "method.checkpoint=true"), checkpoint=True),
@@ -90,10 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes of the pipelines (stages)")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="which rows, in this order (default: all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides added to every row, e.g. trainer.batch_size=16")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: every process on a GPU of its own (timing synchronised, CUDA's peak memory); add --set trainer.threads=null")
     args = parser.parse_args(argv)
     try:
         check_options({"--rounds": args.rounds, "--workers": args.workers}, {"--rounds": Rule(int, low=1), "--workers": Rule(int, low=1, high=4)})
-        known = {row.name: row for row in rows(args.workers)}
+        known = {row.name: row for row in rows(args.workers, args.device)}
         unknown = [name for name in args.rows or () if name not in known]
         if unknown:
             raise PreflightError(f"--rows: unknown {', '.join(unknown)}; valid: {', '.join(known)}")

@@ -204,3 +204,24 @@ def test_lengths_stay_on_the_host_when_a_signal_moves() -> None:
     signal = {"features": torch.zeros(2, 3, dtype=torch.long), "lengths": torch.tensor([3, 1]), "labels": torch.tensor([0, 1])}
     placed = moved(signal, torch.device("meta"))  # another device than the host's, even here
     assert placed["features"].is_meta and placed["labels"].is_meta and placed["lengths"].device.type == "cpu"
+
+
+@pytest.mark.slow  # a few toy runs in one process and two 2-rank jobs: ~1 min
+def test_the_gpu_check_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_check.py at toy sizes on the CPU: every step's code runs (the GPU is what the CPU cannot show)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--quick", "--limit", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [row["workers"] for row in report["loader"]] == [0, 2] and all(row["views_per_s"] > 0 for row in report["loader"])
+    assert [row["row"] for row in report["sweep"]] == ["vgg8 bp", "vgg8 scpl"] and all(row["samples_per_s"] > 0 for row in report["sweep"])
+    assert [row["row"] for row in report["engines"]] == ["threads scpl", "pipeline scpl 2 ranks on cpu (gloo)"]
+    assert report["engines"][1]["rc"] == 0 and report["engines"][1]["samples_per_s"] > 0
+    assert report["checkpoint"]["evaluate_rc"] == 0 and report["checkpoint"]["matches_training"] is True
+    assert "## sweep" in (tmp_path / "gpu_check.md").read_text()

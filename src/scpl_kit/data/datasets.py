@@ -22,31 +22,24 @@ from scpl_kit.signal import FEATURES, LABELS, LENGTHS, moved
 
 class SplitDataset(Dataset):
     """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch; a
-    training batch comes as (seed, indices) and is augmented from that seed alone (`SeededBatches`), so
-    the batches are the same whichever loader worker, or none, makes them. Images stay uint8: a quarter
-    of float32's bytes to copy to the device, where `Batches` normalises them."""
+    training batch comes as (seed, indices) and leaves with its seed, which its augmentation draws from
+    on the device (`Batches`), so the batches are the same whichever loader worker, or none, fetched
+    them. Images stay uint8: a quarter of float32's bytes to copy to the device."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augmentation: Augmentation | None) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images, self.labels = images, labels
-        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         seed, indices = key if isinstance(key, tuple) else (None, key)
-        images = torch.from_numpy(np.ascontiguousarray(self.images[indices]))
-        labels = torch.from_numpy(np.asarray(self.labels[indices]))
-        if self.augmentation is not None and self.augmentation.kind != "none":
-            with torch.random.fork_rng(devices=[]):  # the batch's own draws; the caller's stream is left as it was
-                torch.manual_seed(seed if seed is not None else 0)
-                images, labels = self.augmentation(images, labels)
-        return images, labels
+        return torch.from_numpy(np.ascontiguousarray(self.images[indices])), torch.from_numpy(np.asarray(self.labels[indices])), seed
 
 
 class SeededBatches(Sampler):
     """A BatchSampler's batches, each with a seed of its own drawn from `generator` in the main process
-    (augmentation draws from it, whichever worker makes the batch)."""
+    (its augmentation draws from it, whichever worker fetched the batch)."""
 
     def __init__(self, batches: BatchSampler, generator: torch.Generator | None) -> None:
         self.batches, self.generator = batches, generator
@@ -60,15 +53,17 @@ class SeededBatches(Sampler):
 
 
 class Batches:
-    """A loader's batches on `device` (None: where they are), images normalised there: uint8 crosses to
-    the device, float32 is made on it. Text batches move as they are (their lengths stay on the host,
-    signal.HOST_SIDE). Has the loader's length; iterating starts its workers (kept between epochs)."""
+    """A loader's batches on `device` (None: the CPU), images augmented and normalised there: uint8 crosses
+    to the device, float32 is made on it, and the augmentation runs batched, drawing from each batch's
+    own seed. Text batches move as they are (their lengths stay on the host, signal.HOST_SIDE). Has the
+    loader's length; iterating starts its workers (kept between epochs)."""
 
     def __init__(self, loader: DataLoader, mean: list[float] | None = None, std: list[float] | None = None,
-                 device: torch.device | None = None) -> None:
-        self.loader, self.device = loader, device
+                 device: torch.device | None = None, augmentation: Augmentation | None = None) -> None:
+        self.loader, self.device, self.augmentation = loader, device, augmentation
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.draws = torch.Generator(device=device or "cpu")  # reseeded from every batch's seed
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -78,16 +73,19 @@ class Batches:
             if isinstance(batch, dict):
                 yield batch if self.device is None else moved(batch, self.device)
                 continue
-            images, labels = batch
+            images, labels, seed = batch
             if self.device is not None:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            yield (images.float().div_(255) - self.mean) / self.std, labels
+            images = images.float().div_(255)
+            if self.augmentation is not None and self.augmentation.kind != "none":
+                images, labels = self.augmentation(images, labels, self.draws.manual_seed(seed if seed is not None else 0))
+            yield (images - self.mean) / self.std, labels
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int, drop_last: bool,
                 max_batches: int | None) -> DataLoader:
-    """Whole batches per fetch; shuffled ones come with their seeds. `num_workers` processes fetch (and
-    augment) them ahead, started once and kept over the epochs (persistent); the order is the sampler's."""
+    """Whole batches per fetch; shuffled ones come with their seeds. `num_workers` processes fetch them
+    ahead, started once and kept over the epochs (persistent); the order is the sampler's."""
     if shuffle:
         sampler: Sampler = SeededBatches(BatchSampler(shuffled(dataset, generator, max_batches and max_batches * batch_size), batch_size, drop_last), generator)
     else:
@@ -127,8 +125,8 @@ class PreparedData:
         batches draw their order and their augmentation from `generator`: reseed it before an epoch to get
         that epoch's batches again (the loader, and its workers, can be kept)."""
         images, labels = self.splits[split]
-        dataset = SplitDataset(images, labels, augmentation)
-        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), self.meta["mean"], self.meta["std"], device)
+        loader = make_loader(SplitDataset(images, labels), batch_size, shuffle, generator, num_workers, drop_last, max_batches)
+        return Batches(loader, self.meta["mean"], self.meta["std"], device, augmentation)
 
 
 def shuffled(dataset: Dataset, generator: torch.Generator | None, samples: int | None) -> RandomSampler:
