@@ -5,7 +5,8 @@
 
 Steps (each bounded by what is left of --budget-s; a failed step is reported, the next one runs):
   environment   torch, CUDA, the GPUs
-  loader        images/s of CIFAR-shaped batches with the paper's strong augmentation, per loader worker count
+  loader        views/s of CIFAR-shaped batches on the device, plain and with the paper's strong augmentation
+                (two views an image, batched on the device) per loader worker count
   sweep         in one process, on the device, for a few steps on synthetic data at the paper's width and batch:
                 every method on VGG8; BP and SCPL on VGG8, ResNet-18, LSTM and Transformer, fp32 and bf16;
                 samples/s, peak memory (CUDA's own count) and GPU utilisation (pynvml) per row
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -63,7 +65,7 @@ class Check:
     def common(self) -> list[str]:
         return [f"data.processed_dir={self.work / 'processed'}", "tracking.enabled=false", "trainer.progress=false", "trainer.resume=false",
                 f"trainer.checkpoint_dir={self.work / 'checkpoints'}", "trainer.eval_test=false", "trainer.epochs=1", "trainer.measure=true",
-                f"trainer.steps_per_epoch={2 if self.quick else 6}"]
+                f"trainer.steps_per_epoch={2 if self.quick else 6}", "trainer.measure_memory_steps=0"]  # CUDA's peak needs no profiled steps
 
     def on_device(self) -> list[str]:
         """The sequential engine on the checked device."""
@@ -112,9 +114,9 @@ class Check:
         data = load_prepared("synthetic_cifar10", self.work / "processed")
         device, batch, batches = resolve_device(self.device), 128 if self.quick else 1024, 3 if self.quick else 12
         rows = []
-        for workers in (0, 2) if self.quick else (0, 2, 4, 8, 12):
+        for kind, workers in [("none", 0), *(("strong", w) for w in ((0, 2) if self.quick else (0, 2, 4, 8, 12)))]:
             order = torch.Generator().manual_seed(0)
-            loader = data.loader("train", batch, shuffle=True, augmentation=Augmentation("strong", 32, True), generator=order,
+            loader = data.loader("train", batch, shuffle=True, augmentation=Augmentation(kind, 32, True), generator=order,
                                  num_workers=workers, drop_last=True, device=device)
             started, images = time.perf_counter(), 0
             for i, (x, _) in enumerate(loader):  # the first batch waits for the workers to start: not timed
@@ -126,7 +128,7 @@ class Check:
                     break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            rows.append({"workers": workers, "views_per_s": images / (time.perf_counter() - started), "batch": batch})
+            rows.append({"augmentation": kind, "workers": workers, "views_per_s": images / (time.perf_counter() - started), "batch": batch})
         return rows
 
     def sweep(self) -> list[dict[str, Any]]:
@@ -144,7 +146,7 @@ class Check:
 
         with Utilisation(self.device) as utilisation:
             try:
-                out = self.work / "runs" / name.replace(" ", "_")
+                out = self.work / "runs" / folder(name)
                 summary = run(compose_config([*overrides, *self.common(), f"out_dir={out}"]))
             except Exception as error:
                 return {"row": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
@@ -171,7 +173,7 @@ class Check:
     def ranks_row(self, name: str, engine: str, method: str, placement: list[str]) -> dict[str, Any]:
         if self.left() < 40:
             return {"row": name, "skipped": "out of time"}
-        out = self.work / "runs" / name.split(" ")[0] / name.replace(" ", "_").replace("/", "")
+        out = self.work / "runs" / folder(name)
         overrides = [*self.vision(), f"method={method}", f"engine={engine}", "engine.processes=2", *self.common(), *placement,
                      f"out_dir={out}", *(["engine.timeout_s=120"])]
         started = time.monotonic()
@@ -191,13 +193,18 @@ class Check:
         from scpl_kit.train import run
 
         out = self.work / "runs" / "checkpoint"
-        run(compose_config([*self.vision(), "method=scpl", *self.on_device(), *self.common(), f"out_dir={out}"]))
+        run(compose_config([*self.vision(), "method=scpl", *self.on_device(), *self.common(), "trainer.eval_test=true", f"out_dir={out}"]))
         devices = {str(t.device) for unit in torch.load(out / "model.pt", map_location=None, weights_only=False)["units"] for t in unit.values()}
         done = subprocess.run([sys.executable, "-m", "scpl_kit.evaluate", str(out), str(out / "eval.json")], capture_output=True, text=True,
                               timeout=300, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         report = json.loads((out / "eval.json").read_text()) if done.returncode == 0 else {}
         return {"saved_on": sorted(devices), "evaluate_rc": done.returncode, "matches_training": report.get("matches_training"),
                 "error": done.stderr.strip().splitlines()[-1:] if done.returncode else None}
+
+
+def folder(row: str) -> str:
+    """A row's name as a folder Hydra's override grammar takes (no spaces, brackets or colons)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", row).strip("_")
 
 
 class Utilisation:

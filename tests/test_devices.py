@@ -219,7 +219,8 @@ def test_the_gpu_check_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [row["workers"] for row in report["loader"]] == [0, 2] and all(row["views_per_s"] > 0 for row in report["loader"])
+    assert [(row["augmentation"], row["workers"]) for row in report["loader"]] == [("none", 0), ("strong", 0), ("strong", 2)]
+    assert all(row["views_per_s"] > 0 for row in report["loader"])
     assert [row["row"] for row in report["sweep"]] == ["vgg8 bp", "vgg8 scpl"] and all(row["samples_per_s"] > 0 for row in report["sweep"])
     assert [row["row"] for row in report["engines"]] == ["threads scpl", "pipeline scpl 2 ranks on cpu (gloo)"]
     assert report["engines"][1]["rc"] == 0 and report["engines"][1]["samples_per_s"] > 0
