@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -153,20 +154,25 @@ SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")  # a GPU te
 
 
 def host_reads_per_step(cfg, steps: int = 3) -> dict[str, int]:
-    """Train `steps` batches on the sequential engine under the profiler and count the ops that make the
-    host wait for the device (on a GPU; on the CPU they are counted the same way)."""
+    """Train `steps` batches on the configured engine under the profiler (after one unprofiled batch) and
+    count the ops that make the host wait for the device (on a GPU; on the CPU they are counted the same way)."""
     from scpl_kit.engines import build_engine
     from scpl_kit.train import options
 
     data = load_data(cfg)
     model, units = build(cfg, data)
     engine = build_engine(cfg.engine.name, **options(cfg.engine))
-    engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), update_recipe(cfg, data))
-    batches = list(data.loader("train", cfg.trainer.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))[: steps + 1]
-    engine.train_batch(dict(zip(("features", "labels"), batches[0])) if isinstance(batches[0], tuple) else batches[0])  # warm-up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        for batch in batches[1:]:
-            engine.train_batch(dict(zip(("features", "labels"), batch)) if isinstance(batch, tuple) else batch)
+    try:
+        engine.setup(units, model.example_batch(cfg.trainer.batch_size, data.num_classes), update_recipe(cfg, data))
+        batches = list(data.loader("train", cfg.trainer.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))[: steps + 1]
+        signals = engine.batches_here(batches)  # the engine's own way in: a pipeline's later stage receives
+        engine.train_batch(next(signals)[0])  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for signal, _ in signals:
+                engine.train_batch(signal)
+            engine.finish_batches()
+    finally:
+        engine.close()
     counts = {name: 0 for name in SYNCS}
     for event in profiler.events():
         if event.name in counts and not within_fused_optimizer(event):
@@ -192,6 +198,22 @@ def test_a_training_step_never_reads_a_device_value_on_the_host(smoke_config, me
     assert host_reads_per_step(smoke_config(f"method={method}")) == {name: 0 for name in SYNCS}
 
 
+def _pipeline_reads(rank: int, result_dir: str, cfg) -> None:
+    Path(result_dir, f"rank{rank}.json").write_text(json.dumps(host_reads_per_step(cfg)))
+
+
+@pytest.mark.slow  # two processes: ~15 s
+def test_a_pipeline_step_never_reads_a_device_value_on_the_host(smoke_config, tmp_path: Path) -> None:
+    """Both stages of SCPL's pipeline, the receiving one included: layouts come over the host group."""
+    from test_data_parallel import reporting_errors
+    from test_engines import spawn_ranks
+
+    cfg = smoke_config("method=scpl", "engine=pipeline", "engine.stages=[[0,1],[2,3]]", "engine.timeout_s=60", "trainer.threads=1")
+    reports = spawn_ranks(reporting_errors(_pipeline_reads), 2, tmp_path, cfg)
+    assert sorted(reports) == ["rank0.json", "rank1.json"], reports
+    assert [json.loads(reports[f"rank{r}.json"]) for r in range(2)] == [{name: 0 for name in SYNCS}] * 2
+
+
 def test_a_text_step_never_reads_a_device_value_on_the_host(text_smoke_config) -> None:
     assert host_reads_per_step(text_smoke_config("model=transformer", "method=scpl")) == {name: 0 for name in SYNCS}
 
@@ -209,7 +231,6 @@ def test_lengths_stay_on_the_host_when_a_signal_moves() -> None:
 @pytest.mark.slow  # a few toy runs in one process and two 2-rank jobs: ~1 min
 def test_the_gpu_check_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
     """scripts/gpu_check.py at toy sizes on the CPU: every step's code runs (the GPU is what the CPU cannot show)."""
-    import json
     import subprocess
     import sys
 
