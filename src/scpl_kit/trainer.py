@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from scpl_kit.allocator import retain_freed_memory
 from scpl_kit.data.augment import Augmentation
-from scpl_kit.data.datasets import Batches, PreparedData
 from scpl_kit.devices import load_on_cpu
+from scpl_kit.data.datasets import Batches, PreparedData
 from scpl_kit.engines.base import Engine
 from scpl_kit.methods.units import EXIT, SCORES
 from scpl_kit.tracking import TrainingListener
