@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +55,7 @@ def on(device: str, workers: int, row: Row) -> Row:
         placement = f"engine.devices=[{','.join(devices)}]"
     else:
         placement = f"engine.device={'cpu' if device == 'cpu' else 'auto' if row.engine in ('pipeline', 'gpipe') else 'cuda:0'}"
-    return Row(row.name, row.model, row.method, row.engine, row.workers, (*row.overrides, placement), row.schedule, row.checkpoint)
+    return replace(row, overrides=(*row.overrides, placement))
 
 
 def rows(workers: int, device: str = "cpu") -> list[Row]:

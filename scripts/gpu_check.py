@@ -175,7 +175,7 @@ class Check:
             return {"row": name, "skipped": "out of time"}
         out = self.work / "runs" / folder(name)
         overrides = [*self.vision(), f"method={method}", f"engine={engine}", "engine.processes=2", *self.common(), *placement,
-                     f"out_dir={out}", *(["engine.timeout_s=120"])]
+                     f"out_dir={out}", "engine.timeout_s=120"]
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "scpl_kit.train", *overrides], capture_output=True, text=True,
                               timeout=max(self.left() - 10, 30), cwd=REPO)
@@ -237,26 +237,17 @@ class Utilisation:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    import pandas as pd
+
     lines = [f"# GPU check ({report['device']}{', quick' if report['quick'] else ''})\n"]
     env = report.get("environment", {})
     lines.append(f"torch {env.get('torch')}, CUDA {env.get('cuda')}, GPUs: {', '.join(env.get('gpus', [])) or 'none'}\n")
     for section in ("loader", "sweep", "engines"):
         rows = report.get(section)
-        lines.append(f"\n## {section}\n")
-        if isinstance(rows, list) and rows:
-            keys = list(dict.fromkeys(k for row in rows for k in row))
-            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(format_cell(row.get(k)) for k in keys) + " |" for row in rows]
-        else:
-            lines.append(f"{rows}")
+        table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f") if isinstance(rows, list) and rows else str(rows)
+        lines.append(f"\n## {section}\n\n{table}")
     lines.append(f"\n## checkpoint\n\n{report.get('checkpoint')}\n")
     return "\n".join(lines) + "\n"
-
-
-def format_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return "" if value is None else str(value).replace("|", "/")
 
 
 def main(argv: list[str] | None = None) -> int:

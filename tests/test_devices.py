@@ -214,7 +214,7 @@ def test_a_pipeline_step_never_reads_a_device_value_on_the_host(smoke_config, tm
     assert [json.loads(reports[f"rank{r}.json"]) for r in range(2)] == [{name: 0 for name in SYNCS}] * 2
 
 
-def test_a_text_step_never_reads_a_device_value_on_the_host(text_smoke_config) -> None:
+def test_a_transformer_step_never_reads_a_device_value_on_the_host(text_smoke_config) -> None:
     assert host_reads_per_step(text_smoke_config("model=transformer", "method=scpl")) == {name: 0 for name in SYNCS}
 
 

@@ -259,7 +259,7 @@ class OneLineParser(argparse.ArgumentParser):
 def check_devices(cfg: DictConfig) -> None:
     """`engine.device` (or the threads engine's `engine.devices`) names devices this machine has, and
     `engine.backend` can carry tensors there; refused in one line that names the key (devices.py)."""
-    from scpl_kit.devices import DeviceError, backend_for, local_rank, resolve_device
+    from scpl_kit.devices import DeviceError, backend_for, local_rank, resolve_device  # here: preflight itself loads without torch
 
     engine = cfg.get("engine") or {}
     keys = [("engine.device", engine["device"])] if engine.get("device") is not None else []
