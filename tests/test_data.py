@@ -10,6 +10,7 @@ from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.datasets import load_prepared
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.prepare import prepare_dataset
+from scpl_kit.data.share import Share
 from scpl_kit.data.sources import load_cifar
 from scpl_kit.registry import UnknownNameError
 
@@ -41,7 +42,7 @@ def test_loader_batches_are_the_normalised_uint8_rows(processed_dir: Path) -> No
     """uint8 rows leave the loader's workers; the float32 batch is made where it trains (here: the CPU)."""
     data = load_prepared("mnist5k", processed_dir)
     x, _ = next(iter(data.loader("train", 64, device=torch.device("cpu"))))
-    images = torch.from_numpy(np.asarray(data.splits["train"][0][:64]))
+    images = torch.from_numpy(np.array(data.splits["train"][0][:64]))
     mean, std = (torch.tensor(data.meta[k]).view(-1, 1, 1) for k in ("mean", "std"))
     assert torch.equal(x, (images.float() / 255 - mean) / std)
 
@@ -68,6 +69,29 @@ def test_loader_workers_give_the_same_batches_as_none(processed_dir: Path) -> No
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mine, theirs))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(alone[0], alone[2]))  # an epoch's seed gives its batches again
     assert not torch.equal(alone[0][0][0], alone[1][0][0])  # another seed, other batches
+
+
+def shared_epoch(data, share: Share, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of strongly augmented batches (two views per image) as the loader made for `share` reads them."""
+    order = torch.Generator().manual_seed(5)
+    return list(data.loader("train", batch_size, shuffle=True, augmentation=Augmentation("strong", 28, True), generator=order,
+                            max_batches=3, share=share))
+
+
+@pytest.mark.parametrize("batch_size", [64, 9])  # 9 = 5 + 4: tensor_split's uneven cut
+def test_each_share_reads_its_rows_with_the_augmentation_they_get_in_the_whole_batch(processed_dir: Path, batch_size: int) -> None:
+    """Two processes reading their halves of every batch get, bitwise, both views of their images as
+    the whole batch has them: together, exactly the whole batch's samples."""
+    data = load_prepared("mnist5k", processed_dir)
+    whole = shared_epoch(data, Share(), batch_size)
+    halves = [shared_epoch(data, Share(part, 2), batch_size) for part in range(2)]
+    assert len(whole) == len(halves[0]) == len(halves[1]) == 3
+    for (x, y), *parts in zip(whole, *halves):
+        views_x, views_y = x.unflatten(0, (2, -1)), y.unflatten(0, (2, -1))  # [view, image, ...]
+        rows = torch.arange(batch_size).tensor_split(2)
+        for (part_x, part_y), mine in zip(parts, rows):
+            assert torch.equal(part_x, views_x[:, mine].flatten(0, 1)) and torch.equal(part_y, views_y[:, mine].flatten(0, 1))
+        assert not torch.equal(views_x[0], views_x[1])  # the two views differ: the check above is not vacuous
 
 
 def write_fake_cifar(root: Path, name: str, per_batch: int = 20) -> np.ndarray:

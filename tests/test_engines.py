@@ -441,3 +441,19 @@ def test_a_method_engine_pair_starts_its_own_torchrun(processed_dir: Path, tmp_p
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["method"], metrics["engine"], metrics["method_config"], metrics["engine_detail"]) == ("bp", "gpipe", "bp_gpipe", "gpipe K=2 M=4")
     assert done.stdout.count('"best_val_acc"') == 1
+
+
+def test_an_engine_cuts_whole_batches_itself_and_takes_a_loader_made_for_its_share_as_it_is(processed_dir: Path) -> None:
+    from scpl_kit.data.datasets import load_prepared
+    from scpl_kit.data.share import Share
+    from scpl_kit.engines.replicas import read_share
+
+    data = load_prepared("mnist5k", processed_dir)
+    second = Share(1, 2)
+    cut = [(signal, samples) for signal, samples in read_share(data.loader("val", 100), second)]
+    delivered = [(signal, samples) for signal, samples in read_share(data.loader("val", 100, share=second), second)]
+    assert len(cut) == len(delivered) == 5 and all(samples == 100 for _, samples in cut + delivered)
+    for (a, _), (b, _) in zip(cut, delivered):
+        assert len(b["labels"]) == 50 and all(torch.equal(a[k], b[k]) for k in ("features", "labels"))
+    with pytest.raises(ValueError, match="read for"):
+        next(read_share(data.loader("val", 100, share=Share(0, 2)), second))

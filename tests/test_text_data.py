@@ -135,6 +135,22 @@ def test_batches_are_cut_to_their_longest_document(tmp_path: Path) -> None:
     assert lengths.max() == 4  # "team win cup final match" was truncated at max_len
 
 
+def test_a_share_of_a_text_batch_is_its_slice_of_the_whole_batch(tmp_path: Path) -> None:
+    """Padded to the whole batch's longest document, as a slice of the whole batch would be."""
+    from scpl_kit.data.share import Share
+
+    write_corpus(tmp_path / "raw", [(0, "goal"), (1, "bank rates"), (0, "goal"), (1, "bank"), (0, "team win cup final match"),
+                                    (1, "stock"), (0, "team"), (1, "rates bank stock"), (0, "cup"), (1, "bank")])
+    data = load_prepared("toytext", prepare_dataset("toytext", tmp_path / "p", tmp_path / "raw", 0.2, 0.2, download=False, max_len=4).parent)
+    whole = list(data.loader("train", 3))
+    for part in range(2):
+        mine = list(data.loader("train", 3, share=Share(part, 2)))
+        assert len(mine) == len(whole)
+        for theirs, ours in zip(whole, mine):
+            expected = Share(part, 2).of(theirs)
+            assert expected.keys() == ours.keys() and all(torch.equal(expected[k], ours[k]) for k in ours)
+
+
 def test_edited_tokens_fail_the_checksum(tmp_path: Path) -> None:
     corpus(tmp_path / "raw")
     out = prepare(tmp_path)

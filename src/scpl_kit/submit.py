@@ -115,7 +115,24 @@ def gpus_per_node(spec: DictConfig) -> int | None:
 
 def wait_for(jobs: Sequence[Any]) -> None:
     for job in jobs:
-        job.results()  # raises the job's own error
+        try:
+            job.results()
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+            raise JobFailed(failure_of(job, error)) from None
+
+
+LOG_TAIL = 20  # lines: a Python traceback and the lines logged before it
+
+
+def failure_of(job: Any, error: Exception) -> str:
+    """Why `job` failed: the cause in one line, then the end of its error log. (submitit's own message
+    ends with the log's path, and keeps the cause in the middle of a traceback.)"""
+    parts = str(error).split("\n" + "-" * 22 + "\n")  # FailedJobError: header, the job's traceback, footer
+    lines = (parts[1] if len(parts) == 3 else str(error)).strip().splitlines()
+    cause = lines[-1] if len(parts) == 3 else " ".join(lines[:2])
+    log = (job.stderr() or "").rstrip().splitlines()[-LOG_TAIL:]
+    tail = "".join(f"\n    {line}" for line in log)
+    return f"job {job.job_id}: {cause}" + (f"\n  the end of {job.paths.stderr}:{tail}" if log else "")
 
 
 def submit_training(spec: DictConfig, overrides: list[str]) -> Submitted:
@@ -333,8 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"done: {submitted.what}")
     except (ConfigError, PreflightError) as error:
         return fail(error)
-    except (JobFailed, submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
-        print(f"error: a job failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+    except JobFailed as error:
+        print(f"error: a job failed: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -186,7 +186,7 @@ class Trainer:
             self.loaders[split] = self.data.loader(
                 split, self.batch_size if training else self.eval_batch_size, shuffle=training, augmentation=self.augmentation if training else None,
                 generator=self.shuffle if training else None, num_workers=self.num_workers, drop_last=training,
-                max_batches=self.steps_per_epoch if training else None, device=self.engine.device,
+                max_batches=self.steps_per_epoch if training else None, device=self.engine.device, share=self.engine.share(training),
             )
         return self.loaders[split]
 

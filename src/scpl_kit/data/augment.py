@@ -11,6 +11,9 @@ GPU waiting: ~0.9k strong views/s per CPU core):
 
 Images are floats in [0, 1] here (no rounding back to uint8 between steps, which torchvision does on
 uint8 input). `tests/test_data.py` compares the batch statistics with torchvision's per-image transforms.
+
+A process that reads only its share of a batch (data/share.py) augments its rows with their rows of
+the draws for the whole batch (`Draws`), so each image is augmented as it is in the whole batch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,27 @@ JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
+class Draws:
+    """Random draws for a batch of `total` images, of which this process holds rows `rows`: each draw is
+    made for all `total` (in the same order whatever the share) and keeps this process's rows."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, total: int, rows: slice) -> None:
+        self.generator, self.device, self.total, self.rows = generator, device, total, rows
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(self.total, *shape, generator=self.generator, device=self.device)[self.rows]
+
+    def integers(self, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.total,), generator=self.generator, device=self.device)[self.rows]
+
+    def uniform(self, low: float, high: float) -> torch.Tensor:
+        """Draws from U[low, high), shaped to broadcast over [n, C, H, W]."""
+        return (low + (high - low) * self.rand()).view(-1, 1, 1, 1)
+
+    def coin(self, p: float) -> torch.Tensor:
+        return (self.rand() < p).view(-1, 1, 1, 1)
+
+
 class Augmentation:
     """Applied to a float batch [B, C, H, W] in [0, 1]; returns [views·B, C, H, W] and labels repeated to match."""
 
@@ -32,37 +56,31 @@ class Augmentation:
         self.kind, self.image_size, self.hflip = kind, image_size, hflip
         self.views = 2 if kind == "strong" else 1  # the paper concatenates two strong views into the batch
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                 total: int | None = None, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`images` are rows `rows` of a batch of `total` (default: the whole batch)."""
         if self.kind == "none":
             return images, labels
-        views = [self.view(images, generator) for _ in range(self.views)]
+        draws = Draws(generator, images.device, total or len(images), rows or slice(None))
+        views = [self.view(images, draws) for _ in range(self.views)]
         return torch.cat(views), labels.repeat(self.views)
 
-    def view(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = random_crop(images, self.image_size, generator)
+    def view(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        x = random_crop(images, self.image_size, draws)
         if self.hflip:
-            x = torch.where(coin(len(x), 0.5, generator, x.device), x.flip(-1), x)
+            x = torch.where(draws.coin(0.5), x.flip(-1), x)
         if self.kind == "strong":
-            x = torch.where(coin(len(x), 0.8, generator, x.device), color_jitter(x, generator), x)
-            x = torch.where(coin(len(x), 0.2, generator, x.device), grayscale(x).expand_as(x), x)
+            x = torch.where(draws.coin(0.8), color_jitter(x, draws), x)
+            x = torch.where(draws.coin(0.2), grayscale(x).expand_as(x), x)
         return x
 
 
-def uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """n draws from U[low, high), shaped to broadcast over [n, C, H, W]."""
-    return (low + (high - low) * torch.rand(n, generator=generator, device=device)).view(n, 1, 1, 1)
-
-
-def coin(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=generator, device=device) < p).view(n, 1, 1, 1)
-
-
-def random_crop(images: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+def random_crop(images: torch.Tensor, size: int, draws: Draws) -> torch.Tensor:
     """Each image's own `size`×`size` window of the image zero-padded by PADDING on every side."""
     n, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (PADDING,) * 4)
-    top = torch.randint(0, height + 2 * PADDING - size + 1, (n,), generator=generator, device=images.device)
-    left = torch.randint(0, width + 2 * PADDING - size + 1, (n,), generator=generator, device=images.device)
+    top = draws.integers(height + 2 * PADDING - size + 1)
+    left = draws.integers(width + 2 * PADDING - size + 1)
     steps = torch.arange(size, device=images.device)
     rows, cols = (top[:, None] + steps)[:, :, None], (left[:, None] + steps)[:, None, :]  # [n, size, 1], [n, 1, size]
     picked = padded[torch.arange(n, device=images.device)[:, None, None], :, rows, cols]  # [n, size, size, C]
@@ -77,14 +95,14 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(1, keepdim=True)
 
 
-def color_jitter(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, draws: Draws) -> torch.Tensor:
     """torchvision's ColorJitter with factors and order drawn per image: each of the four positions
     computes every adjustment for the whole batch and keeps, per image, the one its order puts there."""
-    n, device = len(x), x.device
+    n = len(x)
     brightness, contrast, saturation, hue = JITTER
-    factors = (uniform(n, 1 - brightness, 1 + brightness, generator, device), uniform(n, 1 - contrast, 1 + contrast, generator, device),
-               uniform(n, 1 - saturation, 1 + saturation, generator, device), uniform(n, -hue, hue, generator, device))
-    order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)  # a uniform random permutation per image
+    factors = (draws.uniform(1 - brightness, 1 + brightness), draws.uniform(1 - contrast, 1 + contrast),
+               draws.uniform(1 - saturation, 1 + saturation), draws.uniform(-hue, hue))
+    order = draws.rand(4).argsort(dim=1)  # a uniform random permutation per image
     adjust = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for position in range(4):
         chosen = order[:, position].view(n, 1, 1, 1)

@@ -17,24 +17,32 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from scpl_kit.data.augment import Augmentation
 from scpl_kit.data.errors import CorruptDataError, DatasetNotFoundError
 from scpl_kit.data.prepare import SPLITS, sha256
+from scpl_kit.data.share import WHOLE, Share
 from scpl_kit.signal import FEATURES, LABELS, LENGTHS, moved
 
 
-class SplitDataset(Dataset):
-    """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch; a
-    training batch comes as (seed, indices) and leaves with its seed, which its augmentation draws from
-    on the device (`Batches`), so the batches are the same whichever loader worker, or none, fetched
-    them. Images stay uint8: a quarter of float32's bytes to copy to the device."""
+def batch_key(key: list[int] | tuple[int, list[int]]) -> tuple[int | None, list[int]]:
+    """(seed, indices) of a sampler's batch: shuffled batches come with a seed, others without."""
+    return key if isinstance(key, tuple) else (None, key)
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
+
+class SplitDataset(Dataset):
+    """Indexed by a *list* of indices, so one fancy-index on the memory map fetches a whole batch (or
+    its `share`'s rows of it, data/share.py); a training batch comes as (seed, indices) and leaves
+    with its seed and its size, which its augmentation draws from on the device (`Batches`), so the
+    batches are the same whichever loader worker, or none, fetched them. Images stay uint8: a quarter of
+    float32's bytes to copy to the device."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, share: Share = WHOLE) -> None:
+        self.images, self.labels, self.share = images, labels, share
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        seed, indices = key if isinstance(key, tuple) else (None, key)
-        return torch.from_numpy(np.ascontiguousarray(self.images[indices])), torch.from_numpy(np.asarray(self.labels[indices])), seed
+    def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, int | None, int]:
+        seed, indices = batch_key(key)
+        mine = indices[self.share.rows(len(indices))]
+        return torch.from_numpy(np.ascontiguousarray(self.images[mine])), torch.from_numpy(np.asarray(self.labels[mine])), seed, len(indices)
 
 
 class SeededBatches(Sampler):
@@ -56,11 +64,12 @@ class Batches:
     """A loader's batches on `device` (None: the CPU), images augmented and normalised there: uint8 crosses
     to the device, float32 is made on it, and the augmentation runs batched, drawing from each batch's
     own seed. Text batches move as they are (their lengths stay on the host, signal.HOST_SIDE). Has the
-    loader's length; iterating starts its workers (kept between epochs)."""
+    loader's length; iterating starts its workers (kept between epochs). `share`: the part of every
+    batch read (the engines' replicas.read_share knows a loader made for its share by it)."""
 
     def __init__(self, loader: DataLoader, mean: list[float] | None = None, std: list[float] | None = None,
-                 device: torch.device | None = None, augmentation: Augmentation | None = None) -> None:
-        self.loader, self.device, self.augmentation = loader, device, augmentation
+                 device: torch.device | None = None, augmentation: Augmentation | None = None, share: Share = WHOLE) -> None:
+        self.loader, self.device, self.augmentation, self.share = loader, device, augmentation, share
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.draws = torch.Generator(device=device or "cpu")  # reseeded from every batch's seed
@@ -73,12 +82,13 @@ class Batches:
             if isinstance(batch, dict):
                 yield batch if self.device is None else moved(batch, self.device)
                 continue
-            images, labels, seed = batch
+            images, labels, seed, total = batch
             if self.device is not None:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             images = images.float().div_(255)
             if self.augmentation is not None and self.augmentation.kind != "none":
-                images, labels = self.augmentation(images, labels, self.draws.manual_seed(seed if seed is not None else 0))
+                draws = self.draws.manual_seed(seed if seed is not None else 0)
+                images, labels = self.augmentation(images, labels, draws, total, self.share.rows(total))
             yield (images - self.mean) / self.std, labels
 
 
@@ -119,14 +129,14 @@ class PreparedData:
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
         generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
-        device: torch.device | None = None,
+        device: torch.device | None = None, share: Share = WHOLE,
     ) -> Batches:
-        """Batches of `split`, normalised on `device`; shuffled, at most `max_batches` of them. Shuffled
-        batches draw their order and their augmentation from `generator`: reseed it before an epoch to get
-        that epoch's batches again (the loader, and its workers, can be kept)."""
+        """Batches of `split` (their `share` of rows), normalised on `device`; shuffled, at most
+        `max_batches` of them. Shuffled batches draw their order and their augmentation from `generator`:
+        reseed it before an epoch to get that epoch's batches again (the loader, and its workers, can be kept)."""
         images, labels = self.splits[split]
-        loader = make_loader(SplitDataset(images, labels), batch_size, shuffle, generator, num_workers, drop_last, max_batches)
-        return Batches(loader, self.meta["mean"], self.meta["std"], device, augmentation)
+        loader = make_loader(SplitDataset(images, labels, share), batch_size, shuffle, generator, num_workers, drop_last, max_batches)
+        return Batches(loader, self.meta["mean"], self.meta["std"], device, augmentation, share)
 
 
 def shuffled(dataset: Dataset, generator: torch.Generator | None, samples: int | None) -> RandomSampler:
@@ -183,20 +193,22 @@ def load_prepared(name: str, processed_dir: str | Path, verify: bool = True, exp
 
 class TextSplitDataset(Dataset):
     """Indexed by a list of indices, as SplitDataset; a batch is cut to its longest document, since the
-    padding past it changes nothing (every model masks by `lengths`) but costs compute."""
+    padding past it changes nothing (every model masks by `lengths`) but costs compute. A share of a
+    batch keeps the whole batch's length, as a slice of the whole batch would."""
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
-        self.tokens, self.lengths, self.labels = tokens, lengths, labels
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray, share: Share = WHOLE) -> None:
+        self.tokens, self.lengths, self.labels, self.share = tokens, lengths, labels, share
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key: list[int] | tuple[int, list[int]]) -> dict[str, torch.Tensor]:
-        indices = key[1] if isinstance(key, tuple) else key  # text is not augmented: the seed is unused
-        lengths = torch.from_numpy(self.lengths[indices].astype(np.int64))
-        steps = int(lengths.max())
-        features = torch.from_numpy(self.tokens[indices, :steps].astype(np.int64))
-        return {FEATURES: features, LENGTHS: lengths, LABELS: torch.from_numpy(np.asarray(self.labels[indices]))}
+        _, indices = batch_key(key)  # text is not augmented: the seed is unused
+        steps = int(self.lengths[indices].max())
+        mine = indices[self.share.rows(len(indices))]
+        features = torch.from_numpy(self.tokens[mine, :steps].astype(np.int64))
+        lengths = torch.from_numpy(self.lengths[mine].astype(np.int64))
+        return {FEATURES: features, LENGTHS: lengths, LABELS: torch.from_numpy(np.asarray(self.labels[mine]))}
 
 
 @dataclass
@@ -229,7 +241,7 @@ class TextPreparedData(PreparedData):
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, augmentation: Augmentation | None = None,
         generator: torch.Generator | None = None, num_workers: int = 0, drop_last: bool = False, max_batches: int | None = None,
-        device: torch.device | None = None,
+        device: torch.device | None = None, share: Share = WHOLE,
     ) -> Batches:
         if augmentation is not None and augmentation.kind != "none":
             raise ValueError(
@@ -237,5 +249,5 @@ class TextPreparedData(PreparedData):
                 f"set trainer.augmentation=none"
             )
         tokens, labels = self.splits[split]
-        dataset = TextSplitDataset(tokens, self.lengths[split], labels)
-        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), device=device)
+        dataset = TextSplitDataset(tokens, self.lengths[split], labels, share)
+        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), device=device, share=share)

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
+from scpl_kit.data.share import WHOLE, Share
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.balance import synchronize, unit_step_times
 from scpl_kit.engines.base import (
@@ -306,6 +307,10 @@ class AsyncEngine(Engine):
     @notes_failure
     @reports_peer_failures
     @torch.no_grad()
+    def share(self, training: bool) -> Share:
+        """Whole batches in training (each is one worker's); a slice of each in inference."""
+        return WHOLE if training else Share(self.rank, self.world)
+
     def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         """Every rank holds the same weights after an epoch: each answers its slice of every batch,
         and the slices come back together in order on every rank."""

@@ -4,6 +4,7 @@ Engines know LocalUnit, never a particular method. An engine places its units, t
 one's `Updater` from the run's `UpdateRecipe` (`attach_updaters`). Training is `Engine.train_epoch`,
 the same loop for every engine; an engine contributes its schedule through a few hooks:
 
+    share(training)        which part of every batch this process reads (its loader reads only that)
     batches_here(batches)  which batches this process trains, as signals on its device (slices, receives)
     train_batch(signal)    one batch through this process's units: the schedule
     epoch_scope()          what holds over the epoch (the group a batch spreads over, a thread pool)
@@ -22,6 +23,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, 
 
 import torch
 
+from scpl_kit.data.share import WHOLE, Share
 from scpl_kit.devices import on_cpu, resolve_device, use_device
 from scpl_kit.engines.measure import MEMORY_STEPS, StepMeasure, job_stats
 from scpl_kit.engines.transport import Transport
@@ -140,6 +142,12 @@ class Engine(ABC):
             updater.watch.check()
         self.steps_in_epoch = len(batches) if hasattr(batches, "__len__") else meter.count  # the job's steps: its batches
         return self.epoch_losses(meter)
+
+    def share(self, training: bool) -> Share:
+        """The part of every training (or inference) batch this process reads: its loader then reads,
+        copies and augments only that part (data/share.py). Engines whose processes each take a slice
+        of every batch say which; a process that reads no batch at all never iterates them."""
+        return WHOLE
 
     def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
         """(signal, samples) for each batch this process trains: the batch on this process's device,

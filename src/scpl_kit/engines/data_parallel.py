@@ -19,9 +19,9 @@ linear in the gradient), not for SupCon.
     torchrun --nproc-per-node 2 -m scpl_kit.train engine=ddp method=scpl
     torchrun --nnodes 2 --nproc-per-node 4 ... -m scpl_kit.train engine=hierarchical engine.average_every=50
 
-Every process reads whole batches and keeps its slice: the loaders of this kit index tensors held in
-memory, so reading N times costs little, and each slice is exactly what a single process would have
-trained on (a DistributedSampler would shuffle per process instead).
+Every process reads only its slice of each batch (`share`; data/share.py): the slices are cut from
+the one shuffled sequence every process draws alike, so together they are exactly the batch a single
+process would have trained on (a DistributedSampler would shuffle per process instead).
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
-from scpl_kit.engines.base import Batch, Engine, as_signal, batch_size, reports_peer_failures
+from scpl_kit.data.share import Share
+from scpl_kit.engines.base import Batch, Engine, reports_peer_failures
 from scpl_kit.engines.distributed import (
     check_processes, check_slowdown, close_distributed, join_job, simulate_slowness,
 )
-from scpl_kit.engines.replicas import check_even_split, predict_in_slices, replicated, slice_of
+from scpl_kit.engines.replicas import check_even_split, predict_in_slices, read_share, replicated
 from scpl_kit.engines.transport import Transport, tensor_bytes
 from scpl_kit.methods.units import LocalUnit, inference_route
 from scpl_kit.signal import Signal, moved
@@ -114,10 +115,12 @@ class DataParallelEngine(Engine):
     def epoch_scope(self) -> contextlib.AbstractContextManager[Any]:
         return batch_group.spread_over(self.batch_group)
 
+    def share(self, training: bool) -> Share:
+        return Share(self.rank, self.world)  # in training and inference alike
+
     def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
-        for batch in batches:
-            whole = as_signal(batch)
-            yield moved(slice_of(whole, self.rank, self.world), self.device), batch_size(whole)
+        for signal, samples in read_share(batches, self.share(training=True)):
+            yield moved(signal, self.device), samples
 
     def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
         started, losses = time.perf_counter(), {}

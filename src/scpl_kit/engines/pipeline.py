@@ -31,8 +31,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from scpl_kit import batch_group
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.balance import check_stages, unit_step_times
-from scpl_kit.engines.base import Batch, as_signal, batch_size, reports_peer_failures
-from scpl_kit.engines.replicas import check_even_split, replicated, slice_of
+from scpl_kit.data.share import WHOLE, Share
+from scpl_kit.engines.base import Batch, batch_size, reports_peer_failures
+from scpl_kit.engines.replicas import check_even_split, read_share, replicated
 from scpl_kit.engines.staged import Segment, StagedEngine, gathered_states, wait_sent
 from scpl_kit.methods.units import LocalUnit, Signal, inference_route
 from scpl_kit.updater import UpdateRecipe, train_step
@@ -68,14 +69,18 @@ class PipelineEngine(StagedEngine):
         replica.register_comm_hook(self.stage_group, self.transport.counted_hook(default_hooks.allreduce_hook, self.stage_group))
         return replica
 
+    def share(self, training: bool) -> Share:
+        """In training, each replica's first stage reads its replica's slice; in inference, replica 0's
+        first stage reads whole batches (staged.py)."""
+        return Share(self.replica, self.replicas) if training else WHOLE
+
     def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
         """The first stage reads the data; the others receive what the stage before produced,
         one batch ahead in a helper thread, so the transfer of batch t+1 overlaps the training on
         batch t instead of adding to it (the receiving stage is often the slowest one)."""
         if self.is_first:
-            for batch in batches:
-                signal = slice_of(as_signal(batch), self.replica, self.replicas)
-                yield moved(signal, self.device), batch_size(signal) * self.replicas
+            for signal, samples in read_share(batches, self.share(training=True)):
+                yield moved(signal, self.device), samples
             return
         n = len(batches)  # type: ignore[arg-type]  (a DataLoader: its length, never its data)
         with ThreadPoolExecutor(max_workers=1) as receiver:

@@ -3,20 +3,31 @@ processes (DDP, hierarchical averaging, replicated pipelines, asynchronous worke
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from scpl_kit.data.share import WHOLE, Share
 from scpl_kit.engines.base import Batch, ReadoutCollector, as_signal, batch_size
 from scpl_kit.methods.units import LocalUnit
-from scpl_kit.signal import Signal, moved
+from scpl_kit.signal import FEATURES, Signal, moved
 
 
-def slice_of(signal: Signal, rank: int, world: int) -> Signal:
-    """Rank `rank`'s share of every sample-indexed tensor of the batch (equal slices, in rank order)."""
-    return {name: tensor.tensor_split(world)[rank] for name, tensor in signal.items()}
+def read_share(batches: Iterable[Batch], share: Share, with_labels: bool = True) -> Iterator[tuple[Signal, int]]:
+    """(`share`'s slice, the whole batch's size in samples) for every batch. A loader made for `share`
+    (its `share` attribute, data/datasets.py) delivers the slices itself; any other iterable of whole
+    batches (a test's list, a loader made for the whole batch) is cut here."""
+    delivered = getattr(batches, "share", WHOLE)
+    if delivered not in (WHOLE, share):
+        raise ValueError(f"these batches were read for {delivered}, not for {share}")
+    for batch in batches:
+        signal = as_signal(batch, with_labels)
+        if delivered == share:
+            yield signal, len(signal[FEATURES]) * share.parts
+        else:
+            yield share.of(signal), len(signal[FEATURES])
 
 
 def check_even_split(example: Signal | None, parts: int, what: str) -> None:
@@ -36,10 +47,10 @@ def replicated(unit: LocalUnit, device: torch.device, group: dist.ProcessGroup |
 def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batches: Iterable[Batch], device: torch.device) -> dict[str, torch.Tensor]:
     """Inference when every process holds the same units: each answers its slice of every batch, and
     the slices come back together, in order, on every process (collective)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     parts = []
-    for batch in batches:
-        signal, collected = slice_of(as_signal(batch, with_labels=False), rank, world), ReadoutCollector()
+    for signal, _ in read_share(batches, Share(dist.get_rank(), world), with_labels=False):
+        collected = ReadoutCollector()
         for i, phase in route:
             signal = units[i].infer(moved(signal, device), phase)
         collected.add(signal)
