@@ -182,6 +182,17 @@ def test_launcher_mistakes_fail_before_anything_is_queued(sweep_env: dict, capsy
         assert message in capsys.readouterr().err, args
 
 
+def test_a_failed_job_is_reported_with_its_cause_and_the_end_of_its_log(tmp_path: Path, capsys) -> None:
+    """What the job's command printed (here the kit's missing-data line) reaches the submitter's terminal,
+    without submitit's own frames."""
+    missing = tmp_path / "nowhere"
+    args = ["launcher=local", "launcher.wait=true", f"launcher.folder={tmp_path / 'jobs'}", "train", "profile=smoke", f"data.processed_dir={missing}"]
+    assert submit_main(args) == 1
+    err = capsys.readouterr().err
+    assert "training exited with status 2" in err and f"prepared data for 'mnist5k' not found at {missing}" in err
+    assert "_log.err:" in err and "submitit" not in err.split("_log.err:")[1]
+
+
 @pytest.mark.slow
 def test_a_slurm_job_killed_mid_epoch_resumes_on_requeue_into_the_same_mlflow_run(slurm, processed_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """Two ranks (ddp) in one Slurm job; Slurm preempts it (SIGTERM, then submitit's SIGUSR2) during

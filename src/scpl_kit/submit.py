@@ -121,16 +121,20 @@ def wait_for(jobs: Sequence[Any]) -> None:
             raise JobFailed(failure_of(job, error)) from None
 
 
-LOG_TAIL = 20  # lines: a Python traceback and the lines logged before it
+LOG_TAIL = 20  # lines: a Python traceback, or the lines logged before an error
+SUBMITIT_TRACE = "Submitted job triggered an exception"  # submitit's line before the traceback it adds to the log
 
 
 def failure_of(job: Any, error: Exception) -> str:
-    """Why `job` failed: the cause in one line, then the end of its error log. (submitit's own message
-    ends with the log's path, and keeps the cause in the middle of a traceback.)"""
+    """Why `job` failed: the cause in one line, then the end of what the job's command wrote to its error
+    log (a one-line `error: ...` of the kit, or a traceback). submitit's own message ends with the log's
+    path, keeps the cause in the middle of a traceback, and its log ends with submitit's frames."""
     parts = str(error).split("\n" + "-" * 22 + "\n")  # FailedJobError: header, the job's traceback, footer
     lines = (parts[1] if len(parts) == 3 else str(error)).strip().splitlines()
     cause = lines[-1] if len(parts) == 3 else " ".join(lines[:2])
-    log = (job.stderr() or "").rstrip().splitlines()[-LOG_TAIL:]
+    log = (job.stderr() or "").split(SUBMITIT_TRACE)[0].rstrip().splitlines()
+    log = log[:-1] if log and log[-1].startswith("submitit ERROR") else log  # the first half of submitit's marker line
+    log = log[-LOG_TAIL:]
     tail = "".join(f"\n    {line}" for line in log)
     return f"job {job.job_id}: {cause}" + (f"\n  the end of {job.paths.stderr}:{tail}" if log else "")
 
