@@ -94,6 +94,20 @@ def test_each_share_reads_its_rows_with_the_augmentation_they_get_in_the_whole_b
         assert not torch.equal(views_x[0], views_x[1])  # the two views differ: the check above is not vacuous
 
 
+def test_a_share_of_some_batches_reads_those_as_the_whole_sequence_has_them(processed_dir: Path) -> None:
+    """The asynchronous engine's workers own whole batches: a loader reads only its own, and they are
+    the batches (order, augmentation) at those positions of the sequence every worker draws."""
+    data = load_prepared("mnist5k", processed_dir)
+    owned = Share(owned=lambda: iter([True, False, True]))
+    loader = data.loader("train", 64, shuffle=True, augmentation=Augmentation("strong", 28, True), generator=torch.Generator().manual_seed(5),
+                         max_batches=3, share=owned)
+    assert len(loader) == 3  # the epoch's batches: every worker counts the job's steps
+    mine, whole = list(loader), shared_epoch(data, Share(), 64)
+    assert len(mine) == 2
+    for (x, y), (wx, wy) in zip(mine, [whole[0], whole[2]]):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
 def write_fake_cifar(root: Path, name: str, per_batch: int = 20) -> np.ndarray:
     """Tiny files in the exact on-disk format of the python versions of CIFAR-10/100."""
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -92,14 +92,32 @@ class Batches:
             yield (images - self.mean) / self.std, labels
 
 
+class OwnedBatches(Sampler):
+    """The batches of `batches` that `owned()` (asked as each epoch starts) gives this process. The others
+    are drawn all the same, seeds included, so every process walks the same sequence; the length is the
+    epoch's, as every process counts the job's batches."""
+
+    def __init__(self, batches: Sampler, owned: Callable[[], Iterator[bool]]) -> None:
+        self.batches, self.owned = batches, owned
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (key for key, mine in zip(self.batches, self.owned()) if mine)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int, drop_last: bool,
-                max_batches: int | None) -> DataLoader:
-    """Whole batches per fetch; shuffled ones come with their seeds. `num_workers` processes fetch them
-    ahead, started once and kept over the epochs (persistent); the order is the sampler's."""
+                max_batches: int | None, share: Share = WHOLE) -> DataLoader:
+    """Whole batches per fetch (or the batches `share` owns); shuffled ones come with their seeds.
+    `num_workers` processes fetch them ahead, started once and kept over the epochs (persistent); the
+    order is the sampler's."""
     if shuffle:
         sampler: Sampler = SeededBatches(BatchSampler(shuffled(dataset, generator, max_batches and max_batches * batch_size), batch_size, drop_last), generator)
     else:
         sampler = BatchSampler(SequentialSampler(dataset), batch_size, drop_last)
+    if share.owned is not None:
+        sampler = OwnedBatches(sampler, share.owned)
     # generator: the loader's own draw of its workers' base seed (unused: batches carry theirs) comes from
     # it, not from torch's global stream, which would then depend on whether workers are kept or restarted.
     return DataLoader(
@@ -135,7 +153,7 @@ class PreparedData:
         `max_batches` of them. Shuffled batches draw their order and their augmentation from `generator`:
         reseed it before an epoch to get that epoch's batches again (the loader, and its workers, can be kept)."""
         images, labels = self.splits[split]
-        loader = make_loader(SplitDataset(images, labels, share), batch_size, shuffle, generator, num_workers, drop_last, max_batches)
+        loader = make_loader(SplitDataset(images, labels, share), batch_size, shuffle, generator, num_workers, drop_last, max_batches, share)
         return Batches(loader, self.meta["mean"], self.meta["std"], device, augmentation, share)
 
 
@@ -250,4 +268,4 @@ class TextPreparedData(PreparedData):
             )
         tokens, labels = self.splits[split]
         dataset = TextSplitDataset(tokens, self.lengths[split], labels, share)
-        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches), device=device, share=share)
+        return Batches(make_loader(dataset, batch_size, shuffle, generator, num_workers, drop_last, max_batches, share), device=device, share=share)

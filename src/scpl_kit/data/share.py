@@ -13,11 +13,16 @@ rows, where cutting the whole augmented batch [view 1 of all; view 2 of all] wou
 the first views of every image. The processes together still train on exactly the whole batch's
 samples (the same tensors, in another order), which is what a batch-averaged loss and SupCon over
 the gathered slices (batch_group) compute from.
+
+A share may also hold only some of the batches (`owned`: the asynchronous engine gives each batch to
+one worker): the loader then fetches only those, while still drawing every batch's order and seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
+
 from scpl_kit.signal import Signal
 
 
@@ -25,6 +30,7 @@ from scpl_kit.signal import Signal
 class Share:
     part: int = 0
     parts: int = 1
+    owned: Callable[[], Iterator[bool]] | None = None  # asked as an epoch starts: whether each of its batches is this process's
 
     def __post_init__(self) -> None:
         if not 0 <= self.part < self.parts:

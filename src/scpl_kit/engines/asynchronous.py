@@ -21,7 +21,10 @@ Communication: torch.distributed.rpc (TensorPipe) for the pushes and pulls, whic
 RPC threads while its own worker trains, and the default process group (gloo/NCCL, as every engine
 here) for the collectives at epoch boundaries. Both rendezvous through torchrun's MASTER_ADDR/PORT
 (RPC's env:// rendezvous reuses the store the process group opened there). The server's copy lives
-on the CPU: RPC then needs no device maps, and a GPU worker copies one model's worth each way per push.
+on rank 0's device; when every rank trains on a GPU, RPC's device maps send updates and weights
+between the GPUs directly (no copy through the host), else they travel as CPU tensors. A push waits
+for the server's answer (the pull): that round trip is the algorithm's, not a wait for the GPU; the
+worker's speed is timed over the epoch, with one device synchronisation at its end.
 
 At the end of every epoch rank 0 takes the global weights and every rank takes rank 0's state, so
 evaluation and checkpoints see one model. Each worker keeps its own optimizer state (Adam's moments);
@@ -43,16 +46,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from scpl_kit.data.share import WHOLE, Share
+from scpl_kit.data.share import Share
 from scpl_kit.engines import ENGINES
 from scpl_kit.engines.balance import synchronize, unit_step_times
 from scpl_kit.engines.base import (
-    Batch, BatchCallback, Engine, LossMeter, PeerError, as_signal, batch_size, reports_peer_failures, weighted_means,
+    Batch, BatchCallback, Engine, LossMeter, PeerError, batch_size, reports_peer_failures, weighted_means,
 )
 from scpl_kit.engines.distributed import (
     check_processes, check_slowdown, close_distributed, join_job, simulate_slowness,
 )
-from scpl_kit.engines.replicas import predict_in_slices
+from scpl_kit.engines.replicas import predict_in_slices, read_share
 from scpl_kit.engines.transport import Transport
 from scpl_kit.methods.units import LocalUnit, inference_route
 from scpl_kit.signal import Signal, moved
@@ -77,9 +80,9 @@ class ParameterServer:
         self.reset(weights)
 
     def reset(self, weights: Sequence[torch.Tensor]) -> None:
-        """New global weights that every worker holds (start-up, resume)."""
+        """New global weights that every worker holds (start-up, resume), kept where they are given."""
         with self.lock:
-            self.weights = [w.detach().to("cpu", copy=True) for w in weights]
+            self.weights = [w.detach().clone() for w in weights]
             self.version = 0  # global updates applied so far
             self.pulled = [0] * self.workers  # the version each worker last pulled
             self.updates: list[tuple[int, int, bool]] = []  # (worker, staleness, applied) since take_updates
@@ -162,7 +165,12 @@ class AsyncEngine(Engine):
         self.max_staleness, self.push_every = max_staleness, push_every
         self.slowdown = slowdown if slow_rank == self.rank else 1.0  # this worker's simulated slowness
         self.transport = Transport(self.device)
+        devices = self.transport.gather(str(self.device))
+        # Where updates and weights live: every rank's GPU when all train on one (RPC maps them), else the CPU.
+        self.on_device = all(d.startswith("cuda") for d in devices)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s)
+        if self.on_device and self.rank != SERVER_RANK:
+            options.set_device_map(worker_name(SERVER_RANK), {self.device: torch.device(devices[SERVER_RANK])})  # answers map back
         with warnings.catch_warnings():  # RPC's start-up uses a deprecated call of its own; nothing to act on
             warnings.simplefilter("ignore", UserWarning)
             rpc.init_rpc(worker_name(self.rank), rank=self.rank, world_size=self.world, rpc_backend_options=options)
@@ -190,13 +198,17 @@ class AsyncEngine(Engine):
             self.speed = batch_size(example) / (sum(unit_step_times(self.units, example, self.device, recipe)) * self.slowdown)
         self._take_rank0_state()
         if self.rank == SERVER_RANK:
-            _server = ParameterServer(self.shared, self.world, self.max_staleness)
+            _server = ParameterServer(self.base, self.world, self.max_staleness)
         dist.barrier()  # the server is up before any worker pushes
 
     def _take_rank0_state(self) -> None:
         """Every rank takes rank 0's whole state (integer buffers too): one model everywhere."""
         self.transport.broadcast_(tensor for unit in self.units for tensor in unit.state_dict().values())
-        self.base = [t.detach().to("cpu", copy=True) for t in self.shared]
+        self.base = self.copy_shared()
+
+    def copy_shared(self) -> list[torch.Tensor]:
+        """The shared tensors as they are now, where updates are made and sent (the GPU or the CPU)."""
+        return [t.detach().clone() if self.on_device else t.detach().to("cpu", copy=True) for t in self.shared]
 
     @notes_failure
     def train_epoch(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None) -> dict[str, float]:
@@ -209,42 +221,47 @@ class AsyncEngine(Engine):
         if self.is_main:
             log.info("async shares of the epoch's batches: %s", ", ".join(
                 f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(self.shares, speeds))))
-        self.steps, self.samples, self.busy, self.unpushed = 0, 0, 0.0, 0
+        self.steps, self.samples, self.unpushed = 0, 0, 0
+        self.started = time.perf_counter()
         return contextlib.nullcontext()
 
+    def share(self, training: bool) -> Share:
+        """In training, whole batches: the ones this worker owns this epoch (its loader reads only those,
+        from the shuffled sequence every rank draws alike); in inference, a slice of each."""
+        return Share(owned=self.owned_batches) if training else Share(self.rank, self.world)
+
+    def owned_batches(self) -> Iterator[bool]:
+        """Whether each batch of the epoch is this worker's (asked once the epoch's shares are known)."""
+        return (owner == self.rank for owner in interleaved_owners(self.shares))
+
     def batches_here(self, batches: Iterable[Batch]) -> Iterator[tuple[Signal, int]]:
-        """This worker's batches. Every rank reads every batch and keeps its own: the kit's loaders
-        index tensors held in memory, so reading a batch it skips is cheap (a crop, at most), and every
-        rank sees the trainer's shuffled sequence (same seed) without a sampler of its own."""
-        for batch, owner in zip(batches, interleaved_owners(self.shares)):
-            if owner != self.rank:
+        for signal, samples in read_share(batches, self.share(training=True)):
+            if signal is None:  # another worker's batch
                 self._follow_schedules()
                 continue
-            signal = as_signal(batch)
-            yield moved(signal, self.device), batch_size(signal)
+            yield moved(signal, self.device), samples
 
     def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
         start, size, losses = time.perf_counter(), batch_size(signal), {}
         for unit, updater in zip(self.units, self.updaters):
             signal, unit_losses = train_step(unit, updater, signal)
             losses.update(unit_losses)
-        synchronize(self.device)
-        simulate_slowness(start, self.slowdown)  # a heterogeneous worker (engine.slow_rank), if asked for
+        if self.slowdown != 1.0:  # a heterogeneous worker (engine.slow_rank): its step's own time, stretched
+            synchronize(self.device)
+            simulate_slowness(start, self.slowdown)
         self.unpushed += 1
         if self.unpushed == self.push_every:
             self._push_pull()
             self.unpushed = 0
-        self.busy += time.perf_counter() - start
         self.steps, self.samples = self.steps + 1, self.samples + size
         return losses
 
     def finish_batches(self) -> None:
         if self.unpushed:  # the epoch's last local steps reach the global model too
-            start = time.perf_counter()
             self._push_pull()
-            self.busy += time.perf_counter() - start
-        if self.steps:
-            self.speed = self.samples / self.busy  # next epoch's share
+        synchronize(self.device)
+        if self.steps:  # next epoch's share: the worker never waits for another within an epoch, so its
+            self.speed = self.samples / (time.perf_counter() - self.started)  # whole epoch is its own work
 
     def _follow_schedules(self) -> None:
         """Another worker trains this batch. Each unit's learning-rate schedule still steps, so every
@@ -255,7 +272,7 @@ class AsyncEngine(Engine):
 
     def _push_pull(self) -> None:
         """Push this step's update, pull the global weights; no waiting for other workers."""
-        update = [t.detach().cpu() - b for t, b in zip(self.shared, self.base)]
+        update = [t.detach().to(before.device) - before for t, before in zip(self.shared, self.base)]
         if self.rank == SERVER_RANK:
             weights = _server.push_pull(self.rank, update)  # in this process: nothing sent
         else:
@@ -307,10 +324,6 @@ class AsyncEngine(Engine):
     @notes_failure
     @reports_peer_failures
     @torch.no_grad()
-    def share(self, training: bool) -> Share:
-        """Whole batches in training (each is one worker's); a slice of each in inference."""
-        return WHOLE if training else Share(self.rank, self.world)
-
     def predict(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
         """Every rank holds the same weights after an epoch: each answers its slice of every batch,
         and the slices come back together in order on every rank."""
@@ -327,9 +340,9 @@ class AsyncEngine(Engine):
         """Every rank loads the checkpoint; the server starts from its weights. (The next epoch's
         first collective keeps any worker from pushing before the server has them.)"""
         super().load_training_state(states)
-        self.base = [t.detach().to("cpu", copy=True) for t in self.shared]
+        self.base = self.copy_shared()
         if self.rank == SERVER_RANK:
-            _server.reset(self.shared)
+            _server.reset(self.base)
 
     def close(self) -> None:
         """A graceful RPC shutdown waits for every worker; after a failure, peers may be gone: local only."""

@@ -3,6 +3,7 @@ processes (DDP, hierarchical averaging, replicated pipelines, asynchronous worke
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -15,15 +16,23 @@ from scpl_kit.methods.units import LocalUnit
 from scpl_kit.signal import FEATURES, Signal, moved
 
 
-def read_share(batches: Iterable[Batch], share: Share, with_labels: bool = True) -> Iterator[tuple[Signal, int]]:
-    """(`share`'s slice, the whole batch's size in samples) for every batch. A loader made for `share`
-    (its `share` attribute, data/datasets.py) delivers the slices itself; any other iterable of whole
-    batches (a test's list, a loader made for the whole batch) is cut here."""
+def read_share(batches: Iterable[Batch], share: Share, with_labels: bool = True) -> Iterator[tuple[Signal | None, int]]:
+    """(`share`'s slice, the whole batch's size in samples) for every batch of the epoch; (None, 0) for
+    a batch the share does not own. A loader made for `share` (its `share` attribute, data/datasets.py)
+    delivers the slices, and only the owned batches, itself; any other iterable of whole batches (a
+    test's list, a loader made for the whole batch) is cut and skipped here."""
     delivered = getattr(batches, "share", WHOLE)
     if delivered not in (WHOLE, share):
         raise ValueError(f"these batches were read for {delivered}, not for {share}")
-    for batch in batches:
-        signal = as_signal(batch, with_labels)
+    source = iter(batches)
+    owned = share.owned() if share.owned is not None else itertools.repeat(True)
+    for mine in itertools.islice(owned, len(batches)):  # type: ignore[arg-type]  (a loader or a list)
+        if not mine:
+            if delivered != share:
+                next(source)  # read, and left to its owner
+            yield None, 0
+            continue
+        signal = as_signal(next(source), with_labels)
         if delivered == share:
             yield signal, len(signal[FEATURES]) * share.parts
         else:
@@ -49,7 +58,7 @@ def predict_in_slices(units: list[LocalUnit], route: list[tuple[int, str]], batc
     the slices come back together, in order, on every process (collective)."""
     world = dist.get_world_size()
     parts = []
-    for signal, _ in read_share(batches, Share(dist.get_rank(), world), with_labels=False):
+    for signal, _ in read_share(batches, Share(dist.get_rank(), world), with_labels=False):  # type: ignore[misc]  (no batch is skipped)
         collected = ReadoutCollector()
         for i, phase in route:
             signal = units[i].infer(moved(signal, device), phase)
