@@ -457,3 +457,9 @@ def test_an_engine_cuts_whole_batches_itself_and_takes_a_loader_made_for_its_sha
         assert len(b["labels"]) == 50 and all(torch.equal(a[k], b[k]) for k in ("features", "labels"))
     with pytest.raises(ValueError, match="read for"):
         next(read_share(data.loader("val", 100, share=Share(0, 2)), second))
+    whole = list(data.loader("val", 100))
+    assert len(list(read_share(iter(whole), second))) == 5  # any iterable of whole batches, without a length too
+    every_other = Share(owned=lambda: iter([True, False] * 3))  # an async worker's batches: the others come as None
+    kept = list(read_share(whole, every_other))
+    assert [signal is None for signal, _ in kept] == [False, True, False, True, False]
+    assert all(torch.equal(kept[i][0]["features"], whole[i][0]) for i in (0, 2, 4))

@@ -25,14 +25,17 @@ def read_share(batches: Iterable[Batch], share: Share, with_labels: bool = True)
     if delivered not in (WHOLE, share):
         raise ValueError(f"these batches were read for {delivered}, not for {share}")
     source = iter(batches)
-    owned = share.owned() if share.owned is not None else itertools.repeat(True)
-    for mine in itertools.islice(owned, len(batches)):  # type: ignore[arg-type]  (a loader or a list)
+    owned = itertools.islice(share.owned(), len(batches)) if share.owned is not None else itertools.repeat(True)  # type: ignore[arg-type]
+    for mine in owned:
         if not mine:
             if delivered != share:
                 next(source)  # read, and left to its owner
             yield None, 0
             continue
-        signal = as_signal(next(source), with_labels)
+        batch = next(source, None)
+        if batch is None:  # the last batch
+            return
+        signal = as_signal(batch, with_labels)
         if delivered == share:
             yield signal, len(signal[FEATURES]) * share.parts
         else:
