@@ -129,8 +129,9 @@ def load_study(env: dict) -> optuna.Study:
 # Fixtures that start a real component: a test using one needs it, marked or not.
 FIXTURE_NEEDS = {"slurm": "needs_slurm", "postgres": "needs_postgres"}
 # `make test` runs the suite on pytest-xdist workers (--dist loadgroup): the modules whose tests share a
-# server or a reproduced pipeline through module or session fixtures stay together on one worker, so
-# each is started once. Two groups may each start a Slurm cluster: every cluster has its own folder and
+# server or a reproduced pipeline stay together on one worker, so each is started once. Other modules'
+# tests may run between theirs there, so what is expensive to make is a session fixture (a module
+# fixture is torn down, and made again, at each such switch). Two groups may each start a Slurm cluster: every cluster has its own folder and
 # ports, and stops only its own job steps (tests/services.py).
 ONE_WORKER = {"test_cluster.py": "cluster", "test_pipeline.py": "pipeline", "test_ui.py": "ui"}
 

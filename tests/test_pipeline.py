@@ -37,7 +37,10 @@ def png_width(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
 
 
-@pytest.fixture(scope="module")
+# Session, not module: pytest-xdist keeps this module's tests on one worker (conftest.ONE_WORKER) but may
+# run other modules' tests between them, and pytest tears a module fixture down at every such switch; the
+# repro (about 4 min on 2 cores) then ran twice. The tests still run in their order, on one repository.
+@pytest.fixture(scope="session")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A git + DVC copy of the project's tracked and new files, set to the smoke profile."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"

@@ -66,7 +66,9 @@ def restore_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+# Session, not module (as tests/test_pipeline.py's repo): other modules' tests may run between this
+# module's on its worker, and a module fixture would be made again after them.
+@pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory, processed_dir: Path) -> dict:
     """An MLflow store (sqlite) with runs bp and scpl, and an Optuna study `tiny` whose MLflow parent
     run has one nested run per trial. Built once for the module, all of it in a tmp folder."""
@@ -196,12 +198,12 @@ def served(target: str, variables: dict[str, str], ready_path: str, tmp_path_fac
 PORT_VARIABLES = {"ui": "PORT", "dashboard": "DASHBOARD_PORT"}  # as the Makefile names them
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_ui(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from served("ui", {"MLFLOW_STORE": store["mlflow"]}, "/health", tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dashboard(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # optuna-dashboard has no /health; its JSON API answers once the storage is open.
     yield from served("dashboard", {"OPTUNA_STORE": store["optuna"]}, "/api/studies", tmp_path_factory)
