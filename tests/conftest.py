@@ -136,6 +136,20 @@ FIXTURE_NEEDS = {"slurm": "needs_slurm", "postgres": "needs_postgres"}
 ONE_WORKER = {"test_cluster.py": "cluster", "test_pipeline.py": "pipeline", "test_ui.py": "ui"}
 
 
+def keep_on_one_worker(item: pytest.Item, group: str, config: pytest.Config) -> None:
+    """Put `item` in pytest-xdist's `group`. xdist 3.8 groups by appending `@<group>` to `item._nodeid`,
+    which pytest 9.2 no longer reads (a node's id is `item._id`): the groups were ignored and their tests
+    spread over both workers (CI's durations showed each module fixture made twice). Done here, on the
+    id pytest reads, until xdist follows; an id that gets `@<group>` twice still groups alike."""
+    item.add_marker(pytest.mark.xdist_group(group))
+    if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid:
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+# tryfirst: before pytest-xdist's own hook, which reads the groups.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip what needs a missing component, saying how to get it (scripts/test-services installs them all)."""
     from services import COMPONENTS
@@ -143,7 +157,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     missing = {marker: install for marker, (present, install) in COMPONENTS.items() if not present()}
     for item in items:
         if item.path.name in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(ONE_WORKER[item.path.name]))
+            keep_on_one_worker(item, ONE_WORKER[item.path.name], config)
         for fixture, marker in FIXTURE_NEEDS.items():
             if fixture in item.fixturenames:
                 item.add_marker(marker)
