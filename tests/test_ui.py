@@ -50,6 +50,10 @@ TIMEOUT_MS = 30_000  # a first page load compiles MLflow's large JS bundle: seco
 
 try:  # imported here so that collecting the module needs no playwright; the marker skips its tests without one
     from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+    # The context's default timeout covers actions only; `expect` keeps its own (5 s), which a run
+    # page loading on a busy 2-core CI host has overrun.
+    expect.set_options(timeout=TIMEOUT_MS)
 except ImportError:
     Browser = Page = expect = sync_playwright = None  # type: ignore[assignment,misc]
 
