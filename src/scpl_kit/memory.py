@@ -1,19 +1,22 @@
 """Peak activation memory of training work on the CPU, from PyTorch's profiler (the tables measure there:
 the ratios between methods are what they compare, and they need no GPU).
 
-The profiler attributes each allocation and free to the op that made it (`self` memory, so nested
-ops are not counted twice) or, outside any op, to a `[memory]` event; their running sum in time
-order is the memory held, and its maximum the peak above what was held before. It sees the threads
-that run the work, not oneDNN's internal scratch buffers. (The resident-set high-water mark was tried
-instead: repeating the same 4-batch window in one BP process gave 270 to 346 MB, a spread as large as
-the differences the tables are about.)
+The profiler records every allocation and free of tensor memory with its address, size and a
+nanosecond time; their running sum in time order is the memory held, and its maximum the peak above
+what was held before. It sees the threads that run the work, not oneDNN's internal scratch buffers.
+(The ops' `self` memory at their start times was used before: it moved an op's frees to its start,
+hiding the peak inside the op, and counted frees of blocks allocated before the session, so the same
+step measured up to 4 MB apart from one session to the next. The resident-set high-water mark was
+tried too: repeating the same 4-batch window in one BP process gave 270 to 346 MB, a spread as large
+as the differences the tables are about.)
 """
 
 from __future__ import annotations
 
 import bisect
-from itertools import accumulate
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from torch._C._profiler import _EventType
 
 from scpl_kit.signal import Signal
 
@@ -40,11 +43,37 @@ def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
 
 
 def memory_levels(prof: "torch.profiler.profile") -> tuple[list[int], list[int]]:
-    """(times, tensor bytes held after each allocation or free), in time order, from the session's start."""
-    changes = sorted(
-        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage) for e in prof.events()
-    )
-    return [t for t, _ in changes], list(accumulate(change for _, change in changes))
+    """(nanosecond times, tensor bytes held after each allocation or free), in time order, from the session's start.
+    A free counts only when the session saw the block allocated: the profiler also reports frees of
+    older blocks (with a size it remembers for the address from an earlier session, stale once the
+    address was reused), which made a step's peak 2 MB low after some histories and not after others."""
+    allocations = sorted((event for event in events(prof) if event.tag == _EventType.Allocation), key=lambda event: event.start_time_ns)
+    times, levels, live, held = [], [], set(), 0
+    for allocation in allocations:
+        block = allocation.extra_fields
+        if block.device.type != "cpu":
+            continue
+        if block.alloc_size > 0:
+            live.add(block.ptr)
+        elif block.ptr in live:
+            live.remove(block.ptr)
+        else:
+            continue
+        held += block.alloc_size
+        times.append(allocation.start_time_ns)
+        levels.append(held)
+    return times, levels
+
+
+def events(prof: "torch.profiler.profile") -> Iterator:
+    """Every event of a finished session (ops, ranges, allocations), each thread's tree walked depth first.
+    The event tree is torch's own private API (torch.profiler._memory_profiler reads it too): the public
+    event lists give allocations no address, and frees cannot be matched to them without one."""
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        yield event
+        stack.extend(event.children)
 
 
 def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
@@ -52,11 +81,11 @@ def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
     began (what earlier units left alive is theirs, not its): the largest over the session's steps."""
     times, levels = memory_levels(prof)
     peaks: dict[str, float] = {}
-    for event in prof.events():
-        if not event.name.startswith(UNIT_SCOPE):
+    for event in events(prof):
+        if event.tag == _EventType.Allocation or not event.name.startswith(UNIT_SCOPE):
             continue
-        first = bisect.bisect_left(times, event.time_range.start)
-        last = bisect.bisect_right(times, event.time_range.end)
+        first = bisect.bisect_left(times, event.start_time_ns)
+        last = bisect.bisect_right(times, event.end_time_ns)
         before = levels[first - 1] if first else 0
         peak = max((level - before for level in levels[first:last]), default=0)
         name = event.name[len(UNIT_SCOPE):]
