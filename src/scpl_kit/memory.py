@@ -1,95 +1,103 @@
 """Peak activation memory of training work on the CPU, from PyTorch's profiler (the tables measure there:
 the ratios between methods are what they compare, and they need no GPU).
 
-The profiler records every allocation and free of tensor memory with its address, size and a
-nanosecond time; their running sum in time order is the memory held, and its maximum the peak above
-what was held before. It sees the threads that run the work, not oneDNN's internal scratch buffers.
-(The ops' `self` memory at their start times was used before: it moved an op's frees to its start,
-hiding the peak inside the op, and counted frees of blocks allocated before the session, so the same
-step measured up to 4 MB apart from one session to the next. The resident-set high-water mark was
-tried too: repeating the same 4-batch window in one BP process gave 270 to 346 MB, a spread as large
-as the differences the tables are about.)
+The profiler records every allocation and free of tensor memory (`[memory]` records, with a size and
+a nanosecond time); their running sum in time order is the memory held, and its maximum over the
+measured steps the peak above what was held when they began. It sees the threads that run the work,
+not oneDNN's internal scratch buffers.
+
+A session starts one step before the measured ones (a warm-up step inside it, then a marker range,
+`measured_from`). The profiler reports the free of a block with the size it noted when the block was
+allocated under a profiler; a block allocated with no profiler running is freed unseen, or, when its
+address last held a block allocated under an earlier session, with that block's stale size. A step
+frees what the step before left (its output, its gradients), so measuring from a session's first step
+counted those frees at sizes that depended on what ran before in the process: the same step measured
+up to 4 MB apart. Inside the session the step before is profiled, and its blocks freed at their sizes.
+(The ops' `self` memory at their start times was used before: it also moved an op's frees to its start,
+hiding the peak within the op. The resident-set high-water mark was tried too: repeating the same
+4-batch window in one BP process gave 270 to 346 MB, a spread as large as the differences the tables
+are about. The profiler's event tree, which has addresses, crashed on the pipeline's two-thread profiles.)
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Callable, Iterator
+from itertools import accumulate
+from typing import TYPE_CHECKING, Callable
 
-from torch._C._profiler import _EventType
+import torch
 
 from scpl_kit.signal import Signal
 
 if TYPE_CHECKING:
     import torch.profiler
 
+UNIT_SCOPE = "unit:"  # the profiler range each unit's training step runs in (updater.train_step): its memory is told apart
+MEASURED_FROM = "measure:from"  # an empty profiler range: the measured steps start here; what ran before is warm-up
 
-def peak_memory_mb(work: Callable[[], object]) -> float:
-    """High-water mark (MB) of tensor memory allocated while `work()` runs, above the start."""
+
+def mark_measured_from() -> None:
+    """Mark, in the running profiler session, where the measured steps start."""
+    with torch.profiler.record_function(MEASURED_FROM):
+        pass
+
+
+def peak_memory_mb(work: Callable[[], object], warmup: Callable[[], object]) -> float:
+    """High-water mark (MB) of tensor memory allocated while `work()` runs, above its start, with
+    `warmup()` (the same work before it) profiled too, so that what it leaves is freed at its size."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        warmup()
+        mark_measured_from()
         work()
     return profiled_peak_mb(prof)
 
 
-UNIT_SCOPE = "unit:"  # the profiler range each unit's training step runs in (updater.train_step): its memory is told apart
+def kineto_events(prof: "torch.profiler.profile") -> list:
+    """The session's raw records (nanosecond times). Read after torch has parsed them into its own events:
+    left unparsed, the session crashed the process when the garbage collector freed it (a pipeline
+    stage under load, several times in a row; parsed first, never)."""
+    prof.events()
+    return list(prof.profiler.kineto_results.events())
+
+
+def measured_from_ns(events: list) -> int:
+    return next((event.start_ns() for event in events if event.name() == MEASURED_FROM), 0)
+
+
+def memory_levels(events: list) -> tuple[list[int], list[int]]:
+    """(nanosecond times, tensor bytes held after each allocation or free), in time order, from the session's start."""
+    changes = sorted(((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]"),
+                     key=lambda change: change[0])  # stable: records of one nanosecond keep the order they were made in
+    return [t for t, _ in changes], list(accumulate(change for _, change in changes))
+
+
+def peak_above(times: list[int], levels: list[int], start: int, end: float = float("inf")) -> int:
+    """The highest level between `start` and `end` (ns) above the level held at `start` (bytes)."""
+    first, last = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+    before = levels[first - 1] if first else 0
+    return max((level - before for level in levels[first:last]), default=0)
 
 
 def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
-    """The high-water mark (MB) of tensor memory over a finished profiler session, above its start."""
-    _, levels = memory_levels(prof)
-    return max(0, *levels) / 2**20
-
-
-def memory_levels(prof: "torch.profiler.profile") -> tuple[list[int], list[int]]:
-    """(nanosecond times, tensor bytes held after each allocation or free), in time order, from the session's start.
-    A free counts only when the session saw the block allocated: the profiler also reports frees of
-    older blocks (with a size it remembers for the address from an earlier session, stale once the
-    address was reused), which made a step's peak 2 MB low after some histories and not after others."""
-    allocations = sorted((event for event in events(prof) if event.tag == _EventType.Allocation), key=lambda event: event.start_time_ns)
-    times, levels, live, held = [], [], set(), 0
-    for allocation in allocations:
-        block = allocation.extra_fields
-        if block.device.type != "cpu":
-            continue
-        if block.alloc_size > 0:
-            live.add(block.ptr)
-        elif block.ptr in live:
-            live.remove(block.ptr)
-        else:
-            continue
-        held += block.alloc_size
-        times.append(allocation.start_time_ns)
-        levels.append(held)
-    return times, levels
-
-
-def events(prof: "torch.profiler.profile") -> Iterator:
-    """Every event of a finished session (ops, ranges, allocations), each thread's tree walked depth first.
-    The event tree is torch's own private API (torch.profiler._memory_profiler reads it too): the public
-    event lists give allocations no address, and frees cannot be matched to them without one."""
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        yield event
-        stack.extend(event.children)
+    """The high-water mark (MB) of tensor memory over a finished session's measured steps, above their start."""
+    events = kineto_events(prof)
+    times, levels = memory_levels(events)
+    return max(0, peak_above(times, levels, measured_from_ns(events))) / 2**20
 
 
 def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
-    """Each unit's high-water mark (MB) within its own training steps, above what was held when a step
-    began (what earlier units left alive is theirs, not its): the largest over the session's steps."""
-    times, levels = memory_levels(prof)
+    """Each unit's high-water mark (MB) within its own measured training steps, above what was held when
+    a step began (what earlier units left alive is theirs, not its): the largest over the session's steps."""
+    events = kineto_events(prof)
+    times, levels = memory_levels(events)
+    start = measured_from_ns(events)
     peaks: dict[str, float] = {}
-    for event in events(prof):
-        if event.tag == _EventType.Allocation or not event.name.startswith(UNIT_SCOPE):
-            continue
-        first = bisect.bisect_left(times, event.start_time_ns)
-        last = bisect.bisect_right(times, event.end_time_ns)
-        before = levels[first - 1] if first else 0
-        peak = max((level - before for level in levels[first:last]), default=0)
-        name = event.name[len(UNIT_SCOPE):]
-        peaks[name] = max(peaks.get(name, 0.0), peak / 2**20)
+    for event in events:
+        if event.name().startswith(UNIT_SCOPE) and event.start_ns() >= start:
+            name = event.name()[len(UNIT_SCOPE):]
+            peaks[name] = max(peaks.get(name, 0.0), peak_above(times, levels, event.start_ns(), event.end_ns()) / 2**20)
     return peaks
 
 
@@ -104,8 +112,8 @@ def unit_peak_memory(units: list, example: Signal) -> list[float]:
     peaks, signal = [], example
     for unit, updater in zip(units, updaters_for(units)):
         unit.train()
-        train_step(unit, updater, signal)
         holder: dict[str, Signal] = {}
-        peaks.append(peak_memory_mb(lambda: holder.update(out=train_step(unit, updater, signal)[0])))
+        step = lambda: holder.update(out=train_step(unit, updater, signal)[0])  # noqa: E731
+        peaks.append(peak_memory_mb(step, warmup=step))
         signal = holder["out"]
     return peaks

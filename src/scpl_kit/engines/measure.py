@@ -25,7 +25,7 @@ import torch
 import torch.profiler
 
 from scpl_kit.engines.balance import synchronize
-from scpl_kit.memory import profiled_peak_mb, profiled_unit_peaks_mb
+from scpl_kit.memory import mark_measured_from, profiled_peak_mb, profiled_unit_peaks_mb
 
 MEMORY_STEPS = 4  # CPU: steps profiled for memory (a step's peak barely varies; the profiler is slow)
 # Steps not timed after the profiled ones: each process reads its profile when it stops (a second or
@@ -57,9 +57,11 @@ class StepMeasure:
     def step(self, work: Callable[[], dict[str, torch.Tensor]], samples: int) -> dict[str, torch.Tensor]:
         """Run one training step (`work`), measuring it. The profiled steps run in one profiler session
         (starting and stopping it around each step, while a pipeline's receiving thread runs, can crash it)."""
-        if self.steps == self.warmup and self.memory_steps:
+        if self.steps == self.warmup - 1 and self.memory_steps:  # the last warm-up step is profiled too (memory.py says why)
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             self.profiler.__enter__()
+        if self.steps == self.warmup and self.profiler is not None:
+            mark_measured_from()
         losses = work()
         synchronize(self.device)
         now = time.perf_counter()
