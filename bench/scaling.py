@@ -1,4 +1,4 @@
-"""Scaling on 2 workers: throughput, communication, memory and time to accuracy of BP and SCPL under
+"""Scaling on 2 workers (4 in the node-based rows): throughput, communication, memory and time to accuracy of BP and SCPL under
 every data- and model-parallel engine, measured in one run (docs/benchmarks.md: rows, columns, targets).
 
     python bench/scaling.py --out reports            # also the DVC stage `scaling` (params.yaml: scaling)
@@ -32,7 +32,8 @@ MEMORY_STEPS = 5  # the memory run's batches: a warm-up, then 4 profiled (traine
 # SCPL's projectors average-pool the feature map first (as in bench/throughput.py): the paper's MLP on the
 # flattened map is most of SCPL's weights at this size, 39 MB of gradients a step for DDP to all-reduce.
 POOLED = "method.pool=true"
-ALL_CONFIGS = ("bp1", "ddp", "ddp_slow", "hierarchical", "async", "async_slow", "scpl_pipeline", "gpipe", "ddp_scpl")
+ALL_CONFIGS = ("bp1", "ddp", "ddp_slow", "ddp_nodes", "hierarchical", "hierarchical_epoch", "async_sgd", "async_sgd_slow",
+               "scpl_pipeline", "gpipe", "ddp_scpl")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Setup:
     target: float = 0.97
     workers: int = 2
     ranks_per_node: int = 1
+    node_ranks: int = 2  # the node-based rows (ddp_nodes, hierarchical*): 2 simulated nodes of this many ranks each
     average_every: int = 50
     slowdown: float = 2.0
     microbatches: int = 4
@@ -59,6 +61,7 @@ class Config:
     workers: int
     overrides: tuple[str, ...] = ()
     detail: str = ""  # for the table: what sets this row apart
+    ranks_per_node: int | None = None  # None: the setup's
 
     def training_overrides(self, setup: Setup, seed: int) -> list[str]:
         return [
@@ -76,14 +79,20 @@ def configs(setup: Setup, names: Sequence[str] = ALL_CONFIGS) -> list[Config]:
     nodes = f"engine.ranks_per_node={setup.ranks_per_node}"
     slow = (f"engine.slow_rank={last}", f"engine.slowdown={setup.slowdown}")
     timeout = f"engine.timeout_s={setup.timeout_s}"
+    # The node-based rows: 2 simulated nodes of `node_ranks` ranks, so the within-node part of the scheme runs too.
+    node_workers, in_node = 2 * setup.node_ranks, (f"engine.ranks_per_node={setup.node_ranks}", timeout)
+    layout = f"2 nodes × {setup.node_ranks}"
     known = {
         "bp1": Config("bp1", "bp", "sequential", 1),
         "ddp": Config("ddp", "bp", "ddp", w, (nodes, timeout)),
         "ddp_slow": Config("ddp_slow", "bp", "ddp", w, (nodes, *slow, timeout), f"rank {last} slowed {setup.slowdown:g}×"),
-        "hierarchical": Config("hierarchical", "bp", "hierarchical", w, (nodes, f"engine.average_every={setup.average_every}", timeout),
-                               f"K'={setup.average_every}, {w // setup.ranks_per_node} nodes"),
-        "async": Config("async", "bp", "async", w, (timeout,)),
-        "async_slow": Config("async_slow", "bp", "async", w, (*slow, timeout), f"rank {last} slowed {setup.slowdown:g}×"),
+        "ddp_nodes": Config("ddp_nodes", "bp", "ddp", node_workers, in_node, layout, setup.node_ranks),
+        "hierarchical": Config("hierarchical", "bp", "hierarchical", node_workers, (*in_node, f"engine.average_every={setup.average_every}"),
+                               f"K'={setup.average_every}, leaders, {layout}", setup.node_ranks),
+        "hierarchical_epoch": Config("hierarchical_epoch", "bp", "hierarchical", node_workers, (*in_node, "engine.average_every=epoch"),
+                                     f"K'=epoch, leaders, {layout}", setup.node_ranks),
+        "async_sgd": Config("async_sgd", "bp", "async_sgd", w, (timeout,)),
+        "async_sgd_slow": Config("async_sgd_slow", "bp", "async_sgd", w, (*slow, timeout), f"rank {last} slowed {setup.slowdown:g}×"),
         "scpl_pipeline": Config("scpl_pipeline", "scpl", "pipeline", w, (POOLED, timeout), "pooled projector"),
         "gpipe": Config("gpipe", "bp", "gpipe", w, (f"engine.microbatches={setup.microbatches}", timeout), f"M={setup.microbatches}"),
         "ddp_scpl": Config("ddp_scpl", "scpl", "ddp", w, (POOLED, nodes, timeout), "pooled projector"),
@@ -99,7 +108,7 @@ def configs(setup: Setup, names: Sequence[str] = ALL_CONFIGS) -> list[Config]:
 def measure(config: Config, setup: Setup, seed: int, with_memory: bool) -> RoundResult:
     """One round's training run (its history: time, accuracy, the engine's byte counts), and in the first
     round a short measured run for peak memory (trainer.measure; profiling would slow the timed run)."""
-    ranks = setup.ranks_per_node if config.workers > 1 else None
+    ranks = (config.ranks_per_node or setup.ranks_per_node) if config.workers > 1 else None
     history = run_training(config.training_overrides(setup, seed), config.workers, ranks).history
     memory = math.nan
     if with_memory:
@@ -129,7 +138,7 @@ def run_all(setup: Setup, names: Sequence[str], rounds: int) -> list[Outcome]:
 # What each option may be (argparse has typed them): a value out of range would fail minutes in, in a worker, or never be met (a target above 1).
 OPTION_RULES = {
     "--width": Rule(float, positive=True), "--batch": Rule(int, low=1), "--epochs": Rule(int, low=1), "--rounds": Rule(int, low=1),
-    "--target": Rule(float, positive=True, high=1), "--workers": Rule(int, low=1), "--ranks-per-node": Rule(int, low=1),
+    "--target": Rule(float, positive=True, high=1), "--workers": Rule(int, low=1), "--ranks-per-node": Rule(int, low=1), "--node-ranks": Rule(int, low=1),
     "--average-every": Rule(int, low=1), "--slowdown": Rule(float, low=1), "--microbatches": Rule(int, low=1), "--seed": Rule(int, low=0),
 }
 
@@ -138,8 +147,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be known before the first configuration starts: ranges, the batch's divisions,
     the prepared MNIST-5k and its size, a folder for the outputs."""
     check_options({option: getattr(args, option[2:].replace("-", "_")) for option in OPTION_RULES}, OPTION_RULES)
-    if args.batch % args.workers or args.batch % args.microbatches:
-        raise PreflightError(f"--batch {args.batch} must be a multiple of --workers {args.workers} and --microbatches {args.microbatches}")
+    if args.batch % args.workers or args.batch % args.microbatches or args.batch % (2 * args.node_ranks):
+        raise PreflightError(f"--batch {args.batch} must be a multiple of --workers {args.workers}, of --microbatches {args.microbatches} "
+                             f"and of the node-based rows' 2 × --node-ranks {args.node_ranks} processes")
     if args.workers % args.ranks_per_node:
         raise PreflightError(f"--ranks-per-node {args.ranks_per_node} must divide --workers {args.workers}")
     try:
@@ -162,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=defaults.target, help="validation accuracy for time to accuracy")
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--ranks-per-node", "--ranks_per_node", type=int, default=defaults.ranks_per_node, help="workers per simulated node (1: every worker a node)")
+    parser.add_argument("--node-ranks", "--node_ranks", type=int, default=defaults.node_ranks,
+                        help="ranks per node in the node-based rows (ddp_nodes, hierarchical*: 2 nodes)")
     parser.add_argument("--average-every", "--average_every", type=int, default=defaults.average_every, help="hierarchical averaging's K'")
     parser.add_argument("--slowdown", type=float, default=defaults.slowdown, help="how many times slower the slowed worker runs")
     parser.add_argument("--microbatches", type=int, default=defaults.microbatches, help="GPipe's M")
@@ -170,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS), choices=ALL_CONFIGS, metavar="CONFIG",
                         help=f"which rows, in this order (default: all: {' '.join(ALL_CONFIGS)})")
     args = parser.parse_args(argv)  # the DVC stage passes params.yaml's `scaling` block as --key value (underscored keys too)
-    setup = Setup(args.width, args.batch, args.epochs, args.target, args.workers, args.ranks_per_node, args.average_every,
+    setup = Setup(args.width, args.batch, args.epochs, args.target, args.workers, args.ranks_per_node, args.node_ranks, args.average_every,
                   args.slowdown, args.microbatches, args.seed, processed_dir=args.processed_dir)
     try:
         check_arguments(args)

@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("bp", "scpl", "early_exit", "al", "dgl", "infopro", "contsup", "cascade")
-MULTI_RANK = ("pipeline", "ddp", "hierarchical", "async")
+MULTI_RANK = ("pipeline", "ddp", "hierarchical", "async_sgd")
 IMAGES = 8192  # random CIFAR-shaped images: 6,963 for training, 6 batches of the paper's 1,024
 
 
@@ -160,12 +160,12 @@ class Check:
         for engine in (*MULTI_RANK, "gpipe"):
             if len(rows) >= self.limit:
                 break
-            method = "bp" if engine in ("gpipe", "ddp", "hierarchical", "async") else "scpl"
+            method = "bp" if engine in ("gpipe", "ddp", "hierarchical", "async_sgd") else "scpl"
             if engine == "gpipe" and self.device != "cpu":
                 continue  # two ranks on one GPU need gloo, which cannot carry pipelining's CUDA sends: with two GPUs below
             rows.append(self.ranks_row(f"{engine} {method} 2 ranks on {shared} (gloo)", engine, method, [f"engine.device={shared}", "engine.backend=gloo"]))
         if self.gpus >= 2:
-            for engine in ("pipeline", "gpipe", "ddp", "hierarchical", "async"):
+            for engine in ("pipeline", "gpipe", "ddp", "hierarchical", "async_sgd"):
                 method = "scpl" if engine == "pipeline" else "bp"
                 rows.append(self.ranks_row(f"{engine} {method} on 2 GPUs (nccl)", engine, method, ["engine.device=auto", "engine.backend=auto"]))
         return rows[: self.limit]

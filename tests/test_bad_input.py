@@ -38,6 +38,8 @@ CASES = {
     "seed not a number": ("train", ["seed=abc"], {}, "seed='abc': expected an integer"),
     "zero batch": ("train", ["trainer.batch_size=0"], {}, "trainer.batch_size=0"),
     "zero width": ("train", ["model.width=0"], {}, "model.width=0: expected a number > 0"),
+    "exchange schedule neither steps nor epoch": ("train", ["engine=hierarchical", "engine.average_every=weekly"], {},
+                                                  "engine.average_every='weekly': expected an integer ≥ 1 or 'epoch'"),
     "batch larger than the training set": ("train", ["trainer.batch_size=5000"], {}, "trainer.batch_size=5000 is larger than the training split of mnist5k (3500 samples)"),
     "pipeline without torchrun": ("train", ["engine=pipeline"], {}, "run: torchrun --nproc-per-node 2 -m scpl_kit.train"),
     "truncated meta.json": ("train", ["data.processed_dir={tmp}/truncated"], {}, "{tmp}/truncated/mnist5k/meta.json is unreadable"),

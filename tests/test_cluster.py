@@ -172,7 +172,7 @@ def test_launcher_mistakes_fail_before_anything_is_queued(sweep_env: dict, capsy
     cases = {
         ("launcher.partiton=gpu", "train"): "valid keys under 'launcher'",
         ("profile=smoke", "train"): "only launcher=... and launcher.* come before 'train'",
-        ("launcher.tasks_per_node=2", "train", "engine=sequential"): "choose a multi-process engine (async, ddp, gpipe, hierarchical, pipeline)",
+        ("launcher.tasks_per_node=2", "train", "engine=sequential"): "choose a multi-process engine (async_sgd, ddp, gpipe, hierarchical, pipeline)",
         ("launcher=slurm", "launcher.workers=2", "sweep", *sweep_env["overrides"]): "not an sqlite file",
         ("launcher=slurm",): "name what to submit",
         ("train", "launcher=slurm"): "launcher overrides go before 'train'",

@@ -125,45 +125,56 @@ def test_hierarchical_averaging_every_step_equals_ddp(tmp_path: Path) -> None:
                 assert all(torch.allclose(a[k], b[k], atol=1e-10, rtol=0) for k in a), method
 
 
+def _trained_in_two_nodes(engine, steps: list) -> dict:
+    """Every rank's first-unit weights after each step and at the epoch's end, and the job's bytes."""
+    engine.setup(units_for("scpl"), recipe=recipe())
+    after_step = []
+    engine.train_epoch(steps, on_batch=lambda n: after_step.append(torch.nn.utils.parameters_to_vector(engine.units[0].parameters()).clone()))
+    return {"steps": after_step, "end": torch.nn.utils.parameters_to_vector(engine.units[0].parameters()).clone(),
+            "stats": engine.epoch_stats(), "params": sum(p.numel() * p.element_size() for unit in engine.units for p in unit.parameters())}
+
+
 def _nodes_drift_and_agree(rank: int, result_dir: str) -> None:
-    """4 ranks in 2 nodes of 2, parameters averaged every 3 steps: every rank's weights after each step."""
+    """4 ranks in 2 nodes of 2: parameters exchanged every 3 steps by the node leaders and by every rank,
+    once per epoch, and plain DDP."""
     from scpl_kit.engines.data_parallel import DataParallelEngine
 
     torch.set_default_dtype(torch.float64)
-    engine = DataParallelEngine(ranks_per_node=2, average_every=3, timeout_s=60)
-    engine.setup(units_for("scpl"), recipe=recipe())
-    after_step = []
     x, y = tiny_batch(5 * BATCH)
     steps = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(5)]
-    engine.train_epoch(steps, on_batch=lambda n: after_step.append(torch.nn.utils.parameters_to_vector(engine.units[0].parameters()).clone()))
-    end = torch.nn.utils.parameters_to_vector(engine.units[0].parameters())
-    torch.save({"steps": after_step, "end": end, "stats": engine.epoch_stats(),
-                "params": sum(p.numel() * p.element_size() for unit in engine.units for p in unit.parameters())},
-               Path(result_dir).parent / f"states{rank}.pt")
-    ddp = DataParallelEngine(ranks_per_node=2, timeout_s=60)
-    ddp.setup(units_for("scpl"), recipe=recipe())
-    ddp.train_epoch(steps)
-    torch.save(ddp.epoch_stats(), Path(result_dir).parent / f"ddp{rank}.pt")
+    runs = {name: _trained_in_two_nodes(DataParallelEngine(ranks_per_node=2, timeout_s=60, **options), steps) for name, options in {
+        "leaders": {"average_every": 3}, "all": {"average_every": 3, "exchange": "all"}, "epoch": {"average_every": "epoch"}, "ddp": {},
+    }.items()}
+    torch.save(runs, Path(result_dir).parent / f"states{rank}.pt")
 @pytest.mark.slow  # processes that time out a stuck peer or train every method: 20-60 s
 def test_nodes_drift_between_averages_and_agree_after_one(tmp_path: Path) -> None:
     """Within a node the replicas agree after every step (gradients averaged there); the two nodes' differ
-    between averages and agree right after one (steps 1 and 4 of 5, as the averager counts from 0) and at
-    the epoch's end. Bytes: gradients stay within nodes, and across them go 3 parameter averages in 5
-    steps, against DDP's every gradient every step."""
+    between exchanges and agree right after one (steps 1 and 4 of 5 at K′ = 3, as torch's averager counts
+    from 0; only the epoch's end once per epoch) and at the epoch's end. The node leaders' exchange gives
+    the average every rank's gives, with half the bytes across nodes (2 ranks a node) and their result
+    broadcast within the node; gradients stay within nodes, against DDP's every gradient every step."""
     assert not spawn_ranks(reporting_errors(_nodes_drift_and_agree), 4, tmp_path)
-    runs = [torch.load(tmp_path / f"states{r}.pt") for r in range(4)]
-    for step in range(5):
-        w = [run["steps"][step] for run in runs]
-        assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3])  # one node, one model
-        averaged = step in (0, 3)
-        assert torch.allclose(w[0], w[2], atol=1e-12) == averaged, step  # the nodes drift, then agree
-    assert all(torch.allclose(runs[0]["end"], run["end"], atol=1e-12) for run in runs)
+    ranks = [torch.load(tmp_path / f"states{r}.pt") for r in range(4)]
+    for name, exchanged_after in {"leaders": (0, 3), "all": (0, 3), "epoch": ()}.items():
+        for step in range(5):
+            w = [rank[name]["steps"][step] for rank in ranks]
+            assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3]), (name, step)  # one node, one model
+            assert torch.allclose(w[0], w[2], atol=1e-12) == (step in exchanged_after), (name, step)  # the nodes drift, then agree
+        assert all(torch.allclose(ranks[0][name]["end"], rank[name]["end"], atol=1e-12) for rank in ranks), name
+    for step in range(5):  # the same average, whoever sends it
+        assert torch.allclose(ranks[0]["leaders"]["steps"][step], ranks[0]["all"]["steps"][step], atol=1e-12), step
     # The job's bytes (every rank's summed), the same on every rank.
-    stats, params, ddp = runs[0]["stats"], runs[0]["params"], torch.load(tmp_path / "ddp0.pt")
-    assert all(run["stats"] == stats for run in runs) and all(torch.load(tmp_path / f"ddp{r}.pt") == ddp for r in range(4))
-    assert stats["comm/inter_node_bytes_per_step"] == pytest.approx(4 * 3 * params / 5)
-    assert stats["comm/intra_node_bytes_per_step"] == pytest.approx(ddp["comm/inter_node_bytes_per_step"])
-    assert ddp["comm/inter_node_bytes_per_step"] >= 4 * params > stats["comm/inter_node_bytes_per_step"]  # a gradient per parameter
+    stats = {name: ranks[0][name]["stats"] for name in ranks[0]}
+    assert all(rank[name]["stats"] == stats[name] for rank in ranks for name in rank)
+    params, ddp = ranks[0]["ddp"]["params"], stats["ddp"]
+    exchanges = 3  # after steps 1 and 4, and at the epoch's end
+    assert stats["all"]["comm/inter_node_bytes_per_step"] == pytest.approx(4 * exchanges * params / 5)
+    assert stats["leaders"]["comm/inter_node_bytes_per_step"] == pytest.approx(stats["all"]["comm/inter_node_bytes_per_step"] / 2)
+    assert stats["epoch"]["comm/inter_node_bytes_per_step"] == pytest.approx(2 * params / 5)  # the leaders, once
+    assert stats["all"]["comm/intra_node_bytes_per_step"] == pytest.approx(ddp["comm/inter_node_bytes_per_step"])  # the gradients
+    # ... and the leaders' broadcasts of what they averaged, within their nodes.
+    assert stats["leaders"]["comm/intra_node_bytes_per_step"] == pytest.approx(ddp["comm/inter_node_bytes_per_step"] + 2 * exchanges * params / 5)
+    assert ddp["comm/inter_node_bytes_per_step"] >= 4 * params > stats["all"]["comm/inter_node_bytes_per_step"]  # a gradient per parameter
     assert ddp["comm/intra_node_bytes_per_step"] == 0
 
 

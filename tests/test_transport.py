@@ -87,7 +87,7 @@ def test_each_engine_counts_what_it_sends(tmp_path: Path) -> None:
         "ddp_2_nodes": ("ddp", "bp", {"ranks_per_node": 1}),
         "pipeline": ("pipeline", "early_exit", {"stages": [[0, 1], [2, 3]]}),
         "gpipe": ("gpipe", "bp", {"stages": [[0, 1], [2, 3]], "microbatches": 2}),
-        "async": ("async", "bp", {}),
+        "async_sgd": ("async_sgd", "bp", {}),
     }
     found = ranks_report(tmp_path, 2, cases)
     float32, int64 = 4, 8
@@ -113,10 +113,10 @@ def test_each_engine_counts_what_it_sends(tmp_path: Path) -> None:
     activation = BATCH * torch.Size(found["gpipe"]["block_shapes"][1]).numel() * float32
     assert found["gpipe"]["stats"] == {INTRA: 2 * activation + int64 + BATCH * int64, INTER: 0.0}
 
-    # Async: every push of rank 1 carries an update of the float state and brings the weights back;
+    # async_sgd: every push of rank 1 carries an update of the float state and brings the weights back;
     # rank 0 pushes to its own server (nothing sent); at the epoch's end rank 0 broadcasts its whole state.
-    run = found["async"]
-    pushes = run["async_steps"]["async/rank1/steps"]
+    run = found["async_sgd"]
+    pushes = run["async_steps"]["async_sgd/rank1/steps"]
     float_state = run["state_bytes"]  # BP's VGG without BatchNorm: all of its state is float parameters
     assert run["stats"][INTRA] == (2 * float_state * pushes + run["state_bytes"]) / BATCHES
     assert run["stats"][INTER] == 0.0

@@ -38,6 +38,7 @@ class Rule:
     below_one: bool = False  # < 1
     nullable: bool = False
     high: float | None = None  # inclusive
+    words: tuple[str, ...] = ()  # strings accepted besides numbers (engine.average_every: "epoch")
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
@@ -45,11 +46,14 @@ class Rule:
         bounds += ["> 0"] if self.positive else []
         bounds += ["< 1"] if self.below_one else []
         bounds += [f"≤ {self.high:g}"] if self.high is not None else []
-        return " ".join([what, " and ".join(bounds), "or null" if self.nullable else ""]).replace("  ", " ").strip()
+        alternatives = " ".join(f"or {word!r}" for word in self.words)
+        return " ".join([what, " and ".join(bounds), alternatives, "or null" if self.nullable else ""]).replace("  ", " ").strip()
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if isinstance(value, str):
+            return value in self.words
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
             return False
         return (
@@ -111,7 +115,7 @@ RULES: dict[str, Rule] = {
     "engine.processes": Rule(int, low=1, nullable=True),
     "engine.microbatches": Rule(int, low=1),
     "engine.replicas": Rule(int, low=1),
-    "engine.average_every": Rule(int, low=1),
+    "engine.average_every": Rule(int, low=1, words=("epoch",)),
     "engine.ranks_per_node": Rule(int, low=1, nullable=True),
     "engine.max_staleness": Rule(int, low=0),
     "engine.push_every": Rule(int, low=1),

@@ -15,6 +15,6 @@ def build_engine(name: str, **options: Any) -> Engine:
     return ENGINES.build(name, **options)
 
 
-from scpl_kit.engines import asynchronous, data_parallel, gpipe, pipeline, sequential, threads  # noqa: E402,F401  (register each engine)
+from scpl_kit.engines import async_sgd, data_parallel, gpipe, pipeline, sequential, threads  # noqa: E402,F401  (register each engine)
 
 __all__ = ["ENGINES", "Engine", "build_engine"]

@@ -7,14 +7,23 @@ updates one process computes on the whole batch: per-sample losses average to th
 loss that compares samples (SupCon) sees the whole batch through `batch_group`. BatchNorm normalises
 each slice by itself unless `sync_batchnorm` (torch.nn.SyncBatchNorm) is on.
 
-`hierarchical` (node-based communication): ranks are grouped into nodes (torchrun's layout, or
-`ranks_per_node` to simulate nodes on one machine). Gradients are averaged within a node every step
-and parameters across all ranks every `average_every` steps: post-local SGD, from
-torch.distributed.algorithms (the post_localSGD_hook on the intra-node group, and a
-PeriodicModelAverager). At the end of every epoch the parameters are averaged too, so evaluation and
-checkpoints see one model. A node's share of each batch is its batch: SupCon compares the samples
-of the node's slices, so with K' = 1 this equals DDP for per-sample losses (and SGD, whose step is
-linear in the gradient), not for SupCon.
+`hierarchical` (node-based communication, Moreno-Alvarez et al., TNNLS 2023; methods.md §5): ranks
+are grouped into nodes (torchrun's layout, or `ranks_per_node` to simulate nodes on one machine).
+Gradients are averaged within a node every step (post-local SGD's hook from
+torch.distributed.algorithms, on the intra-node group), so a node's ranks hold one model; the nodes
+learn apart and exchange parameters on a schedule:
+- `average_every: epoch`: once per epoch, at its end (the authors' code's default, `--sharingiter -1`);
+- `average_every: K′`: every K′ steps (their ImageNet setting is 50), and at every epoch's end too, so
+  evaluation and checkpoints see one model.
+An exchange averages the parameters across nodes, either
+- `exchange: leaders`: one rank per node (its first) all-reduces over a group of the node leaders and
+  broadcasts the result within its node: one sender per node on the links between nodes, the
+  scheme's point; or
+- `exchange: all`: every rank all-reduces over all ranks (the same average, `ranks_per_node` times the
+  bytes across nodes; torch's PeriodicModelAverager does this).
+A node's share of each batch is its batch: SupCon compares the samples of the node's slices, so with
+K' = 1 this equals DDP for per-sample losses (and SGD, whose step is linear in the gradient), not for
+SupCon.
 
     torchrun --nproc-per-node 2 -m scpl_kit.train engine=ddp method=scpl
     torchrun --nnodes 2 --nproc-per-node 4 ... -m scpl_kit.train engine=hierarchical engine.average_every=50
@@ -33,9 +42,9 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
-from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
@@ -53,16 +62,22 @@ from scpl_kit.signal import Signal, moved
 from scpl_kit.updater import UpdateRecipe, train_step
 
 
+EXCHANGES = ("leaders", "all")  # who sends parameters across nodes: each node's first rank, or every rank
+
+
 class DataParallelEngine(Engine):
     multiprocess = True
 
-    def __init__(self, sync_batchnorm: bool = False, ranks_per_node: int | None = None, average_every: int | None = None,
+    def __init__(self, sync_batchnorm: bool = False, ranks_per_node: int | None = None, average_every: int | str | None = None,
                  slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto", device: str = "auto",
-                 timeout_s: float = 300.0, processes: int | None = None) -> None:
-        """`average_every`: None is plain DDP (gradients averaged over every rank each step); K′ is
-        hierarchical averaging (gradients within a node each step, parameters over all every K′ steps)."""
-        if average_every is not None and average_every < 1:
-            raise ValueError(f"engine.average_every={average_every} must be >= 1 (steps between averages across nodes)")
+                 timeout_s: float = 300.0, processes: int | None = None, exchange: str = "leaders") -> None:
+        """`average_every`: None is plain DDP (gradients averaged over every rank each step); K′ or
+        "epoch" is hierarchical averaging (gradients within a node each step, parameters across nodes
+        every K′ steps or once per epoch), `exchange` saying who sends them across (EXCHANGES)."""
+        if average_every is not None and average_every != "epoch" and not (isinstance(average_every, int) and average_every >= 1):
+            raise ValueError(f"engine.average_every={average_every!r} must be an integer >= 1 (steps between averages across nodes) or 'epoch'")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"engine.exchange={exchange!r}: expected one of {', '.join(EXCHANGES)}")
         self.device = join_job(backend, device, timeout_s)
         self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         check_processes(processes, self.world)
@@ -71,12 +86,16 @@ class DataParallelEngine(Engine):
         self.transport = Transport(self.device, ranks_per_node)
         # torchrun numbers the ranks of a node consecutively, which is what new_subgroups groups.
         self.node_group, _ = dist.new_subgroups(group_size=self.transport.ranks_per_node)
-        self.sync_batchnorm, self.average_every = sync_batchnorm, average_every
+        self.leader = self.rank - self.rank % self.transport.ranks_per_node  # the first rank of this one's node
+        # Made on every rank (creating a group is collective); ranks outside it skip its collectives.
+        self.leaders_group = dist.new_group(list(range(0, self.world, self.transport.ranks_per_node)))
+        self.sync_batchnorm, self.average_every, self.exchange = sync_batchnorm, average_every, exchange
         # The processes whose slices make one batch: all of them under DDP; a node's under hierarchical
         # averaging, where each node learns on its own between averages (SupCon and whole-batch
         # BatchNorm then see the node's batch, and nothing crosses nodes between averages).
         self.batch_group = self.node_group if average_every else dist.group.WORLD
-        self.units, self.replicas, self.averagers, self.updaters = [], [], [], []
+        self.units, self.replicas, self.updaters = [], [], []
+        self.steps_taken: list[int] = []  # per unit: the training steps it took (they time its exchanges)
 
     @property
     def is_main(self) -> bool:
@@ -88,8 +107,7 @@ class DataParallelEngine(Engine):
         self.units = [self._prepared(unit) for unit in units]
         self.replicas = [self._replicate(unit) for unit in self.units]
         self.attach_updaters(recipe)
-        if self.average_every is not None:
-            self.averagers = [PeriodicModelAverager(period=self.average_every) for _ in self.units]
+        self.steps_taken = [0] * len(self.units)
         self.route = inference_route(self.units)
 
     def _prepared(self, unit: LocalUnit) -> LocalUnit:
@@ -124,28 +142,40 @@ class DataParallelEngine(Engine):
 
     def train_batch(self, signal: Signal) -> dict[str, torch.Tensor]:
         started, losses = time.perf_counter(), {}
-        for unit, replica, updater, averager in zip(self.units, self.replicas, self.updaters, self.averagers or [None] * len(self.units)):
+        for k, (unit, replica, updater) in enumerate(zip(self.units, self.replicas, self.updaters)):
             # Through DDP when the unit computes gradients this step (DDP must see the forward of
             # every backward it averages, and expects a backward after each).
             signal, unit_losses = train_step(unit, updater, signal, replica if unit.trains else None)
             losses.update(unit_losses)
-            if averager is not None and unit.trains:
-                self._average(averager, unit)
+            if unit.trains and isinstance(self.average_every, int):
+                # As torch's PeriodicModelAverager counts: an exchange after steps 1, K′ + 1, 2K′ + 1, ...
+                if self.steps_taken[k] % self.average_every == 0:
+                    self._exchange(unit)
+                self.steps_taken[k] += 1
         simulate_slowness(started, self.slowdown)
         return losses
 
-    def _average(self, averager: PeriodicModelAverager, unit: LocalUnit) -> None:
-        """Parameters averaged over every rank when the averager's period comes round (counted)."""
-        due = averager.step >= averager.warmup_steps and (averager.step - averager.warmup_steps) % averager.period == 0
-        if due:
-            self.transport.collective(tensor_bytes(unit.parameters()))
-        averager.average_parameters(unit.parameters())
+    def _exchange(self, unit: LocalUnit) -> None:
+        """The unit's parameters averaged across nodes (every rank ends with the average), counted."""
+        params = list(unit.parameters())
+        if self.exchange == "all":
+            self.transport.collective(tensor_bytes(params))
+            average_parameters(iter(params), dist.group.WORLD)
+            return
+        if self.rank == self.leader:  # the others skip the leaders' collective (torch returns at once)
+            self.transport.collective(tensor_bytes(params), self.leaders_group)
+        average_parameters(iter(params), self.leaders_group)
+        if self.transport.ranks_per_node > 1:  # the node's other ranks take their leader's result
+            flat = parameters_to_vector(params)
+            if self.rank == self.leader:
+                self.transport.collective(tensor_bytes([flat]), self.node_group)
+            dist.broadcast(flat, src=self.leader, group=self.node_group)
+            vector_to_parameters(flat, params)
 
     def finish_batches(self) -> None:
-        if self.averagers:  # one model to evaluate and save
+        if self.average_every is not None:  # the epoch's exchange ("epoch"), or one model to evaluate and save (K′)
             for unit in self.units:
-                self.transport.collective(tensor_bytes(unit.parameters()))
-                average_parameters(iter(unit.parameters()), dist.group.WORLD)
+                self._exchange(unit)
         self.transport.collective(batch_group.take_sent_bytes(), self.batch_group)  # SupCon over the slices
 
     @reports_peer_failures
@@ -176,7 +206,7 @@ class DDPEngine(DataParallelEngine):
 class HierarchicalEngine(DataParallelEngine):
     exact = False  # equals DDP only when parameters are averaged every step (and the loss is per sample)
 
-    def __init__(self, average_every: int = 50, ranks_per_node: int | None = None, sync_batchnorm: bool = False, slow_rank: int | None = None,
-                 slowdown: float = 1.0, backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
-                 processes: int | None = None) -> None:
-        super().__init__(sync_batchnorm, ranks_per_node, average_every, slow_rank, slowdown, backend, device, timeout_s, processes)
+    def __init__(self, average_every: int | str = "epoch", exchange: str = "leaders", ranks_per_node: int | None = None,
+                 sync_batchnorm: bool = False, slow_rank: int | None = None, slowdown: float = 1.0, backend: str = "auto",
+                 device: str = "auto", timeout_s: float = 300.0, processes: int | None = None) -> None:
+        super().__init__(sync_batchnorm, ranks_per_node, average_every, slow_rank, slowdown, backend, device, timeout_s, processes, exchange)

@@ -1,4 +1,4 @@
-"""The `async` engine (BPT-CNN): speed-proportional shares of each epoch, asynchronous pushes and pulls
+"""The `async_sgd` engine (bounded-staleness asynchronous SGD): speed-proportional shares of each epoch, asynchronous pushes and pulls
 to a parameter server with bounded staleness, one model at every epoch's end. Two ranks on the CPU."""
 
 import hashlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from scpl_kit.engines import build_engine
-from scpl_kit.engines.asynchronous import interleaved_owners
+from scpl_kit.engines.async_sgd import interleaved_owners
 from scpl_kit.engines.launch import set_rank_env
 from scpl_kit.methods import build_units
 from scpl_kit.models import build_model
@@ -58,7 +58,7 @@ def _train_main(rank: int, world: int, port: int, result_dir: str, method: str, 
         torch.manual_seed(0)
         model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
         units = build_units(method, model, CLASSES)
-        engine = build_engine("async", timeout_s=60, **options)
+        engine = build_engine("async_sgd", timeout_s=60, **options)
         engine.setup(units, model.example_batch(BATCH, CLASSES), UpdateRecipe(OptimizerSettings(lr=3e-3), TRAIN // BATCH, epochs))
         train, test = synthetic(TRAIN, 1), synthetic(TEST, 2)
         records = []
@@ -98,17 +98,17 @@ def test_a_slow_worker_gets_a_smaller_share_and_the_model_converges(tmp_path: Pa
     one model after every epoch; SCPL learns the easy data."""
     rank0, rank1 = train_two_ranks(tmp_path, "scpl", 3, max_staleness=4, slow_rank=1, slowdown=3.0)
     first, second = rank0["records"][0]["stats"], rank0["records"][1]["stats"]
-    speeds = [first[f"async/rank{k}/samples_per_s"] for k in (0, 1)]  # measured in epoch 1
-    assert second["async/rank1/share"] == pytest.approx(speeds[1] / sum(speeds)), (first, second)
-    assert second["async/rank1/share"] < 0.4 < 0.6 < second["async/rank0/share"], (first, second)
-    assert second["async/rank0/steps"] > second["async/rank1/steps"] > 0, second
-    assert second["async/rank0/steps"] + second["async/rank1/steps"] == TRAIN // BATCH
-    assert rank0["records"][1]["trained"] == BATCH * second["async/rank0/steps"]  # on_batch: this rank's samples
-    assert rank1["records"][1]["trained"] == BATCH * second["async/rank1/steps"]
+    speeds = [first[f"async_sgd/rank{k}/samples_per_s"] for k in (0, 1)]  # measured in epoch 1
+    assert second["async_sgd/rank1/share"] == pytest.approx(speeds[1] / sum(speeds)), (first, second)
+    assert second["async_sgd/rank1/share"] < 0.4 < 0.6 < second["async_sgd/rank0/share"], (first, second)
+    assert second["async_sgd/rank0/steps"] > second["async_sgd/rank1/steps"] > 0, second
+    assert second["async_sgd/rank0/steps"] + second["async_sgd/rank1/steps"] == TRAIN // BATCH
+    assert rank0["records"][1]["trained"] == BATCH * second["async_sgd/rank0/steps"]  # on_batch: this rank's samples
+    assert rank1["records"][1]["trained"] == BATCH * second["async_sgd/rank1/steps"]
     for record in rank0["records"]:
         stats = record["stats"]
-        assert 0 <= stats["async/staleness_mean"] <= stats["async/staleness_max"] <= 4 and stats["async/updates"] > 0
-        assert stats["async/updates"] + stats["async/dropped"] == TRAIN // BATCH
+        assert 0 <= stats["async_sgd/staleness_mean"] <= stats["async_sgd/staleness_max"] <= 4 and stats["async_sgd/updates"] > 0
+        assert stats["async_sgd/updates"] + stats["async_sgd/dropped"] == TRAIN // BATCH
     assert all(staleness <= 4 for _, staleness, applied in rank0["updates"] if applied)
     assert any(staleness > 0 for _, staleness, _ in rank0["updates"])  # asynchronous: the slow worker's pulls go stale
     assert [r["digest"] for r in rank0["records"]] == [r["digest"] for r in rank1["records"]]  # one model
@@ -123,10 +123,10 @@ def test_too_stale_updates_are_dropped_and_bp_runs(tmp_path: Path) -> None:
     for the epoch's last step if left over. BP trains under the engine as SCPL does."""
     rank0, rank1 = train_two_ranks(tmp_path, "bp", 2, max_staleness=0, push_every=2, slow_rank=1, slowdown=3.0)
     stats = rank0["records"][-1]["stats"]
-    assert stats["async/dropped"] > 0 and stats["async/staleness_max"] == 0, (stats, rank0["updates"])
+    assert stats["async_sgd/dropped"] > 0 and stats["async_sgd/staleness_max"] == 0, (stats, rank0["updates"])
     for rank in (0, 1):
         pushes = sum(1 for worker, _, _ in rank0["updates"] if worker == rank)
-        assert pushes == -(-stats[f"async/rank{rank}/steps"] // 2), (rank, pushes, stats)
+        assert pushes == -(-stats[f"async_sgd/rank{rank}/steps"] // 2), (rank, pushes, stats)
     assert all(staleness == 0 for _, staleness, applied in rank0["updates"] if applied)
     assert all(staleness > 0 for _, staleness, applied in rank0["updates"] if not applied)
     assert rank0["records"][-1]["digest"] == rank1["records"][-1]["digest"]
@@ -142,7 +142,7 @@ def _dying_main(rank: int, world: int, port: int, result_dir: str, dies: int, fa
         torch.manual_seed(0)
         model = build_model("vgg", (1, 16, 16), CLASSES, width=0.0625, predictor_hidden=16)
         units = build_units("bp", model, CLASSES)
-        engine = build_engine("async", timeout_s=timeout_s)
+        engine = build_engine("async_sgd", timeout_s=timeout_s)
         engine.setup(units, model.example_batch(BATCH, CLASSES), UpdateRecipe(OptimizerSettings(), 100, 1))
 
         def step(samples: int) -> None:
@@ -198,7 +198,7 @@ def _run_main(rank: int, world: int, port: int, result_dir: str, cfg, stop_after
 
 def async_config(smoke_config, tmp_path: Path, *overrides: str):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return smoke_config("method=scpl", "trainer.threads=1", "engine=async", "engine.timeout_s=120", "tracking.enabled=true",
+    return smoke_config("method=scpl", "trainer.threads=1", "engine=async_sgd", "engine.timeout_s=120", "tracking.enabled=true",
                         f"tracking.uri={uri}", *overrides), uri
 
 
@@ -215,14 +215,14 @@ def test_through_the_cli_with_tracking(smoke_config, tmp_path: Path) -> None:
     reports = ranks_in(tmp_path / "run", _run_main, cfg, None)
     assert sorted(reports) == ["rank0.ok", "rank1.ok"], reports
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["engine"] == "async" and metrics["engine_detail"] == "async K=2" and metrics["test_acc"] > 0.2
+    assert metrics["engine"] == "async_sgd" and metrics["engine_detail"] == "async_sgd K=2" and metrics["test_acc"] > 0.2
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert {"async/staleness_max", "async/dropped", "async/idle_s", "async/rank0/share", "async/rank1/steps"} <= set(history.columns)
-    assert (history["async/rank0/steps"] + history["async/rank1/steps"] == history["async/updates"] + history["async/dropped"]).all()
+    assert {"async_sgd/staleness_max", "async_sgd/dropped", "async_sgd/idle_s", "async_sgd/rank0/share", "async_sgd/rank1/steps"} <= set(history.columns)
+    assert (history["async_sgd/rank0/steps"] + history["async_sgd/rank1/steps"] == history["async_sgd/updates"] + history["async_sgd/dropped"]).all()
     client = MlflowClient(uri)
     (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # one rank logs
-    assert only.data.tags["engine"] == "async" and len(client.get_metric_history(only.info.run_id, "async/staleness_max")) == 2
+    assert only.data.tags["engine"] == "async_sgd" and len(client.get_metric_history(only.info.run_id, "async_sgd/staleness_max")) == 2
 
 
 @pytest.mark.slow
@@ -247,4 +247,4 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(smoke_config, tmp_path: 
     client = MlflowClient(uri)
     (only,) = client.search_runs([client.get_experiment_by_name("scpl-kit").experiment_id])  # resumed into the same run
     assert only.info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(only.info.run_id, "async/staleness_max")}) == [1, 2]
+    assert sorted({m.step for m in client.get_metric_history(only.info.run_id, "async_sgd/staleness_max")}) == [1, 2]

@@ -1,4 +1,9 @@
-"""Asynchronous data parallelism for workers of unequal speed (BPT-CNN).
+"""Asynchronous SGD with bounded staleness, for workers of unequal speed (`async_sgd`).
+
+The kit's stand-in for BPT-CNN's outer layer (Chen et al., TPDS 2019), and not that algorithm: the
+paper's data partitioning (IDPA) and global weight update (AGWU) rules could not be read here (only
+its abstract is in the stored corpora), so this engine does what its name says, and docs/deviations.md
+lists what of BPT-CNN it does not reproduce.
 
 Every process is a worker holding every unit, and rank 0 also hosts a parameter server: the global
 weights (every floating-point tensor of every unit's state: parameters, and buffers such as
@@ -10,12 +15,12 @@ worker. The server applies an update only if it is at most `max_staleness` globa
 carries a whole model, so `push_every` K > 1 pushes once per K local steps: less communication,
 more staleness.
 
-Incremental data partitioning: each epoch's batches are shared out in proportion to the workers'
+Speed-proportional shares (the idea, not the rule, of BPT-CNN's IDPA): each epoch's batches are shared out in proportion to the workers'
 measured speeds (samples/s of their training steps in the epoch before; for the first epoch, one
 timed step at start-up), so a slow worker gets fewer batches and the fast ones do not wait for it.
 
-    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async method=scpl
-    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async engine.slow_rank=1 engine.slowdown=3   # simulate a slow worker
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async_sgd method=scpl
+    torchrun --nproc-per-node 2 -m scpl_kit.train engine=async_sgd engine.slow_rank=1 engine.slowdown=3   # simulate a slow worker
 
 Communication: torch.distributed.rpc (TensorPipe) for the pushes and pulls, which rank 0 answers on
 RPC threads while its own worker trains, and the default process group (gloo/NCCL, as every engine
@@ -147,8 +152,8 @@ def notes_failure(method: F) -> F:
     return noted  # type: ignore[return-value]
 
 
-@ENGINES.register("async")
-class AsyncEngine(Engine):
+@ENGINES.register("async_sgd")
+class AsyncSGDEngine(Engine):
     multiprocess = True
     exact = False  # stale updates: not what one process computes
 
@@ -219,7 +224,7 @@ class AsyncEngine(Engine):
         speeds = self.transport.gather(self.speed)
         self.shares = [s / sum(speeds) for s in speeds]
         if self.is_main:
-            log.info("async shares of the epoch's batches: %s", ", ".join(
+            log.info("async_sgd shares of the epoch's batches: %s", ", ".join(
                 f"rank {k} {share:.0%} ({speed:.0f} samples/s)" for k, (share, speed) in enumerate(zip(self.shares, speeds))))
         self.steps, self.samples, self.unpushed = 0, 0, 0
         self.started = time.perf_counter()
@@ -306,15 +311,15 @@ class AsyncEngine(Engine):
     def _stats(self, reports: list[dict[str, Any]]) -> dict[str, float]:
         """Each worker's share, steps and speed; how long the first to finish waited for the last;
         on rank 0 also the staleness of the applied updates and how many were dropped."""
-        stats: dict[str, float] = {"async/idle_s": max(r["finished"] for r in reports) - min(r["finished"] for r in reports)}
+        stats: dict[str, float] = {"async_sgd/idle_s": max(r["finished"] for r in reports) - min(r["finished"] for r in reports)}
         for k, r in enumerate(reports):
-            stats.update({f"async/rank{k}/share": r["share"], f"async/rank{k}/steps": r["steps"],
-                          f"async/rank{k}/samples_per_s": r["speed"]})
+            stats.update({f"async_sgd/rank{k}/share": r["share"], f"async_sgd/rank{k}/steps": r["steps"],
+                          f"async_sgd/rank{k}/samples_per_s": r["speed"]})
         if self.rank == SERVER_RANK:
             applied = [staleness for _, staleness, ok in self.last_updates if ok]
             stats.update({
-                "async/updates": len(applied), "async/dropped": len(self.last_updates) - len(applied),
-                "async/staleness_mean": sum(applied) / max(len(applied), 1), "async/staleness_max": max(applied, default=0),
+                "async_sgd/updates": len(applied), "async_sgd/dropped": len(self.last_updates) - len(applied),
+                "async_sgd/staleness_mean": sum(applied) / max(len(applied), 1), "async_sgd/staleness_max": max(applied, default=0),
             })
         return stats
 
