@@ -34,6 +34,7 @@ MEMORY_STEPS = 5  # the memory run's batches: a warm-up, then 4 profiled (traine
 POOLED = "method.pool=true"
 ALL_CONFIGS = ("bp1", "ddp", "ddp_slow", "ddp_nodes", "hierarchical", "hierarchical_epoch", "async_sgd", "async_sgd_slow",
                "scpl_pipeline", "gpipe", "ddp_scpl")
+NODE_CONFIGS = ("ddp_nodes", "hierarchical", "hierarchical_epoch")  # 2 simulated nodes of --node-ranks ranks each
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be known before the first configuration starts: ranges, the batch's divisions,
     the prepared MNIST-5k and its size, a folder for the outputs."""
     check_options({option: getattr(args, option[2:].replace("-", "_")) for option in OPTION_RULES}, OPTION_RULES)
-    if args.batch % args.workers or args.batch % args.microbatches or args.batch % (2 * args.node_ranks):
+    node_rows = any(c in NODE_CONFIGS for c in args.configs)
+    if args.batch % args.workers or args.batch % args.microbatches or (node_rows and args.batch % (2 * args.node_ranks)):
         raise PreflightError(f"--batch {args.batch} must be a multiple of --workers {args.workers}, of --microbatches {args.microbatches} "
                              f"and of the node-based rows' 2 × --node-ranks {args.node_ranks} processes")
     if args.workers % args.ranks_per_node:

@@ -22,6 +22,7 @@ are about. The profiler's event tree, which has addresses, crashed on the pipeli
 from __future__ import annotations
 
 import bisect
+import math
 from itertools import accumulate
 from typing import TYPE_CHECKING, Callable
 
@@ -62,8 +63,9 @@ def kineto_events(prof: "torch.profiler.profile") -> list:
     return list(prof.profiler.kineto_results.events())
 
 
-def measured_from_ns(events: list) -> int:
-    return next((event.start_ns() for event in events if event.name() == MEASURED_FROM), 0)
+def measured_from_ns(events: list) -> int | None:
+    """Where the measured steps start; None when the session ended before them (nothing measured)."""
+    return next((event.start_ns() for event in events if event.name() == MEASURED_FROM), None)
 
 
 def memory_levels(events: list) -> tuple[list[int], list[int]]:
@@ -81,10 +83,14 @@ def peak_above(times: list[int], levels: list[int], start: int, end: float = flo
 
 
 def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
-    """The high-water mark (MB) of tensor memory over a finished session's measured steps, above their start."""
+    """The high-water mark (MB) of tensor memory over a finished session's measured steps, above their
+    start; NaN when the session ended before them (an epoch of warm-up steps only)."""
     events = kineto_events(prof)
+    start = measured_from_ns(events)
+    if start is None:
+        return math.nan
     times, levels = memory_levels(events)
-    return max(0, peak_above(times, levels, measured_from_ns(events))) / 2**20
+    return max(0, peak_above(times, levels, start)) / 2**20
 
 
 def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
@@ -94,7 +100,7 @@ def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
     times, levels = memory_levels(events)
     start = measured_from_ns(events)
     peaks: dict[str, float] = {}
-    for event in events:
+    for event in events if start is not None else []:
         if event.name().startswith(UNIT_SCOPE) and event.start_ns() >= start:
             name = event.name()[len(UNIT_SCOPE):]
             peaks[name] = max(peaks.get(name, 0.0), peak_above(times, levels, event.start_ns(), event.end_ns()) / 2**20)

@@ -36,9 +36,10 @@ SETTLE = 1
 
 class StepMeasure:
     def __init__(self, device: torch.device, memory_steps: int = MEMORY_STEPS, warmup: int = 1) -> None:
-        """`warmup`: the first steps, neither profiled nor timed (at least one: lazily made state, such
+        """`warmup`: the first steps, neither measured nor timed (at least one: lazily made state, such
         as Adam's moments, is the weights' memory, not a step's; and the first timed interval starts
-        where the step before ends)."""
+        where the step before ends). The last of them runs inside the profiler session, before its
+        marker (memory.py says why)."""
         self.device, self.warmup = device, max(warmup, 1)
         self.memory_steps = memory_steps if device.type == "cpu" else 0  # CUDA reads its allocator's peak instead
         self.start_epoch()
