@@ -52,7 +52,7 @@ def peak_memory_mb(work: Callable[[], object], warmup: Callable[[], object]) -> 
         warmup()
         mark_measured_from()
         work()
-    return profiled_peak_mb(prof)
+    return profiled_peaks_mb(prof)[0]
 
 
 def kineto_events(prof: "torch.profiler.profile") -> list:
@@ -82,29 +82,22 @@ def peak_above(times: list[int], levels: list[int], start: int, end: float = flo
     return max((level - before for level in levels[first:last]), default=0)
 
 
-def profiled_peak_mb(prof: "torch.profiler.profile") -> float:
-    """The high-water mark (MB) of tensor memory over a finished session's measured steps, above their
-    start; NaN when the session ended before them (an epoch of warm-up steps only)."""
+def profiled_peaks_mb(prof: "torch.profiler.profile") -> tuple[float, dict[str, float]]:
+    """From a finished session's measured steps, read once: the high-water mark (MB) of tensor memory
+    above their start (NaN when the session ended before them: an epoch of warm-up steps only), and
+    each unit's within its own steps, above what was held when a step began (what earlier units left
+    alive is theirs, not its), the largest over the session's steps."""
     events = kineto_events(prof)
     start = measured_from_ns(events)
     if start is None:
-        return math.nan
+        return math.nan, {}
     times, levels = memory_levels(events)
-    return max(0, peak_above(times, levels, start)) / 2**20
-
-
-def profiled_unit_peaks_mb(prof: "torch.profiler.profile") -> dict[str, float]:
-    """Each unit's high-water mark (MB) within its own measured training steps, above what was held when
-    a step began (what earlier units left alive is theirs, not its): the largest over the session's steps."""
-    events = kineto_events(prof)
-    times, levels = memory_levels(events)
-    start = measured_from_ns(events)
-    peaks: dict[str, float] = {}
-    for event in events if start is not None else []:
+    units: dict[str, float] = {}
+    for event in events:
         if event.name().startswith(UNIT_SCOPE) and event.start_ns() >= start:
             name = event.name()[len(UNIT_SCOPE):]
-            peaks[name] = max(peaks.get(name, 0.0), peak_above(times, levels, event.start_ns(), event.end_ns()) / 2**20)
-    return peaks
+            units[name] = max(units.get(name, 0.0), peak_above(times, levels, event.start_ns(), event.end_ns()) / 2**20)
+    return max(0, peak_above(times, levels, start)) / 2**20, units
 
 
 def unit_peak_memory(units: list, example: Signal) -> list[float]:

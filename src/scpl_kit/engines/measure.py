@@ -25,7 +25,7 @@ import torch
 import torch.profiler
 
 from scpl_kit.engines.balance import synchronize
-from scpl_kit.memory import mark_measured_from, profiled_peak_mb, profiled_unit_peaks_mb
+from scpl_kit.memory import mark_measured_from, profiled_peaks_mb
 
 MEMORY_STEPS = 4  # CPU: steps profiled for memory (a step's peak barely varies; the profiler is slow)
 # Steps not timed after the profiled ones: each process reads its profile when it stops (a second or
@@ -78,8 +78,7 @@ class StepMeasure:
     def _stop_profiler(self) -> None:
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
-            self.peak_mb = profiled_peak_mb(self.profiler)
-            self.unit_peaks_mb = profiled_unit_peaks_mb(self.profiler)
+            self.peak_mb, self.unit_peaks_mb = profiled_peaks_mb(self.profiler)
             self.profiler = None
 
     def stats(self) -> dict[str, float]:
