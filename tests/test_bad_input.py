@@ -123,8 +123,7 @@ SWEEP = ["sweep=scpl_tau_lr", "profile=smoke", "data.processed_dir={data}", "swe
 TRAIN = ["profile=smoke", "data.processed_dir={data}", "out_dir={tmp}/out", "trainer.checkpoint_dir={tmp}/ckpt", "tracking.uri=sqlite:///{tmp}/mlflow.db"]
 GRID = {  # a small params.yaml of our own: the repository's grid changes as the project does
     "grid": {
-        "vision": {"profile": "offline", "datasets": ["mnist5k"], "models": ["vgg"], "seeds": [0]},
-        "methods": ["bp"],
+        "vision": {"profile": "offline", "datasets": ["mnist5k"], "models": ["vgg"], "methods": ["bp"], "seeds": [0]},
         "local_k": {"profile": "offline_local", "dataset": "mnist5k", "model": "vgg", "methods": ["dgl"], "ks": [2], "seeds": [0]},
     },
 }
@@ -149,7 +148,7 @@ DOORS = {
     "evaluate: no arguments": ("evaluate", [], {}, "give a run folder and an output file, or --params"),
     "evaluate: --params missing": ("evaluate", ["--params", "{tmp}/nonexistent.yaml"], {}, "--params={tmp}/nonexistent.yaml is not a file"),
     "evaluate: --params without a grid": ("evaluate", ["--params", "{tmp}/no_grid.yaml"], {}, "--params={tmp}/no_grid.yaml has no `grid` section"),
-    "evaluate: a grid without methods": ("evaluate", ["--params", "{tmp}/no_methods.yaml"], {}, "grid.methods is missing: expected a list"),
+    "evaluate: a grid without methods": ("evaluate", ["--params", "{tmp}/no_methods.yaml"], {}, "grid.vision.methods is missing: expected a list"),
     "evaluate: --runs missing": ("evaluate", ["--params", "{tmp}/params.yaml", "--runs", "{tmp}/nonexistent"], {}, "--runs={tmp}/nonexistent is not a folder"),
     "evaluate: runs not trained": ("evaluate", ["--params", "{tmp}/params.yaml", "--runs", "{tmp}/runs"], {}, "--runs: run folder {tmp}/runs/mnist5k-vgg-bp-s0 does not exist"),
     "evaluate: --out under a file": ("evaluate", ["--params", "{tmp}/params.yaml", "--runs", "{tmp}/done", "--out", "{tmp}/a_file/eval"], {}, "--out={tmp}/a_file/eval is not a writable folder"),
@@ -244,7 +243,7 @@ def doors(tmp_path: Path, processed_dir: Path) -> dict[str, str]:
     (tmp_path / "runs").mkdir()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(GRID))
     (tmp_path / "no_grid.yaml").write_text("seed: 0\n")
-    (tmp_path / "no_methods.yaml").write_text(yaml.safe_dump({"grid": {k: v for k, v in GRID["grid"].items() if k != "methods"}}))
+    (tmp_path / "no_methods.yaml").write_text(yaml.safe_dump({"grid": {**GRID["grid"], "vision": {k: v for k, v in GRID["grid"]["vision"].items() if k != "methods"}}}))
     (tmp_path / "no_ks.yaml").write_text(yaml.safe_dump({"grid": {"local_k": {k: v for k, v in GRID["grid"]["local_k"].items() if k != "ks"}}}))
     (tmp_path / "broken.yaml").write_text("grid: [unclosed\n")
     for name in ("mnist5k-vgg-bp-s0",):

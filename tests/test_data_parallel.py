@@ -24,7 +24,8 @@ from test_methods import tiny_batch
 
 # Every method of the kit, each with the options that let it run on the tiny model below.
 METHODS = {"bp": {}, "scpl": {}, "early_exit": {"hidden": 16}, "al": {"bridge_hidden": 16, "code_dim": 8}, "dgl": {},
-           "infopro": {}, "contsup": {}, "cascade": {"modules": 2}}  # 2 epochs: one per module
+           "infopro": {}, "contsup": {}, "cascade": {"modules": 2},  # 2 epochs: one per module
+           "predsim": {}, "auglocal": {}, "deinforeg": {"projector_dim": 16}}
 BATCHES, BATCH = 3, 16
 SGD = False
 

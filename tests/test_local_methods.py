@@ -25,7 +25,7 @@ from test_methods import tiny_batch
 
 # model → (number of layers, the K values the issue names)
 CUTTABLE = {"vgg": (6, [2, 4, 6]), "resnet18": (8, [2, 4, 8]), "resnet32": (16, [2, 4, 8, 16]), "resnet110": (55, [2, 4, 8, 16])}
-LOCAL = ["dgl", "infopro", "contsup", "cascade"]
+LOCAL = ["dgl", "infopro", "contsup", "cascade", "predsim", "auglocal", "deinforeg"]
 
 
 def model_of(name: str, classes: int = 4):
@@ -207,7 +207,8 @@ def test_cascade_reads_out_the_latest_trained_module() -> None:
 
 # -- engines ------------------------------------------------------------------------------------------
 
-ENGINE_CASES = {"dgl": [], "infopro": [], "contsup": ["method.context=R1E"], "cascade": ["method.modules=2"]}
+ENGINE_CASES = {"dgl": [], "infopro": [], "contsup": ["method.context=R1E"], "cascade": ["method.modules=2"], "predsim": [], "auglocal": [],
+                "deinforeg": []}
 
 
 @pytest.mark.parametrize("method", LOCAL)

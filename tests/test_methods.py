@@ -20,8 +20,9 @@ SMALL = {
     "lstm": {"dim": 16, "vocab_size": 40}, "transformer": {"dim": 12, "ff_dim": 12, "vocab_size": 40},
 }
 TEXT_LENGTH = 10
-IMAGE_ONLY = {"infopro", "contsup"}  # a decoder or context encoders over feature maps
-OPTIONS = {"scpl": {"projector_hidden": 32, "projector_dim": 16}, "early_exit": {"hidden": 32}, "al": {"bridge_hidden": 64, "code_dim": 32}}
+IMAGE_ONLY = {"infopro", "contsup", "auglocal"}  # a decoder, context encoders or auxiliary BasicBlocks over feature maps
+OPTIONS = {"scpl": {"projector_hidden": 32, "projector_dim": 16}, "early_exit": {"hidden": 32}, "al": {"bridge_hidden": 64, "code_dim": 32},
+           "deinforeg": {"projector_dim": 32}}
 
 
 def built(method: str, model_name: str = "vgg", classes: int = 4):

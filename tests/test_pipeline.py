@@ -52,9 +52,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params.update(
         grid={
-            "vision": {"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"], "seeds": [0]},
-            "text": {"profile": "smoke_text", "datasets": ["bbcnews"], "models": ["transformer"], "seeds": [0]},
-            "methods": ["bp", "early_exit"],
+            "vision": {"profile": "smoke", "datasets": ["mnist5k"], "models": ["vgg"], "methods": ["bp", "early_exit"], "seeds": [0]},
+            "text": {"profile": "smoke_text", "datasets": ["bbcnews"], "models": ["transformer"], "methods": ["bp", "early_exit"], "seeds": [0]},
             "local_k": {"profile": "smoke", "dataset": "mnist5k", "model": "vgg", "ks": [2], "seeds": [0], "methods": ["cascade"]},
         },
         throughput={"rounds": 1, "workers": 2, "rows": THROUGHPUT_ROWS, "set": ["trainer.batch_size=16", "trainer.steps_per_epoch=8"]},
@@ -189,8 +188,8 @@ def test_one_more_seed_runs_only_that_seed(repo) -> None:
     grid, seed = add_seed(root, ("vision", "text"))
     ran = stages_run(sh(["dvc", "repro"], root, env))
     assert ran == {
-        *(f"train@mnist5k-vgg-{method}-{seed}" for method in grid["methods"]),
-        *(f"train_text@bbcnews-transformer-{method}-{seed}" for method in grid["methods"]), "evaluate", "tables",
+        *(f"train@mnist5k-vgg-{method}-{seed}" for method in grid["vision"]["methods"]),
+        *(f"train_text@bbcnews-transformer-{method}-{seed}" for method in grid["text"]["methods"]), "evaluate", "tables",
     }
     assert set(pd.read_csv(root / "reports/tables/accuracy.csv").n_runs) == {len(grid["vision"]["seeds"])} == {len(grid["text"]["seeds"])}
 
@@ -222,7 +221,7 @@ def test_a_new_seed_trains_as_a_slurm_array(repo, slurm) -> None:
     grid, _ = add_seed(root, ("vision",))
     launcher = ["launcher=slurm", "launcher.wait=true", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", "launcher.mem_gb=null"]
     printed = sh(["python", "-m", "scpl_kit.submit", *launcher, "repro"], root, {**env, "SLURM_CONF": str(slurm.conf)})
-    n = len(grid["methods"])
+    n = len(grid["vision"]["methods"])
     assert f"0 upstream stage(s), {n} training stage(s) as an array" in printed
     scripts = [path.read_text() for path in (root / "outputs/jobs").glob("*_submission.sh")]
     assert sum(f"--array=0-{n - 1}" in script for script in scripts) == 1 and sum("--dependency=afterok:" in script for script in scripts) == 1
@@ -240,10 +239,10 @@ def test_dvc_exp_run_with_set_param(repo) -> None:
     # --allow-empty: an earlier test of this module may have committed the results already (test order varies with xdist's grouping).
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "before the experiment"], root, env)
     try:
-        ran = stages_run(sh(["dvc", "exp", "run", "-S", "grid.methods=[early_exit]"], root, env))
+        ran = stages_run(sh(["dvc", "exp", "run", "-S", "grid.vision.methods=[early_exit]", "-S", "grid.text.methods=[early_exit]"], root, env))
         assert ran == {"evaluate", "tables"}  # the early_exit runs exist already; only the evaluations and tables change
         assert list(pd.read_csv(root / "reports/tables/accuracy.csv").method) == ["early_exit", "early_exit"]  # MNIST-5k, BBC News
-        assert "grid.methods" in sh(["dvc", "exp", "show", "--md"], root, env)
+        assert "grid.vision.methods" in sh(["dvc", "exp", "show", "--md"], root, env)
     finally:  # the experiment was applied to the workspace: back to the grid the other tests expect
         (root / "params.yaml").write_text(original)
         sh(["dvc", "repro"], root, env)
@@ -264,14 +263,15 @@ def test_the_paper_grid_is_one_parameter_away(repo) -> None:
     paper = yaml.safe_load(params_text)["grids"]["paper"]
     vision, text = paper["vision"], paper["text"]
     assert vision["profile"] == "paper" and set(vision["datasets"]) == {"cifar10", "cifar100", "tinyimagenet"}
-    assert set(vision["models"]) == {"vgg", "resnet18"} and {"bp", "scpl", "early_exit", "al", "bp_gpipe"} <= set(paper["methods"])
+    assert set(vision["models"]) == {"vgg", "resnet18"} and {"bp", "scpl", "early_exit", "al", "bp_gpipe", "deinforeg", "auglocal", "predsim"} <= set(vision["methods"])
     assert text["profile"] == "paper_text" and set(text["datasets"]) == {"agnews", "dbpedia14", "imdb", "sst2"}
     assert set(text["models"]) == {"lstm", "transformer"} and len(vision["seeds"]) == len(text["seeds"]) == 5
-    for stage, part, runs in (("train", vision, 150), ("train_text", text, 200)):
-        wanted = {f"{stage}@{d}-{m}-{method}-{s}" for d in part["datasets"] for m in part["models"] for method in paper["methods"] for s in part["seeds"]}
+    assert {"bp", "scpl", "early_exit", "al", "bp_gpipe", "deinforeg"} <= set(text["methods"])
+    for stage, part, runs in (("train", vision, 240), ("train_text", text, 240)):
+        wanted = {f"{stage}@{d}-{m}-{method}-{s}" for d in part["datasets"] for m in part["models"] for method in part["methods"] for s in part["seeds"]}
         assert wanted <= planned and len(wanted) == runs
     assert {f"prepare@{d}" for d in vision["datasets"]} | {f"prepare_text@{d}" for d in text["datasets"]} <= planned
     local = paper["local_k"]  # InfoPro's CIFAR-10 ResNet-32 at K = 2, 4, 8, 16, every local method, BP at K = 1
     assert (local["dataset"], local["model"], local["ks"]) == ("cifar10", "resnet32", [2, 4, 8, 16]) and local["dataset"] in vision["datasets"]
     wanted = {f"train_local@{method}-{k}-{s}" for method in local["methods"] for k in local["ks"] for s in local["seeds"]}
-    assert wanted | {f"train_local_e2e@{s}" for s in local["seeds"]} | {"local_k"} <= planned and len(wanted) == 96
+    assert wanted | {f"train_local_e2e@{s}" for s in local["seeds"]} | {"local_k"} <= planned and len(wanted) == 132

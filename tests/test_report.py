@@ -14,13 +14,12 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "src/scpl_kit/report/published
 
 def test_run_names_cover_every_part_with_its_own_seeds() -> None:
     grid = {
-        "vision": {"profile": "offline", "datasets": ["mnist5k"], "models": ["vgg", "resnet18"], "seeds": [0, 1]},
-        "text": {"profile": "offline_text", "datasets": ["bbcnews"], "models": ["lstm"], "seeds": [0]},
+        "vision": {"profile": "offline", "datasets": ["mnist5k"], "models": ["vgg", "resnet18"], "methods": ["bp", "predsim"], "seeds": [0, 1]},
+        "text": {"profile": "offline_text", "datasets": ["bbcnews"], "models": ["lstm"], "methods": ["bp"], "seeds": [0]},
         "off": None,  # a part set to null is skipped
-        "methods": ["bp", "scpl"],
     }
-    expected = [f"mnist5k-{m}-{method}-s{s}" for m in ("vgg", "resnet18") for method in ("bp", "scpl") for s in (0, 1)]
-    expected += [f"bbcnews-lstm-{method}-s0" for method in ("bp", "scpl")]
+    expected = [f"mnist5k-{m}-{method}-s{s}" for m in ("vgg", "resnet18") for method in ("bp", "predsim") for s in (0, 1)]
+    expected += ["bbcnews-lstm-bp-s0"]
     assert run_names(grid) == expected
 
 

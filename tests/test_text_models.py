@@ -158,6 +158,8 @@ STEP_OPTIONS = {
     "al": [{"bridge_hidden": 16, "code_dim": 8}],
     "contsup": [{"context": "R0"}],  # its context encoders are convolutions: image models only
     "infopro": [],  # reconstructs an image: image models only (test_methods.py checks the error)
+    "auglocal": [],  # auxiliary BasicBlocks over feature maps: image models only (likewise)
+    "deinforeg": [{"projector": "i"}, {"projector": "m", "projector_dim": 16}],
 }
 
 

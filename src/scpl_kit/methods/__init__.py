@@ -35,6 +35,6 @@ def check_decouplable(method: str, model: BlockModel) -> None:
         raise ValueError(f"method {method} trains blocks separately, but the model has {len(model.blocks)} block; {fix} or use method=bp")
 
 
-from scpl_kit.methods import al, bp, cascade, contsup, dgl, early_exit, greedy_sl, infopro, scpl  # noqa: E402,F401  (register every method)
+from scpl_kit.methods import al, auglocal, bp, cascade, contsup, deinforeg, dgl, early_exit, greedy_sl, infopro, predsim, scpl  # noqa: E402,F401  (register every method)
 
 __all__ = ["METHODS", "LocalUnit", "NonFiniteLossError", "build_units", "check_decouplable"]

@@ -52,3 +52,46 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     # attached to the graph. Masks, not `if`/boolean indexing: the host never waits for the GPU here.
     per_anchor = torch.where(has_positive, positive_sum / count.clamp(min=1), 0.0)
     return -per_anchor.sum() / global_count.clamp(min=1)
+
+
+def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """The "adjusted cosine" similarity of PredSim and DeInfoReg (both authors' `similarity_matrix`):
+    each sample's feature vector [N, D] centred over its own features, scaled to unit length (ε = 1e-8
+    added to the norm), the products of every pair, clamped to [−1, 1]. [N, N]."""
+    centred = features - features.mean(dim=1, keepdim=True)
+    unit = centred / (1e-8 + centred.norm(dim=1, keepdim=True))
+    return (unit @ unit.T).clamp(-1, 1)
+
+
+def label_similarity(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`similarity_matrix` of the one-hot labels: 1 for a pair of the same class, −1/(C − 1) otherwise."""
+    return similarity_matrix(F.one_hot(labels, num_classes).float())
+
+
+def similarity_matching_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean squared difference between the batch's feature similarities and its label similarities,
+    over all N² pairs (PredSim's sim loss, DeInfoReg's invariance term). Under a data-parallel engine
+    the whole batch is gathered first, so N processes compute what one process does."""
+    (features, labels), _ = whole_batch(features, labels)
+    return F.mse_loss(similarity_matrix(features), label_similarity(labels, num_classes))
+
+
+def information_regularizer(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """DeInfoReg's three terms on the L2-normalised projection z [N, D] of a block's output (the
+    authors' `DeInfoReg` loss, utils.py):
+      - variance:   mean_j relu(1 − std_j(z)) / N, std over the batch (unbiased, + 1e-7 under the root);
+      - invariance: `similarity_matching_loss` of z against the labels;
+      - covariance: Σ_{i≠j} C_ij² / D with C = (z − z̄)ᵀ(z − z̄) / N.
+    The /N of the variance and the /N (not N − 1) of the covariance are the authors' (their weights are all 1)."""
+    (features, labels), _ = whole_batch(features, labels)
+    z = F.normalize(features.flatten(1), dim=1)
+    n, d = z.shape
+    centred = z - z.mean(dim=0)
+    covariance = centred.T @ centred / n
+    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
+    std = torch.sqrt(z.var(dim=0) + 1e-7)
+    return {
+        "variance": F.relu(1 - std).mean() / n,
+        "invariance": F.mse_loss(similarity_matrix(z), label_similarity(labels, num_classes)),
+        "covariance": off_diagonal.pow(2).sum() / d,
+    }

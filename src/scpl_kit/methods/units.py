@@ -50,7 +50,9 @@ def readouts(signal: Signal) -> Signal:
 
 @runtime_checkable
 class LocalHead(Protocol):
-    """What turns a unit's output features into its local loss (SupCon, cross-entropy, ...)."""
+    """What turns a unit's output features into its local loss (SupCon, cross-entropy, ...). A head whose
+    loss is a weighted sum of several terms (PredSim, DeInfoReg) may also have `terms(features, labels)`,
+    a dict of the weighted terms: the unit then logs each as `<unit>/<term>` and descends their sum."""
 
     loss_name: str  # the loss is logged as `<unit>/<loss_name>`
 
@@ -92,6 +94,7 @@ class LocalUnit(nn.Module):
     def __init__(
         self, name: str, body: nn.Module, head: LocalHead | None = None, predictor: nn.Module | None = None,
         head_scope: str | None = None, predictor_trains_body: bool = False, carries_input: bool = False,
+        head_answers: bool = False,
     ) -> None:
         """`head_scope`: where the head's loss is filed (default: the unit's name). BP's head is the
         end-to-end cross-entropy on the predictor's output, so BP files it under `predictor`.
@@ -99,7 +102,9 @@ class LocalUnit(nn.Module):
         module of DGL, InfoPro and ContSup has the network's classifier as its local head); otherwise
         the predictor learns from a detached copy (SCPL, Early Exit).
         `carries_input`: the unit hands the network's input on as the signal's `input` (for a method
-        whose later units read it: InfoPro's reconstruction, ContSup's context)."""
+        whose later units read it: InfoPro's reconstruction, ContSup's context).
+        `head_answers`: the head's class scores are the model's answer (DeInfoReg's last block classifies;
+        the model's own predictor is unused)."""
         super().__init__()
         self.name = name
         self.head_scope = head_scope or name
@@ -108,6 +113,7 @@ class LocalUnit(nn.Module):
         self.predictor = predictor
         self.predictor_trains_body = predictor_trains_body
         self.carries_input = carries_input
+        self.head_answers = head_answers
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """What the engine's updater optimizes: torch parameter groups, one per learning-rate scale. A
@@ -159,7 +165,11 @@ class LocalUnit(nn.Module):
         out, labels = summary(step.outputs), step.outputs[LABELS]
         losses: dict[str, torch.Tensor] = {}
         if self.head is not None:
-            losses[self.head_loss_name] = self.head(out, labels)
+            terms = getattr(self.head, "terms", None)
+            if terms is None:
+                losses[self.head_loss_name] = self.head(out, labels)
+            else:
+                losses.update((f"{self.head_scope}/{name}", loss) for name, loss in terms(out, labels).items())
         if self.predictor is not None:
             # From a detached copy, unless the predictor is this unit's local head: then its gradient
             # reaches this unit's blocks (never an earlier unit's: inputs arrive detached).
@@ -185,6 +195,8 @@ class LocalUnit(nn.Module):
         readout = self.head.readout(features) if self.head is not None else None
         if readout is not None:
             out[EXIT + self.name] = readout
+            if self.head_answers:
+                out[SCORES] = readout
         if self.predictor is not None:
             out[SCORES] = self.predictor(features)
         return out

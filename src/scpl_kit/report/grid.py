@@ -9,21 +9,20 @@ from scpl_kit.preflight import PreflightError
 
 
 def grid_parts(grid: dict[str, Any]) -> list[dict[str, Any]]:
-    """A grid's parts (`vision`, `text`): each a profile with its datasets, models and seeds, trained
-    under the grid's methods. A part set to null is skipped."""
+    """A grid's parts (`vision`, `text`): each a profile with its datasets, models, methods and seeds.
+    A part set to null is skipped."""
     return [part for part in grid.values() if isinstance(part, dict) and "datasets" in part]
 
 
 def run_names(grid: dict[str, Any]) -> list[str]:
     """`<dataset>-<model>-<method>-s<seed>` for every combination of every part, in the grid's order."""
-    check_lists(grid, ["methods"], "grid")
     for name, part in grid.items():
         if isinstance(part, dict) and "datasets" in part:
-            check_lists(part, ["datasets", "models", "seeds"], f"grid.{name}")
+            check_lists(part, ["datasets", "models", "methods", "seeds"], f"grid.{name}")
     return [
         f"{dataset}-{model}-{method}-s{seed}"
         for part in grid_parts(grid)
-        for dataset, model, method, seed in product(part["datasets"], part["models"], grid["methods"], part["seeds"])
+        for dataset, model, method, seed in product(part["datasets"], part["models"], part["methods"], part["seeds"])
     ]
 
 
