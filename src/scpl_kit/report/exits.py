@@ -33,9 +33,10 @@ def exit_markdown(table: pd.DataFrame, group: list[str]) -> str:
         shown[block] = [("" if pd.isna(m) else f"{m:.2f} ± {s:.2f}") for m, s in zip(table[block], table[f"{block}_std"])]
     return (
         "# Test accuracy of each block's readout (%)\n\n"
-        "Each block's own classifier (Early Exit) or its bridge decoded through the inverse chain (AL), at the "
-        "epoch of best validation accuracy (mean ± std over seeds); `final` is the model's answer (the predictor, "
-        "or AL's last block). Methods whose blocks have no readout of their own (BP; SCPL, whose projectors are "
+        "Each block's own classifier (Early Exit; PredSim's linear one; AugLocal's auxiliary net; DeInfoReg's, on its "
+        "projection) or its bridge decoded through the inverse chain (AL), at the epoch of best validation accuracy "
+        "(mean ± std over seeds); `final` is the model's answer (the predictor, or AL's and DeInfoReg's last block; "
+        "AugLocal's last module has no exit of its own). Methods whose blocks have no readout of their own (BP; SCPL, whose projectors are "
         "not classifiers) have no row: their only readout is `test_acc` in the accuracy table.\n\n"
         + shown.to_markdown(index=False) + "\n"
     )

@@ -36,6 +36,7 @@ from scpl_kit.preflight import OneLineParser, PreflightError, check_input_dir, c
 LABELS = {
     "bp": "BP (end to end)", "early_exit": "Early Exit (SCPL paper)", "greedy_sl": "Greedy SL (pooled linear heads)", "dgl": "DGL", "infopro": "InfoPro", "contsup": "ContSup",
     "contsup_e": "ContSup E", "contsup_r1": "ContSup R1", "contsup_r1e": "ContSup R1E", "scpl": "SCPL", "cascade": "Deep cascade",
+    "predsim": "PredSim", "auglocal": "AugLocal", "deinforeg": "DeInfoReg",
 }
 SOURCE = "InfoPro paper (Wang et al. 2021), CIFAR-10 (its Greedy SL rows beside greedy_sl)"
 
