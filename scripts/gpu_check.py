@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("bp", "scpl", "early_exit", "al", "dgl", "infopro", "contsup", "cascade")
+METHODS = ("bp", "scpl", "early_exit", "al", "dgl", "infopro", "contsup", "cascade", "auglocal", "predsim", "deinforeg")
 MULTI_RANK = ("pipeline", "ddp", "hierarchical", "async_sgd")
 IMAGES = 8192  # random CIFAR-shaped images: 6,963 for training, 6 batches of the paper's 1,024
 
