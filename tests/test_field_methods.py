@@ -110,7 +110,7 @@ def test_deinforeg_terms_against_loops() -> None:
     assert terms["invariance"].item() == pytest.approx(float(invariance), rel=1e-6)
 
 
-def test_deinforeg_blocks_learn_from_the_regulariser_and_a_small_cross_entropy() -> None:
+def test_deinforeg_losses_are_the_regulariser_terms_and_a_thousandth_of_the_cross_entropy() -> None:
     torch.manual_seed(0)
     model = build_model("vgg", (1, 16, 16), 4, width=0.0625, predictor_hidden=32)
     units = build_units("deinforeg", model, 4, modules=2, projector_dim=16)

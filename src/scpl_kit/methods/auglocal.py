@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
@@ -31,9 +30,9 @@ from scpl_kit.methods.dgl import greedy_units
 from scpl_kit.methods.heads import ClassifierHead
 from scpl_kit.methods.infopro import require_images
 from scpl_kit.methods.units import LocalUnit
-from scpl_kit.models.base import BlockModel, Chain, run_block
+from scpl_kit.models.base import BlockModel, Chain
 from scpl_kit.models.resnet import BasicBlock
-from scpl_kit.signal import summary, without_summary
+from scpl_kit.signal import summary
 
 
 def module_depths(depth: int, modules: int, pyramid: float) -> list[int]:
@@ -49,19 +48,6 @@ def sampled_layers(last: int, n_layers: int, depth: int) -> list[int]:
     if depth >= rest:
         return list(range(last + 1, n_layers))
     return [round(last + rest / depth * i) for i in range(1, depth + 1)]
-
-
-@torch.no_grad()
-def layer_widths(model: BlockModel) -> list[int]:
-    """Each layer's output channels (its summary's width), by one dummy forward in eval mode."""
-    was_training = model.training
-    model.eval()
-    signal, widths = model.example_signal(), []
-    for layer in model.layers():
-        signal = run_block(layer, without_summary(signal))
-        widths.append(summary(signal).shape[1])
-    model.train(was_training)
-    return widths
 
 
 def last_layers(model: BlockModel) -> list[int]:
@@ -95,9 +81,12 @@ def build_auglocal(model: BlockModel, num_classes: int, depth: int = 2, pyramid:
     if depth < 1 or not 0 <= pyramid <= 1:
         raise ValueError(f"auglocal needs depth >= 1 and 0 <= pyramid <= 1, got depth={depth}, pyramid={pyramid}")
     check_decouplable("auglocal", model)
-    shapes = model.block_output_shapes()
+    # One dummy forward layer by layer: every layer's width, and each block's output at its last layer.
+    layer_shapes = [tuple(summary(signal).shape[1:]) for signal in model.block_outputs(blocks=model.layers())]
+    ends = last_layers(model)
+    shapes = [layer_shapes[end] for end in ends]
     require_images("auglocal", shapes[:-1], model.input_shape)
-    widths, ends = layer_widths(model), last_layers(model)
+    widths = [shape[0] for shape in layer_shapes]
     heads = [
         ClassifierHead(auxiliary_net(shape[0], [widths[t] for t in sampled_layers(end, len(widths), d)], num_classes, d <= 1))
         for shape, end, d in zip(shapes, ends, module_depths(depth, len(model.blocks), pyramid))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
+from scpl_kit.methods.heads import WeightedTermsHead
 from scpl_kit.methods.losses import information_regularizer
 from scpl_kit.methods.units import LocalUnit
 from scpl_kit.models.base import BlockModel
@@ -48,7 +49,7 @@ def make_projector(kind: str, in_shape: tuple[int, ...], width: int) -> tuple[nn
     return nn.Sequential(*layers, nn.Linear(width, width)), width
 
 
-class DeInfoRegHead(nn.Module):
+class DeInfoRegHead(WeightedTermsHead):
     loss_name = "deinforeg"
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, kind: str = "m", width: int = 2048) -> None:
@@ -67,9 +68,6 @@ class DeInfoRegHead(nn.Module):
         terms = information_regularizer(z, labels, self.num_classes)
         terms["ce"] = CE_WEIGHT * F.cross_entropy(self.classifier(z), labels)
         return terms
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(self.terms(features, labels).values())
 
 
 @METHODS.register("deinforeg")

@@ -52,6 +52,17 @@ class SupConHead(nn.Module):
         return None  # a projection, not class scores
 
 
+class WeightedTermsHead(nn.Module):
+    """A head whose loss is a sum of named, weighted terms (PredSim, DeInfoReg): a subclass gives `terms`,
+    which the unit logs one by one (`LocalHead`); called, the head gives their sum."""
+
+    def terms(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.terms(features, labels).values())
+
+
 class CrossEntropyHead(nn.Module):
     """Cross-entropy on features that already are class scores (BP's loss at the end of the network)."""
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scpl_kit.methods import METHODS, check_decouplable
+from scpl_kit.methods.heads import WeightedTermsHead
 from scpl_kit.methods.losses import similarity_matching_loss
 from scpl_kit.methods.units import LocalUnit
 from scpl_kit.models.base import BlockModel
@@ -53,7 +54,7 @@ def spatial_std(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-class PredSimHead(nn.Module):
+class PredSimHead(WeightedTermsHead):
     loss_name = "predsim"
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, beta: float = 0.99, dim_in_decoder: int = 2048) -> None:
@@ -81,9 +82,6 @@ class PredSimHead(nn.Module):
         prediction = F.cross_entropy(self.readout(features), labels)
         similarity = similarity_matching_loss(spatial_std(self.similarity_map(features)), labels, self.num_classes)
         return {"pred": (1 - self.beta) * prediction, "sim": self.beta * similarity}
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(self.terms(features, labels).values())
 
 
 @METHODS.register("predsim")

@@ -186,12 +186,13 @@ class BlockModel(nn.Module):
         return [tuple(summary(signal).shape[1:]) for signal in self.block_outputs()]
 
     @torch.no_grad()
-    def block_outputs(self, batch: int = 1) -> list[Signal]:
-        """Each block's output signal on `example_signal(batch)`, in eval mode (BatchNorm untouched)."""
+    def block_outputs(self, batch: int = 1, blocks: Iterable[nn.Module] | None = None) -> list[Signal]:
+        """Each block's output signal on `example_signal(batch)`, in eval mode (BatchNorm untouched).
+        `blocks`: other consecutive pieces of the model to run in turn instead (its `layers()`)."""
         was_training = self.training
         self.eval()
         signal, outputs = self.example_signal(batch), []
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             signal = run_block(block, without_summary(signal))
             outputs.append(signal)
         self.train(was_training)
